@@ -1,0 +1,63 @@
+"""Write-then-rename, so a crash, a full disk or a cancel never leaves a file
+that looks complete."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+from .errors import InputError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _suffixes(name: str) -> str:
+    # Keep compound extensions (.nii.gz, .seg.nrrd) so writers pick the right format.
+    for ext in (".seg.nrrd", ".nii.gz"):
+        if name.lower().endswith(ext):
+            return name[-len(ext):]
+    return Path(name).suffix
+
+
+def check_writable(path: PathLike) -> Path:
+    """Fail early, before any work, when an output cannot be written."""
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"output folder is not writable: {folder}")
+    if p.is_dir():
+        raise InputError(f"output path is a folder, not a file: {p}")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success rename it to ``path``,
+    on any failure remove it. File permissions follow the umask like a normal file."""
+    p = check_writable(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".part{_suffixes(p.name)}", dir=str(p.parent))
+    except OSError as e:
+        raise InputError(f"cannot write to {p.parent}: {e.strerror}") from None
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
+        os.replace(tmp, p)
+    except OSError as e:
+        _remove(tmp)
+        raise InputError(f"cannot write {p}: {e.strerror or e}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

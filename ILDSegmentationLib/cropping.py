@@ -1,0 +1,107 @@
+"""Per-lung crops of axial slices, as in the paper (Section III-A).
+
+Each slice is cropped to the bounding box of one lung plus a 32-pixel margin on
+each side (clipped to the image). The network's instance normalization takes its
+statistics from the crop, so inference and training must crop identically: both
+call :func:`crop_boxes` on the output of :func:`split_left_right`.
+
+All arrays here are in the canonical view of :mod:`ILDSegmentationLib.geometry`:
+(axial slice, row anterior->posterior, column patient right->left).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import numpy as np
+from scipy import ndimage
+
+#: Margin of context around each lung's bounding box, in pixels (paper: 32).
+CROP_MARGIN = 32
+
+RIGHT_LUNG = 1
+LEFT_LUNG = 2
+
+# A component that has at least this share of its voxels on one side of the midline
+# belongs to that side whole (a lung may bulge a little across the midline).
+_WHOLE_COMPONENT_SHARE = 0.9
+
+
+def _midline_column(mask: np.ndarray) -> int:
+    """Column that separates the lungs: the least occupied column between the
+    20th and 80th percentile of the mask's columns (the mediastinum)."""
+    occupancy = mask.sum(axis=(0, 1))
+    cols = np.nonzero(occupancy)[0]
+    cum = np.cumsum(occupancy[cols])
+    lo = cols[np.searchsorted(cum, 0.2 * cum[-1])]
+    hi = cols[min(np.searchsorted(cum, 0.8 * cum[-1]), len(cols) - 1)]
+    if hi <= lo:
+        return int(lo) + 1
+    window = occupancy[lo:hi + 1]
+    return int(lo + np.flatnonzero(window == window.min())[len(np.flatnonzero(window == window.min())) // 2])
+
+
+def split_left_right(mask: np.ndarray) -> np.ndarray:
+    """Label a lung mask (canonical view, any non-zero = lung) into right and left lung.
+
+    Returns uint8: 0 outside, 1 = patient's right lung (smaller columns), 2 = left.
+    Connected components go to one side whole when they lie (almost) on one side of
+    the mediastinal midline; components that straddle it (lungs touching at the
+    anterior junction) are cut at the midline.
+    """
+    lung = np.asarray(mask) != 0
+    out = np.zeros(lung.shape, np.uint8)
+    if not lung.any():
+        return out
+    mid = _midline_column(lung)
+    components, n = ndimage.label(lung)
+    col_index = np.broadcast_to(np.arange(lung.shape[2]), lung.shape)
+    on_right = np.bincount(components[lung], weights=(col_index[lung] < mid), minlength=n + 1)
+    total = np.bincount(components[lung], minlength=n + 1)
+    share_right = np.divide(on_right, total, out=np.zeros_like(on_right), where=total > 0)
+    side_of_component = np.zeros(n + 1, np.uint8)  # 0 = split at the midline
+    side_of_component[share_right >= _WHOLE_COMPONENT_SHARE] = RIGHT_LUNG
+    side_of_component[share_right <= 1 - _WHOLE_COMPONENT_SHARE] = LEFT_LUNG
+    side_of_component[0] = 0
+    out[lung] = side_of_component[components[lung]]
+    undecided = lung & (out == 0)
+    out[undecided & (col_index < mid)] = RIGHT_LUNG
+    out[undecided & (col_index >= mid)] = LEFT_LUNG
+    return out
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """One lung's crop of one axial slice: rows [r0, r1), columns [c0, c1)."""
+
+    slice_index: int
+    side: int
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    @property
+    def shape(self):
+        return (self.r1 - self.r0, self.c1 - self.c0)
+
+    @property
+    def pixels(self) -> int:
+        return (self.r1 - self.r0) * (self.c1 - self.c0)
+
+
+def crop_boxes(sides: np.ndarray, slice_index: int, margin: int = CROP_MARGIN) -> List[CropBox]:
+    """Crop boxes of one slice (2D array of 0/1/2 from :func:`split_left_right`)."""
+    boxes = []
+    h, w = sides.shape
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        rows = np.flatnonzero((sides == side).any(axis=1))
+        if rows.size == 0:
+            continue
+        cols = np.flatnonzero((sides == side).any(axis=0))
+        boxes.append(CropBox(
+            slice_index, side,
+            max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, h),
+            max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, w),
+        ))
+    return boxes

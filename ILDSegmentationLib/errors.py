@@ -1,0 +1,32 @@
+"""The project's own error types.
+
+Every problem a user can cause (bad file, bad mask, bad model) raises a subclass of
+:class:`ILDSegError` with a one-line message that names the problem. The CLI turns
+these into ``ildseg: error: <message>`` and exit code 2; the Slicer panel shows them
+with ``slicer.util.errorDisplay``.
+"""
+from __future__ import annotations
+
+
+class ILDSegError(Exception):
+    """Base class of every error the user can act on."""
+
+
+class InputError(ILDSegError):
+    """The CT, the lung mask or an output location cannot be used."""
+
+
+class LungMaskError(ILDSegError):
+    """The lung mask is empty, does not overlap the CT, or no lung could be found."""
+
+
+class ModelFileError(ILDSegError):
+    """A model file is missing, corrupt, unsafe or of another architecture."""
+
+
+class Cancelled(ILDSegError):
+    """The user cancelled a running job; nothing was written."""
+
+
+class DeviceError(ILDSegError):
+    """The requested compute device is not available."""

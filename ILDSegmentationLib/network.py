@@ -1,0 +1,245 @@
+"""The dilated fully convolutional network of Anthimopoulos et al. 2018 (SPEC section 3).
+
+One axial slice crop in (N, 1, H, W), per-pixel class scores out (N, C, H, W), any
+H and W. Every ablation of the paper's Table II is a :class:`NetworkConfig`, not a
+copy of the code: see :data:`PRESETS`.
+
+Optional ``valid`` masks make zero-padded crops of different sizes batchable with
+exactly the result of running each crop alone: the normalization statistics are
+taken over the valid pixels only and activations outside them are held at zero, as
+the zero "same" padding of an unpadded crop would see them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+FIBONACCI_DILATIONS: Tuple[int, ...] = (1, 1, 2, 3, 5, 8, 13, 21, 34, 55)
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Architecture of one network; stored in every model file.
+
+    width: kernels per dilated 3x3 layer (paper: 32).
+    dilations: one per dilated layer (paper: Fibonacci 1..55, receptive field 287).
+    concatenate: feed the input and all dilated layers' outputs to the 1x1 head
+        (paper: yes, 1 + 10 x 32 = 321 maps); otherwise only the last layer's.
+    norm: instance normalization with affine parameters, image statistics in
+        training and inference alike.
+    norm_skip: y = c + Norm(c) (paper) rather than y = Norm(c).
+    head: widths of the 1x1 blocks before the final 1x1 conv (paper: 128, 32).
+    dropout: before the head (paper: 0.5).
+    """
+
+    width: int = 32
+    dilations: Tuple[int, ...] = FIBONACCI_DILATIONS
+    concatenate: bool = True
+    norm: bool = True
+    norm_skip: bool = True
+    head: Tuple[int, ...] = (128, 32)
+    dropout: float = 0.5
+    num_classes: int = 6
+    in_channels: int = 1
+    kernel_size: int = 3
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.num_classes < 2 or self.in_channels < 1 or not self.dilations:
+            raise ValueError("width, num_classes, in_channels must be positive and dilations non-empty")
+        if any(d < 1 for d in self.dilations) or self.kernel_size % 2 != 1 or not 0 <= self.dropout < 1:
+            raise ValueError("dilations must be >= 1, kernel_size odd, dropout in [0, 1)")
+
+    @property
+    def receptive_field(self) -> int:
+        return 1 + (self.kernel_size - 1) * sum(self.dilations)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dilations"] = list(self.dilations)
+        d["head"] = list(self.head)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "NetworkConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"unknown network settings {sorted(unknown)}")
+        kw = dict(d)
+        for key in ("dilations", "head"):
+            if key in kw:
+                kw[key] = tuple(int(v) for v in kw[key])
+        for key in ("width", "num_classes", "in_channels", "kernel_size"):
+            if key in kw:
+                if isinstance(kw[key], bool) or not isinstance(kw[key], int):
+                    raise ValueError(f"{key} must be an integer")
+        for key in ("concatenate", "norm", "norm_skip"):
+            if key in kw and not isinstance(kw[key], bool):
+                raise ValueError(f"{key} must be true or false")
+        return cls(**kw)
+
+
+#: Rows of the paper's Table II: (config, parameters x 1e5, CV balanced accuracy %).
+PRESETS: Dict[str, NetworkConfig] = {
+    "proposed": NetworkConfig(),
+    "no-dilation": NetworkConfig(dilations=(1,) * 10),
+    "no-concat": NetworkConfig(concatenate=False),
+    "no-norm": NetworkConfig(norm=False),
+    "no-norm-skip": NetworkConfig(norm_skip=False),
+    "width16": NetworkConfig(width=16),
+    "exponential-dilation": NetworkConfig(dilations=(1, 1, 2, 4, 8, 16, 32, 64)),
+    "9-layers": NetworkConfig(dilations=FIBONACCI_DILATIONS[:9]),
+    "width64": NetworkConfig(width=64),
+    # Same network as "proposed"; training turns the entropy term off.
+    "purely-supervised": NetworkConfig(),
+}
+
+#: What the paper reports for each preset (Table II): parameters x 1e5, CV BACC %.
+PAPER_TABLE_II: Dict[str, Tuple[float, float]] = {
+    "no-dilation": (1.30, 68.0),
+    "no-concat": (0.93, 72.6),
+    "no-norm": (1.29, 77.9),
+    "no-norm-skip": (1.30, 78.6),
+    "width16": (0.47, 79.2),
+    "exponential-dilation": (1.03, 79.5),
+    "purely-supervised": (1.30, 80.6),
+    "9-layers": (1.18, 81.3),
+    "proposed": (1.30, 81.8),
+    "width64": (4.23, 82.1),
+}
+
+
+class InstanceNorm(nn.Module):
+    """Instance normalization with affine parameters and no running statistics.
+
+    Statistics always come from the current image (train and eval alike), as in the
+    paper. With ``valid`` (N, 1, H, W) they come from the valid pixels only.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                count: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if valid is None:
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=EPS)
+        mean = (x * valid).sum(dim=(2, 3), keepdim=True) / count
+        centred = (x - mean) * valid
+        var = (centred * centred).sum(dim=(2, 3), keepdim=True) / count
+        scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + EPS)
+        return centred * scale + self.bias.view(1, -1, 1, 1) * valid
+
+
+class Block(nn.Module):
+    """conv -> y = c + Norm(c) (or Norm(c), or c) -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, dilation: int, norm: bool, norm_skip: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation)
+        self.norm = InstanceNorm(cout) if norm else None
+        self.norm_skip = norm_skip
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                count: Optional[torch.Tensor] = None) -> torch.Tensor:
+        c = self.conv(x)
+        if valid is not None:
+            c = c * valid
+        if self.norm is not None:
+            n = self.norm(c, valid, count)
+            c = c + n if self.norm_skip else n
+        return F.relu(c)
+
+
+class DilatedFCN(nn.Module):
+    """The network. forward() returns logits (N, num_classes, H, W); softmax is left
+    to the caller (the loss and the inferer), which is numerically safer."""
+
+    def __init__(self, config: NetworkConfig = NetworkConfig()) -> None:
+        super().__init__()
+        self.config = config
+        k = config.kernel_size
+        self.input_norm = InstanceNorm(config.in_channels) if config.norm else None
+        layers: List[Block] = []
+        cin = config.in_channels
+        for d in config.dilations:
+            layers.append(Block(cin, config.width, k, d, config.norm, config.norm_skip))
+            cin = config.width
+        self.dilated = nn.ModuleList(layers)
+        concat_channels = config.in_channels + config.width * len(config.dilations)
+        cin = concat_channels if config.concatenate else config.width
+        self.dropout = nn.Dropout(config.dropout)
+        head: List[Block] = []
+        for w in config.head:
+            head.append(Block(cin, w, 1, 1, config.norm, config.norm_skip))
+            cin = w
+        self.head = nn.ModuleList(head)
+        self.classifier = nn.Conv2d(cin, config.num_classes, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal convolution weights, zero biases (as the authors' demo)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (N, in_channels, H, W) preprocessed intensities. valid: optional
+        (N, 1, H, W) 0/1 mask of the real (unpadded) pixels of each crop."""
+        count = None
+        if valid is not None:
+            valid = valid.to(x.dtype)
+            count = valid.sum(dim=(2, 3), keepdim=True).clamp_min(1)
+            x = x * valid
+        t = x
+        if self.input_norm is not None:
+            n = self.input_norm(x, valid, count)
+            t = x + n if self.config.norm_skip else n
+        features = [t]
+        h = t
+        for block in self.dilated:
+            h = block(h, valid, count)
+            features.append(h)
+        h = torch.cat(features, dim=1) if self.config.concatenate else h
+        h = self.dropout(h)
+        for block in self.head:
+            h = block(h, valid, count)
+        return self.classifier(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(config: NetworkConfig) -> Dict[str, Any]:
+    """Layers, parameter count and receptive field, for ``ildseg architecture``."""
+    model = DilatedFCN(config)
+    layers = []
+    if model.input_norm is not None:
+        layers.append({"name": "input", "op": "x + Norm(x)" if config.norm_skip else "Norm(x)",
+                       "channels": config.in_channels, "parameters": count_parameters(model.input_norm)})
+    for i, (block, d) in enumerate(zip(model.dilated, config.dilations), 1):
+        layers.append({"name": f"dilated{i}", "op": f"conv {config.kernel_size}x{config.kernel_size} dilation {d}",
+                       "channels": block.conv.out_channels, "parameters": count_parameters(block)})
+    concat = config.in_channels + config.width * len(config.dilations) if config.concatenate else config.width
+    layers.append({"name": "concat+dropout", "op": f"concatenate, dropout {config.dropout}" if config.concatenate
+                   else f"dropout {config.dropout}", "channels": concat, "parameters": 0})
+    for i, block in enumerate(model.head, 1):
+        layers.append({"name": f"head{i}", "op": "conv 1x1", "channels": block.conv.out_channels,
+                       "parameters": count_parameters(block)})
+    layers.append({"name": "classifier", "op": "conv 1x1, softmax", "channels": config.num_classes,
+                   "parameters": count_parameters(model.classifier)})
+    return {
+        "config": config.to_dict(),
+        "layers": layers,
+        "parameters": count_parameters(model),
+        "receptive_field": config.receptive_field,
+    }
