@@ -45,10 +45,11 @@ def atomic_path(path: PathLike) -> Iterator[str]:
         raise InputError(f"cannot write to {p.parent}: {e.strerror}") from None
     os.close(fd)
     try:
+        yield tmp
+        # mkstemp makes 0600 files; give the result the permissions of a normal file.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        yield tmp
         os.replace(tmp, p)
     except OSError as e:
         _remove(tmp)

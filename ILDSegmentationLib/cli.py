@@ -1,0 +1,213 @@
+"""``ildseg``: the command line, a thin shell over the library.
+
+Errors the user can fix print one line (``ildseg: error: ...``) and exit with 2;
+``--debug`` shows the traceback. Ctrl-C or SIGTERM leaves no output file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from . import __version__
+from .device import DEVICE_CHOICES
+from .errors import ILDSegError
+
+log = logging.getLogger("ILDSegmentationLib")
+
+UNTRAINED_WARNING = ("WARNING: the model '{name}' is UNTRAINED (random weights): its labels are meaningless. "
+                     "Give a trained model with --model.")
+
+
+class _Progress:
+    """tqdm on a terminal; silent when stderr is not a TTY or with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=1000, disable=True if quiet else None, unit="‰", leave=False,
+                        bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.bar.set_description_str(message[:48], refresh=False)
+        self.bar.update(max(0, int(fraction * 1000) - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="FILE", help="model file (.safetensors); default: the bundled model")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                   help="auto = CUDA, then Apple MPS, then CPU (default: auto)")
+    p.add_argument("--max-memory", type=float, default=1024, metavar="MB",
+                   help="activation memory one batch of lung crops may use (default: 1024)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ildseg", description="Interstitial lung disease pattern segmentation in chest CT "
+        "(dilated FCN of Anthimopoulos et al. 2018). Not for clinical use.")
+    parser.add_argument("--version", action="version", version=f"ildseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    seg = sub.add_parser("segment", help="segment a chest CT into the six tissue classes")
+    seg.add_argument("ct", metavar="CT_PATH", help="CT in HU: .nrrd, .nii(.gz), .mha, or a DICOM series folder")
+    seg.add_argument("-o", "--output", required=True, metavar="OUT",
+                     help="label map: .nrrd, .nii.gz, .mha, or .seg.nrrd (Slicer segmentation with names, colors, terminology)")
+    seg.add_argument("--lung-mask", metavar="PATH|auto",
+                     help="lung mask label map (any non-zero voxel is lung); 'auto' or absent computes one")
+    seg.add_argument("--probabilities", metavar="OUT.nrrd", help="also write per-class probabilities (6-component image)")
+    seg.add_argument("--report", metavar="report.json", help="write volumes, model, device and timings as JSON")
+    seg.add_argument("--overlay", metavar="overlay.png", help="write a PNG montage of axial slices with the classes")
+    _add_run_options(seg)
+    _add_common(seg)
+
+    demo = sub.add_parser("demo", help="run the whole path on a built-in synthetic chest CT (no input needed)")
+    demo.add_argument("--out", default="ildseg-demo", metavar="DIR", help="output folder (default: ./ildseg-demo)")
+    _add_run_options(demo)
+    _add_common(demo)
+
+    arch = sub.add_parser("architecture", help="print the network's layers, parameter count and receptive field")
+    arch.add_argument("--preset", default="proposed", help="a Table II configuration (see --list)")
+    arch.add_argument("--list", action="store_true", help="list the presets with the paper's numbers")
+    arch.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(arch)
+    return parser
+
+
+def _print_summary(summary: dict, quiet: bool) -> None:
+    from .report import format_table
+    if quiet:
+        return
+    print(format_table(summary))
+    print(f"device: {summary['device']}   time: {summary['timings_s']['total']:.1f} s "
+          f"({', '.join(f'{k} {v:.1f}' for k, v in summary['timings_s'].items() if k != 'total')})")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .pipeline import segment_file
+    if args.lung_mask is None and not args.quiet:
+        print("no --lung-mask given: computing the lung mask automatically", file=sys.stderr)
+    bar = _Progress(args.quiet)
+    try:
+        summary = segment_file(args.ct, args.output, lung_mask=args.lung_mask, model=args.model, device=args.device,
+                               probabilities=args.probabilities, report=args.report, overlay=args.overlay,
+                               max_memory_mb=args.max_memory, progress=bar)
+    finally:
+        bar.close()
+    if not summary["model"]["trained"]:
+        print(UNTRAINED_WARNING.format(name=summary["model"]["name"]), file=sys.stderr)
+    _print_summary(summary, args.quiet)
+    if not args.quiet:
+        print(f"labels written to {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .io import write_image
+    from .phantom import make_chest_phantom
+    from .pipeline import segment_file
+    import SimpleITK as sitk
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    phantom = make_chest_phantom()
+    g = phantom.geometry
+    ct_image = sitk.GetImageFromArray(phantom.hu)
+    ct_image.SetSpacing(g.spacing)
+    ct_image.SetOrigin(g.origin)
+    ct_image.SetDirection(g.direction)
+    ct_path = write_image(ct_image, out / "demo_ct.nrrd")
+    print(f"built-in case: synthetic chest CT (made by code, no patient data), {phantom.hu.shape[2]} x "
+          f"{phantom.hu.shape[1]} x {phantom.hu.shape[0]} voxels at {g.spacing[0]:g} x {g.spacing[1]:g} x {g.spacing[2]:g} mm")
+    bar = _Progress(args.quiet)
+    try:
+        summary = segment_file(ct_path, out / "segmentation.seg.nrrd", model=args.model, device=args.device,
+                               report=out / "report.json", overlay=out / "overlay.png",
+                               max_memory_mb=args.max_memory, progress=bar)
+    finally:
+        bar.close()
+    _print_summary(summary, args.quiet)
+    m = summary["model"]
+    print(f"weights: {m['name']} ({m['file']}, sha256 {m['sha256'][:12]})")
+    if not m["trained"]:
+        print(UNTRAINED_WARNING.format(name=m["name"]))
+    print(f"outputs in {out.resolve()}: demo_ct.nrrd (input), segmentation.seg.nrrd (open in 3D Slicer), "
+          "report.json, overlay.png")
+    return 0
+
+
+def cmd_architecture(args: argparse.Namespace) -> int:
+    from .network import PAPER_TABLE_II, PRESETS, describe
+    if args.list:
+        rows = []
+        for name, cfg in PRESETS.items():
+            d = describe(cfg)
+            paper_params, bacc = PAPER_TABLE_II[name]
+            rows.append({"preset": name, "parameters": d["parameters"], "paper_parameters": paper_params * 1e5,
+                         "receptive_field": d["receptive_field"], "paper_cv_bacc_percent": bacc})
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'preset':<22}{'parameters':>12}{'paper (x1e5)':>14}{'receptive field':>17}{'paper BACC %':>14}")
+            for r in rows:
+                print(f"{r['preset']:<22}{r['parameters']:>12,}{r['paper_parameters'] / 1e5:>14.2f}"
+                      f"{r['receptive_field']:>17}{r['paper_cv_bacc_percent']:>14.1f}")
+        return 0
+    if args.preset not in PRESETS:
+        raise ILDSegError(f"unknown preset '{args.preset}' (choose from {', '.join(PRESETS)})")
+    d = describe(PRESETS[args.preset])
+    d["preset"] = args.preset
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"preset {args.preset}: {d['parameters']:,} parameters, receptive field {d['receptive_field']} x "
+          f"{d['receptive_field']} pixels")
+    print(f"{'layer':<16}{'operation':<34}{'channels':>9}{'parameters':>12}")
+    for layer in d["layers"]:
+        print(f"{layer['name']:<16}{layer['op']:<34}{layer['channels']:>9}{layer['parameters']:>12,}")
+    return 0
+
+
+COMMANDS: dict = {"segment": cmd_segment, "demo": cmd_demo, "architecture": cmd_architecture}
+
+
+def _sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="ildseg: %(levelname)s: %(message)s",
+                        level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
+    signal.signal(signal.SIGTERM, _sigterm)
+    command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
+    try:
+        return command(args)
+    except ILDSegError as e:
+        if args.debug:
+            raise
+        print(f"ildseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ildseg: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user error: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"ildseg: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Files in, files out: the whole ``ildseg segment`` job as one function.
+
+read CT (+ lung mask or compute one) -> engine -> label map, probabilities,
+report and overlay. Every output is checked writable before the work starts, is
+written through a temporary name, and is removed again if a later step fails, so
+a failed or cancelled run leaves no outputs behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+
+from . import __version__
+from .atomicfile import atomic_path, check_writable
+from .errors import InputError
+from .inference import CancelCheck, Inferer, ProgressCallback
+from .io import output_kind, read_ct, read_lung_mask, write_label_map, write_probabilities
+from .modelfile import load_model
+from .report import class_volumes
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _stage_progress(progress: Optional[ProgressCallback], start: float, span: float) -> Optional[ProgressCallback]:
+    if progress is None:
+        return None
+    return lambda f, msg: progress(start + span * f, msg)
+
+
+def segment_file(
+    ct_path: PathLike,
+    output: PathLike,
+    *,
+    lung_mask: Optional[PathLike] = None,
+    model: Optional[PathLike] = None,
+    device: str = "auto",
+    probabilities: Optional[PathLike] = None,
+    report: Optional[PathLike] = None,
+    overlay: Optional[PathLike] = None,
+    max_memory_mb: float = 1024,
+    progress: Optional[ProgressCallback] = None,
+    cancel: CancelCheck = None,
+) -> Dict[str, Any]:
+    """Segment one CT file. ``lung_mask``: a label map file (non-zero = lung), or
+    None / "auto" to compute one. Returns the report (also written to ``report``)."""
+    t0 = time.perf_counter()
+    output_kind(output)
+    if probabilities is not None:
+        output_kind(probabilities)
+    outputs = [Path(p) for p in (output, probabilities, report, overlay) if p is not None]
+    if len({p.resolve() for p in outputs}) != len(outputs):
+        raise InputError("two outputs have the same file name")
+    for p in outputs:
+        check_writable(p)
+    if Path(ct_path).resolve() in {p.resolve() for p in outputs}:
+        raise InputError("an output would overwrite the input CT")
+
+    loaded = load_model(model)
+    inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb)
+    timings: Dict[str, float] = {}
+
+    t = time.perf_counter()
+    ct = read_ct(ct_path)
+    timings["read"] = time.perf_counter() - t
+    if progress:
+        progress(0.02, "CT read")
+
+    t = time.perf_counter()
+    auto = lung_mask is None or str(lung_mask) == "auto"
+    if auto:
+        from .lungmask import compute_lung_mask
+        mask = compute_lung_mask(ct.array, ct.geometry, progress=_stage_progress(progress, 0.02, 0.08))
+    else:
+        mask = read_lung_mask(lung_mask, ct)
+    timings["lung_mask"] = time.perf_counter() - t
+
+    result = inferer.segment(ct.array, mask, ct.geometry, probabilities=probabilities is not None,
+                             progress=_stage_progress(progress, 0.10, 0.85), cancel=cancel)
+    timings["network"] = result.seconds
+
+    volumes = class_volumes(result.labels, ct.geometry)
+    info = loaded.info
+    summary: Dict[str, Any] = {
+        "ildseg_version": __version__,
+        "input": {"ct": str(ct_path), "size_ijk": list(ct.image.GetSize()), "spacing_mm": list(ct.image.GetSpacing()),
+                  "note": ct.description},
+        "lung_mask": "computed automatically (ildseg lungmask)" if auto else str(lung_mask),
+        **volumes,
+        "model": {"file": str(loaded.path), "sha256": loaded.sha256, "name": info.name, "trained": info.trained,
+                  "provenance": info.provenance},
+        "device": result.device,
+        "slices": {"total": result.slices_total, "with_lung": result.slices_with_lung, "lung_crops": result.crops},
+        "outputs": {"labels": str(output)},
+    }
+
+    written: List[Path] = []
+    try:
+        t = time.perf_counter()
+        written.append(write_label_map(result.labels, ct.image, output))
+        if probabilities is not None:
+            written.append(write_probabilities(result.probabilities, ct.image, probabilities))
+            summary["outputs"]["probabilities"] = str(probabilities)
+        if overlay is not None:
+            from .overlay import render_overlay
+            title = f"ILD segmentation - {Path(str(ct_path)).name} - model: {info.name}"
+            written.append(render_overlay(ct.array, result.labels, ct.geometry, overlay, title=title))
+            summary["outputs"]["overlay"] = str(overlay)
+        timings["write"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        if report is not None:
+            summary["outputs"]["report"] = str(report)
+            with atomic_path(report) as tmp:
+                Path(tmp).write_text(json.dumps(summary, indent=2))
+            written.append(Path(report))
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise
+    if progress:
+        progress(1.0, "done")
+    return summary

@@ -1,0 +1,37 @@
+"""Per-pattern volumes: the numbers a radiologist reads off the result."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+
+from .classes import CLASSES
+from .geometry import Geometry
+
+
+def class_volumes(labels: np.ndarray, geometry: Geometry) -> Dict[str, Any]:
+    """Lung volume and, per class, voxels, mL and percent of the lung.
+
+    The lung is every voxel with a non-zero label (the engine labels every lung
+    voxel), so the classes add up to the lung."""
+    counts = np.bincount(labels.ravel(), minlength=len(CLASSES) + 1)
+    lung_voxels = int(counts[1:].sum())
+    ml = geometry.voxel_volume_ml
+    classes: List[Dict[str, Any]] = []
+    for c in CLASSES:
+        n = int(counts[c.label])
+        classes.append({
+            "label": c.label, "name": c.name, "abbreviation": c.abbreviation,
+            "voxels": n, "volume_ml": round(n * ml, 3),
+            "percent_of_lung": round(100.0 * n / lung_voxels, 3) if lung_voxels else 0.0,
+        })
+    return {"lung_voxels": lung_voxels, "lung_volume_ml": round(lung_voxels * ml, 3),
+            "voxel_volume_ml": ml, "classes": classes}
+
+
+def format_table(volumes: Dict[str, Any]) -> str:
+    rows = [f"{'label':>5}  {'class':<22} {'volume (mL)':>12} {'% of lung':>10}"]
+    for c in volumes["classes"]:
+        rows.append(f"{c['label']:>5}  {c['name']:<22} {c['volume_ml']:>12.1f} {c['percent_of_lung']:>10.1f}")
+    rows.append(f"{'':>5}  {'Lung (total)':<22} {volumes['lung_volume_ml']:>12.1f} {100.0 if volumes['lung_voxels'] else 0.0:>10.1f}")
+    return "\n".join(rows)
