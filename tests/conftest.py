@@ -1,0 +1,35 @@
+"""Shared fixtures. Real CT lives outside the repository (../shared/data, or
+$ILDSEG_TEST_DATA); tests that need it skip with the reason when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("ILDSEG_TEST_DATA", REPO.parent / "shared" / "data"))
+DICOM_DIR = DATA / "lung-pet-ct-dx-A0002"
+RICORD = DATA / "ricord-000082" / "ricord-000082-5mm.nii.gz"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real CT not available at {path} (set ILDSEG_TEST_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture
+def dicom_dir() -> Path:
+    return _need(DICOM_DIR)
+
+
+@pytest.fixture
+def ricord_path() -> Path:
+    return _need(RICORD)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from ILDSegmentationLib.modelfile import load_model
+    return load_model()

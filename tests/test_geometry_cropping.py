@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ILDSegmentationLib.cropping import CROP_MARGIN, LEFT_LUNG, RIGHT_LUNG, crop_boxes, split_left_right
+from ILDSegmentationLib.errors import InputError
+from ILDSegmentationLib.geometry import Geometry, axial_axis, canonical_view
+
+from synthetic import array_and_geometry, sitk_volume, two_lungs
+
+
+def _reoriented_images():
+    hu, _ = two_lungs()
+    base = sitk_volume(hu)
+    yield base
+    for order in itertools.permutations(range(3)):
+        for flips in ((False, False, False), (True, False, True), (False, True, True)):
+            yield sitk.Flip(sitk.PermuteAxes(base, order), flips)
+
+
+def test_canonical_view_is_the_same_whatever_the_index_order():
+    images = list(_reoriented_images())
+    reference = canonical_view(Geometry.from_sitk(images[0])).to_canonical(sitk.GetArrayFromImage(images[0]))
+    for image in images[1:]:
+        arr, geo = array_and_geometry(image)
+        view = canonical_view(geo)
+        np.testing.assert_array_equal(view.to_canonical(arr), reference)
+        np.testing.assert_array_equal(view.from_canonical(view.to_canonical(arr)), arr)
+
+
+def test_axial_axis_follows_the_direction_cosines_not_k():
+    # Index axes: I -> x, J -> z (tilted 20 degrees), K -> y: axial slices stack along J.
+    t = np.deg2rad(20)
+    d = np.array([[1, 0, 0], [0, np.sin(t), np.cos(t)], [0, np.cos(t), -np.sin(t)]])
+    geo = Geometry((0.7, 2.5, 0.7), (0, 0, 0), tuple(d.ravel()))
+    assert axial_axis(geo) == 1  # numpy axis of J in a K,J,I array
+    assert axial_axis(Geometry((1, 1, 1))) == 0
+
+
+def test_canonical_rows_run_anterior_to_posterior_and_columns_right_to_left():
+    # LPS identity: I increases to patient left, J to posterior: already canonical,
+    # except slices, which go head first.
+    view = canonical_view(Geometry((1, 1, 1)))
+    assert view.axes == (0, 1, 2) and view.flips == (True, False, False)
+    # A RAS-like storage (I to the right, J anterior) is flipped in-plane.
+    view = canonical_view(Geometry((1, 1, 1), (0, 0, 0), (-1, 0, 0, 0, -1, 0, 0, 0, 1)))
+    assert view.flips[1:] == (True, True)
+
+
+@pytest.mark.parametrize("spacing,direction", [((0, 1, 1), None), ((1, 1, float("nan")), None),
+                                               ((1, 1, 1), (1, 0, 0, 0, 1, 0, 0, 0, 0))])
+def test_invalid_geometry_is_refused(spacing, direction):
+    with pytest.raises(InputError):
+        Geometry(spacing, (0, 0, 0), direction or (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def test_split_left_right_separate_and_touching_lungs():
+    mask = np.zeros((3, 40, 60), np.uint8)
+    mask[:, 5:35, 5:25] = 1
+    mask[:, 5:35, 35:55] = 1
+    sides = split_left_right(mask)
+    assert (sides[:, :, :30][mask[:, :, :30] > 0] == RIGHT_LUNG).all()
+    assert (sides[:, :, 30:][mask[:, :, 30:] > 0] == LEFT_LUNG).all()
+    # Lungs touching at the anterior junction: one component, cut at the midline.
+    mask[:, 5:8, 25:35] = 1
+    sides = split_left_right(mask)
+    assert set(np.unique(sides[:, :, :25][mask[:, :, :25] > 0])) == {RIGHT_LUNG}
+    assert set(np.unique(sides[:, :, 36:][mask[:, :, 36:] > 0])) == {LEFT_LUNG}
+    assert ((sides > 0) == (mask > 0)).all()
+
+
+def test_crop_boxes_add_the_margin_and_clip_to_the_image():
+    sides = np.zeros((200, 300), np.uint8)
+    sides[50:150, 10:100] = RIGHT_LUNG
+    sides[60:140, 200:280] = LEFT_LUNG
+    boxes = {b.side: b for b in crop_boxes(sides, 7)}
+    r, l = boxes[RIGHT_LUNG], boxes[LEFT_LUNG]
+    assert (r.r0, r.r1, r.c0, r.c1) == (50 - CROP_MARGIN, 150 + CROP_MARGIN, 0, 100 + CROP_MARGIN)
+    assert (l.r0, l.r1, l.c0, l.c1) == (60 - CROP_MARGIN, 140 + CROP_MARGIN, 200 - CROP_MARGIN, 300)
+    assert r.slice_index == l.slice_index == 7
+    assert crop_boxes(np.zeros((5, 5), np.uint8), 0) == []

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+
+from ILDSegmentationLib.errors import ModelFileError
+from ILDSegmentationLib.modelfile import ModelInfo, default_model_path, load_model, read_info, save_model
+from ILDSegmentationLib.network import PRESETS, DilatedFCN
+from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+
+
+def _model(tmp_path, preset="proposed", **info_kw):
+    torch.manual_seed(3)
+    net = DilatedFCN(PRESETS[preset])
+    info = ModelInfo(name="test", network=net.config, provenance={"trained_on": "nothing"}, **info_kw)
+    return net, save_model(tmp_path / "m.safetensors", net, info)
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path):
+    net, path = _model(tmp_path, preset="width16", intensity=INTENSITY_PRESETS["hu1000"], trained=True)
+    loaded = load_model(path)
+    assert loaded.info.network == PRESETS["width16"]
+    assert loaded.info.intensity == INTENSITY_PRESETS["hu1000"]
+    assert loaded.info.trained is True and loaded.info.provenance == {"trained_on": "nothing"}
+    assert not loaded.network.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.network.state_dict()[k], v)
+    assert len(loaded.sha256) == 64
+    assert not list(tmp_path.glob(".*part*")), "no temporary file left behind"
+
+
+def test_bundled_model_loads_and_says_it_is_untrained():
+    info = read_info(default_model_path())
+    assert info.network == PRESETS["proposed"]
+    assert info.trained is False
+    assert "UNTRAINED" in info.provenance["warning"]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_model_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker
+    path = tmp_path / "model.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": payload}, f)
+    with pytest.raises(ModelFileError, match="not a safetensors"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def _write_raw(path, header: dict, data: bytes = b"", declared_len=None):
+    raw = json.dumps(header).encode()
+    n = len(raw) if declared_len is None else declared_len
+    path.write_bytes(struct.pack("<Q", n) + raw + data)
+    return path
+
+
+def test_header_larger_than_file_is_refused(tmp_path):
+    p = _write_raw(tmp_path / "x.safetensors", {"__metadata__": {}}, declared_len=10**9)
+    with pytest.raises(ModelFileError, match="header length"):
+        load_model(p)
+
+
+def test_huge_tensor_declaration_is_refused_before_allocating(tmp_path):
+    header = {"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}}
+    p = _write_raw(tmp_path / "x.safetensors", header, b"\0" * 16)
+    with pytest.raises(ModelFileError, match="does not fit"):
+        load_model(p)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    _, path = _model(tmp_path)
+    data = path.read_bytes()
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError):
+        load_model(short)
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"\x01\x02")
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_model(tiny)
+
+
+def _rewrite_metadata(tmp_path, mutate):
+    from safetensors.torch import load_file, save_file
+    _, path = _model(tmp_path)
+    meta = json.loads(read_info_raw(path))
+    mutate(meta)
+    out = tmp_path / "mutated.safetensors"
+    save_file(load_file(str(path)), str(out), metadata={"ildseg": json.dumps(meta)})
+    return out
+
+
+def read_info_raw(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))["__metadata__"]["ildseg"]
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda m: m.pop("network"), "network"),
+    (lambda m: m.update(trained="yes"), "trained"),
+    (lambda m: m.update(format="other"), "not an ILD"),
+    (lambda m: m["classes"].__setitem__(2, {"label": 3, "name": "Emphysema", "color": [0, 0, 0]}), "classes"),
+    (lambda m: m["network"].update(width=10**6), "absurdly large|another architecture"),
+    (lambda m: m["network"].update(num_classes=4), "classes"),
+    (lambda m: m["intensity"].update(scale="x"), "invalid"),
+])
+def test_bad_metadata_gives_one_clear_error(tmp_path, mutate, match):
+    with pytest.raises(ModelFileError, match=match):
+        load_model(_rewrite_metadata(tmp_path, mutate))
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    from safetensors.torch import save_file
+    _, path = _model(tmp_path)
+    meta = read_info_raw(path)
+    other = DilatedFCN(PRESETS["width16"]).state_dict()
+    out = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in other.items()}, str(out), metadata={"ildseg": meta})
+    with pytest.raises(ModelFileError, match="another architecture"):
+        load_model(out)
+
+
+def test_missing_file_and_plain_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "nope.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(3)}, str(plain))
+    with pytest.raises(ModelFileError, match="without ILD model metadata"):
+        load_model(plain)
