@@ -22,10 +22,10 @@ def class_volumes(labels: np.ndarray, geometry: Geometry) -> Dict[str, Any]:
         n = int(counts[c.label])
         classes.append({
             "label": c.label, "name": c.name, "abbreviation": c.abbreviation,
-            "voxels": n, "volume_ml": round(n * ml, 3),
-            "percent_of_lung": round(100.0 * n / lung_voxels, 3) if lung_voxels else 0.0,
+            "voxels": n, "volume_ml": round(n * ml, 6),
+            "percent_of_lung": round(100.0 * n / lung_voxels, 4) if lung_voxels else 0.0,
         })
-    return {"lung_voxels": lung_voxels, "lung_volume_ml": round(lung_voxels * ml, 3),
+    return {"lung_voxels": lung_voxels, "lung_volume_ml": round(lung_voxels * ml, 6),
             "voxel_volume_ml": ml, "classes": classes}
 
 

@@ -1,0 +1,104 @@
+"""The ildseg command end to end, as a user runs it (a subprocess)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from synthetic import random_model, two_lungs
+
+
+def ildseg(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ILDSegmentationLib", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("case")
+    hu, mask = two_lungs()
+    for name, arr in (("ct.nrrd", hu), ("mask.nii.gz", mask)):
+        image = sitk.GetImageFromArray(arr)
+        image.SetSpacing((0.8, 0.8, 2.5))
+        image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
+        sitk.WriteImage(image, str(d / name))
+    model = random_model(d)
+    return d, mask, model.path
+
+
+def test_segment_writes_labels_report_overlay_probabilities(small_case, tmp_path):
+    d, mask, model = small_case
+    r = ildseg("segment", d / "ct.nrrd", "--lung-mask", d / "mask.nii.gz", "--model", model, "--device", "cpu",
+               "-o", tmp_path / "labels.nii.gz", "--report", tmp_path / "report.json",
+               "--overlay", tmp_path / "overlay.png", "--probabilities", tmp_path / "p.nrrd")
+    assert r.returncode == 0, r.stderr
+    labels_img = sitk.ReadImage(str(tmp_path / "labels.nii.gz"))
+    ct_img = sitk.ReadImage(str(d / "ct.nrrd"))
+    assert labels_img.GetSize() == ct_img.GetSize()
+    np.testing.assert_allclose(labels_img.GetDirection(), ct_img.GetDirection(), atol=1e-6)
+    labels = sitk.GetArrayFromImage(labels_img)
+    assert labels.dtype == np.uint8 and labels.max() <= 6 and (labels[mask == 0] == 0).all()
+    report = json.loads((tmp_path / "report.json").read_text())
+    voxel_ml = 0.8 * 0.8 * 2.5 / 1000
+    assert report["lung_volume_ml"] == pytest.approx(int(mask.sum()) * voxel_ml, rel=1e-6)
+    for c in report["classes"]:
+        assert c["voxels"] == int((labels == c["label"]).sum())
+        assert c["volume_ml"] == pytest.approx(c["voxels"] * voxel_ml, abs=1e-3)
+    assert sum(c["percent_of_lung"] for c in report["classes"]) == pytest.approx(100, abs=0.01)
+    assert report["model"]["sha256"] and report["device"].startswith("cpu")
+    assert set(report["timings_s"]) >= {"read", "lung_mask", "network", "write", "total"}
+    assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sitk.ReadImage(str(tmp_path / "p.nrrd")).GetNumberOfComponentsPerPixel() == 6
+    assert "Ground glass opacity" in r.stdout  # the summary table
+
+
+def test_python_m_and_entry_point_agree():
+    r = ildseg("architecture", "--json")
+    assert r.returncode == 0
+    d = json.loads(r.stdout)
+    assert d["parameters"] == 130_056 and d["receptive_field"] == 287
+    listing = ildseg("architecture", "--list")
+    for name in ("no-dilation", "no-concat", "no-norm", "no-norm-skip", "width16", "exponential-dilation",
+                 "9-layers", "width64", "purely-supervised"):
+        assert name in listing.stdout
+
+
+@pytest.mark.parametrize("case", ["missing_ct", "bad_model", "pickle_model", "bad_folder", "bad_ext", "empty_mask",
+                                  "bad_device"])
+def test_bad_input_one_line_exit_2_no_output(small_case, tmp_path, case):
+    d, mask, model = small_case
+    out = tmp_path / "out.nrrd"
+    args = ["segment", d / "ct.nrrd", "--lung-mask", d / "mask.nii.gz", "--model", model, "-o", out,
+            "--report", tmp_path / "r.json"]
+    if case == "missing_ct":
+        args[1] = tmp_path / "nope.nrrd"
+    elif case == "bad_model":
+        (tmp_path / "m.safetensors").write_bytes(b"garbage" * 10)
+        args[5] = tmp_path / "m.safetensors"
+    elif case == "pickle_model":
+        import pickle
+        (tmp_path / "m.pt").write_bytes(pickle.dumps({"w": [1, 2]}))
+        args[5] = tmp_path / "m.pt"
+    elif case == "bad_folder":
+        args[7] = tmp_path / "missing" / "out.nrrd"
+    elif case == "bad_ext":
+        args[7] = tmp_path / "out.png"
+    elif case == "empty_mask":
+        empty = sitk.GetImageFromArray(np.zeros_like(mask))
+        empty.CopyInformation(sitk.ReadImage(str(d / "ct.nrrd")))
+        sitk.WriteImage(empty, str(tmp_path / "empty.nrrd"))
+        args[3] = tmp_path / "empty.nrrd"
+    elif case == "bad_device":
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        args += ["--device", "cuda"]
+    r = ildseg(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("ildseg: error")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert list(tmp_path.glob("out*")) == [] and not (tmp_path / "r.json").exists()
