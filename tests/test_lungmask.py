@@ -1,0 +1,329 @@
+"""Tests of the classical lung mask (ILDSegmentationLib.lungmask).
+
+Real-CT tests read the shared data folder (../shared/data next to the repository,
+or $ILDSEG_TEST_DATA) and skip when it is absent; the synthetic tests always run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from ILDSegmentationLib.errors import LungMaskError
+from ILDSegmentationLib.geometry import Geometry, canonical_view
+from ILDSegmentationLib.lungmask import compute_lung_mask
+
+DATA = Path(os.environ.get("ILDSEG_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DICOM_DIR = DATA / "lung-pet-ct-dx-A0002"
+RICORD = DATA / "ricord-000082" / "ricord-000082-5mm.nii.gz"
+
+needs_dicom = pytest.mark.skipif(
+    not DICOM_DIR.is_dir(), reason=f"real CT data not found at {DICOM_DIR} (set ILDSEG_TEST_DATA)"
+)
+needs_ricord = pytest.mark.skipif(
+    not RICORD.is_file(), reason=f"real CT data not found at {RICORD} (set ILDSEG_TEST_DATA)"
+)
+
+
+def _load(image) -> Tuple[np.ndarray, Geometry]:
+    return sitk.GetArrayFromImage(image), Geometry.from_sitk(image)
+
+
+@pytest.fixture(scope="module")
+def dicom_ct() -> Tuple[np.ndarray, Geometry]:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(DICOM_DIR)))
+    return _load(reader.Execute())
+
+
+@pytest.fixture(scope="module")
+def ricord_ct() -> Tuple[np.ndarray, Geometry]:
+    return _load(sitk.ReadImage(str(RICORD)))
+
+
+@pytest.fixture(scope="module")
+def dicom_mask(dicom_ct) -> np.ndarray:
+    return compute_lung_mask(*dicom_ct)
+
+
+@pytest.fixture(scope="module")
+def ricord_mask(ricord_ct) -> np.ndarray:
+    return compute_lung_mask(*ricord_ct)
+
+
+# --- helpers -------------------------------------------------------------------------
+
+def _independent_body(canonical_hu: np.ndarray, spacing) -> np.ndarray:
+    """An oracle for "inside the patient", built differently from the module: per
+    slice, an opening with a 5 mm disk (cuts the table and sheets off), the largest
+    2D component, holes filled."""
+    r = int(round(5.0 / spacing[1]))
+    y, x = np.mgrid[-r:r + 1, -r:r + 1]
+    disk = x ** 2 + y ** 2 <= r ** 2
+    out = np.zeros(canonical_hu.shape, bool)
+    for z in range(canonical_hu.shape[0]):
+        tissue = ndimage.binary_opening(canonical_hu[z] > -500, disk)
+        labels, n = ndimage.label(tissue)
+        if n:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            out[z] = ndimage.binary_fill_holes(labels == np.argmax(sizes))
+    return ndimage.binary_dilation(out, np.ones((1, 3, 3), bool), iterations=max(1, int(2.0 / spacing[1])))
+
+
+def _trachea_centre(canonical_hu: np.ndarray, body: np.ndarray, spacing) -> Tuple[int, int]:
+    """Row, column of the trachea in the top slice (neck): of the air components
+    inside the body of 50-600 mm^2 that fill at least half their bounding box (skin
+    folds are slivers), the one nearest to the body's centre column."""
+    air = (canonical_hu[0] < -400) & ndimage.binary_erosion(body[0], iterations=3)
+    labels, n = ndimage.label(air)
+    cols = np.flatnonzero(body[0].any(axis=0))
+    centre = 0.5 * (cols[0] + cols[-1])
+    candidates = []
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+        pixels = np.count_nonzero(labels[sl] == lab)
+        if 50 <= pixels * spacing[1] * spacing[2] <= 600 and pixels >= 0.5 * labels[sl].size:
+            r, c = ndimage.center_of_mass(labels == lab)
+            candidates.append((abs(c - centre), int(round(r)), int(round(c))))
+    assert candidates, "no trachea in the top slice: the test needs the neck in the first slice"
+    _, r, c = min(candidates)
+    return r, c
+
+
+def _check_plausible(hu: np.ndarray, geometry: Geometry, mask: np.ndarray) -> None:
+    assert mask.shape == hu.shape and mask.dtype == np.uint8
+    assert set(np.unique(mask)) == {0, 1, 2}
+    voxel_l = geometry.voxel_volume_ml / 1000.0
+    right = np.count_nonzero(mask == 1) * voxel_l
+    left = np.count_nonzero(mask == 2) * voxel_l
+    total = right + left
+    assert 2.0 <= total <= 8.0, f"lung volume {total:.2f} L"
+    assert right > 0.25 * total and left > 0.25 * total, f"right {right:.2f} L, left {left:.2f} L"
+
+    # Lung, not soft tissue: mostly air-density voxels (vessels and filled holes aside).
+    values = hu[mask > 0]
+    assert np.mean(values < -400) > 0.85
+    assert -950 < values.mean() < -550
+    assert not np.any(values < -1500), "mask reaches the padding outside the field of view"
+
+    view = canonical_view(geometry)
+    spacing = view.canonical_spacing(geometry)
+    c_hu = view.to_canonical(hu)
+    c_mask = view.to_canonical(mask)
+    body = _independent_body(c_hu, spacing)
+    outside = (c_mask > 0) & ~body
+    assert np.count_nonzero(outside) < 1e-3 * np.count_nonzero(c_mask), "mask outside the patient"
+
+    # Right lung on the patient's right (small canonical columns), left on the left.
+    cols = np.arange(c_mask.shape[2])
+    assert cols[(c_mask == 1).any(axis=(0, 1))].mean() < cols[(c_mask == 2).any(axis=(0, 1))].mean()
+
+    # No trachea: where the trachea runs in the neck, no lung in the upper part of
+    # the lungs (it runs straight down there), and the top lung slice is not one
+    # central blob.
+    row, col = _trachea_centre(c_hu, body, spacing)
+    mask_slices = np.flatnonzero(c_mask.any(axis=(1, 2)))
+    upper = mask_slices[mask_slices < mask_slices[0] + 0.3 * (mask_slices[-1] - mask_slices[0] + 1)]
+    r_px, c_px = max(1, int(4.0 / spacing[1])), max(1, int(4.0 / spacing[2]))
+    assert not c_mask[upper, row - r_px:row + r_px + 1, col - c_px:col + c_px + 1].any(), "trachea in the mask"
+    top = c_mask[mask_slices[0]] > 0
+    labels, n = ndimage.label(top)
+    if n == 1:
+        _, c_centre = ndimage.center_of_mass(top)
+        assert abs(c_centre - col) * spacing[2] > 20.0, "top lung slice is a single central blob"
+
+
+def _physical_point(geometry: Geometry, kji) -> np.ndarray:
+    ijk = np.array(kji[::-1], float)
+    return np.asarray(geometry.origin) + geometry.direction_matrix @ (np.asarray(geometry.spacing) * ijk)
+
+
+def _reorient(hu: np.ndarray, geometry: Geometry, perm: Tuple[int, int, int], flips: Tuple[int, ...]):
+    """The same CT stored with numpy axes permuted by perm and then flipped, with the
+    geometry that keeps every voxel at its physical place."""
+    out = np.transpose(hu, perm)
+    d = geometry.direction_matrix
+    sp = geometry.spacing
+    # New index axis c (numpy axis 2 - c) is old numpy axis perm[2 - c], i.e. old
+    # index axis 2 - perm[2 - c].
+    old_index = [2 - perm[2 - c] for c in range(3)]
+    new_d = np.stack([d[:, old_index[c]] for c in range(3)], axis=1)
+    first = [0, 0, 0]  # old K, J, I index of the new first voxel
+    for axis in flips:
+        out = np.flip(out, axis=axis)
+        new_d[:, 2 - axis] *= -1
+        first[perm[axis]] = hu.shape[perm[axis]] - 1
+    new_geometry = Geometry(
+        tuple(sp[i] for i in old_index), tuple(_physical_point(geometry, first)), tuple(new_d.ravel())
+    )
+    return out, new_geometry
+
+
+def _undo_reorient(mask: np.ndarray, perm: Tuple[int, int, int], flips: Tuple[int, ...]) -> np.ndarray:
+    for axis in reversed(flips):
+        mask = np.flip(mask, axis=axis)
+    return np.transpose(mask, np.argsort(perm))
+
+
+# --- real CT ---------------------------------------------------------------------
+
+@needs_dicom
+def test_dicom_series_gives_plausible_lungs(dicom_ct, dicom_mask):
+    _check_plausible(*dicom_ct, dicom_mask)
+
+
+@needs_ricord
+def test_covid_ct_gives_plausible_lungs(ricord_ct, ricord_mask):
+    _check_plausible(*ricord_ct, ricord_mask)
+
+
+@needs_ricord
+@pytest.mark.parametrize("perm, flips", [((2, 0, 1), (0,)), ((1, 0, 2), (1, 2)), ((0, 1, 2), (0, 1, 2))])
+def test_mask_does_not_depend_on_index_order(ricord_ct, ricord_mask, perm, flips):
+    hu, geometry = ricord_ct
+    expected = ricord_mask
+    moved, moved_geometry = _reorient(hu, geometry, perm, flips)
+    # The helper is right: a voxel keeps its value and its physical place.
+    for new_kji in [(0, 0, 0), (3, 50, 7), tuple(n - 1 for n in moved.shape)]:
+        old_kji = [0, 0, 0]
+        for axis, n in enumerate(new_kji):
+            old_kji[perm[axis]] = moved.shape[axis] - 1 - n if axis in flips else n
+        old_kji = tuple(old_kji)
+        assert moved[new_kji] == hu[old_kji]
+        np.testing.assert_allclose(_physical_point(moved_geometry, new_kji), _physical_point(geometry, old_kji))
+    got = compute_lung_mask(moved, moved_geometry)
+    assert got.shape == moved.shape
+    np.testing.assert_array_equal(_undo_reorient(got, perm, flips), expected)
+
+
+@needs_dicom
+def test_input_is_not_modified_and_read_only_input_works(dicom_ct):
+    hu, geometry = dicom_ct
+    sample = np.ascontiguousarray(hu[8:20])  # a thorax block, fast
+    before = sample.copy()
+    sample.flags.writeable = False
+    mask = compute_lung_mask(sample, geometry)
+    np.testing.assert_array_equal(sample, before)
+    assert mask.shape == sample.shape and mask.any()
+
+
+@needs_dicom
+def test_single_slices_give_a_mask_or_lung_mask_error(dicom_ct):
+    hu, geometry = dicom_ct
+    view = canonical_view(geometry)
+    k_mid = hu.shape[0] // 2  # K is the axial axis of this series
+    assert view.axes[0] == 0
+    for k in (0, 5, k_mid, hu.shape[0] - 1):
+        for single in (hu[k:k + 1], hu[k]):  # 3D with one slice, and a 2D image
+            try:
+                mask = compute_lung_mask(single, geometry)
+            except LungMaskError as exc:
+                assert "no lung" in str(exc)
+                continue
+            assert mask.shape == single.shape and mask.dtype == np.uint8
+            assert set(np.unique(mask)) <= {0, 1, 2}
+    # Mid-thorax: a single slice holds both lungs and they are found.
+    mask = compute_lung_mask(hu[k_mid], geometry)
+    assert np.count_nonzero(mask == 1) * np.prod(geometry.spacing[:2]) > 2000  # mm^2
+    assert np.count_nonzero(mask == 2) * np.prod(geometry.spacing[:2]) > 2000
+
+
+# --- synthetic -------------------------------------------------------------------
+
+def _phantom(
+    with_trachea: bool = True, with_bubble: bool = True, with_sheets: bool = False
+) -> Tuple[np.ndarray, Geometry, dict]:
+    """A 2 mm-voxel chest: elliptic body of soft tissue, two lung ellipsoids (-850
+    HU) with a nodule in the right one, a trachea (air) from the top that branches
+    into both lungs, a small air pocket between the lungs, a gas bubble under them, a table under the body, air
+    around; identity direction, so K runs inferior -> superior and I runs patient
+    right -> left. with_sheets: 2 mm sheets hang from the body's sides to the table,
+    closing the air gap between them in every axial slice."""
+    shape = (70, 100, 110)  # K, J, I
+    sp = 2.0
+    k, j, i = np.meshgrid(*(np.arange(n) * sp for n in shape), indexing="ij")
+    hu = np.full(shape, -1000, np.int16)
+    body = ((j - 95) / 75) ** 2 + ((i - 110) / 95) ** 2 <= 1
+    hu[body] = 40
+    hu[(j >= 178) & (j <= 184) & (np.abs(i - 110) < 100)] = 200  # table, 8 mm below the back
+    right = ((k - 60) / 50) ** 2 + ((j - 95) / 45) ** 2 + ((i - 70) / 28) ** 2 <= 1
+    left = ((k - 60) / 50) ** 2 + ((j - 95) / 45) ** 2 + ((i - 150) / 28) ** 2 <= 1
+    hu[right | left] = -850
+    nodule = (k - 60) ** 2 + (j - 95) ** 2 + (i - 70) ** 2 <= 7 ** 2  # 14 mm, inside the right lung
+    hu[nodule] = 40
+    # A 7 mL pocket of air in the upper mediastinum, behind the trachea (oesophagus).
+    pocket = (k - 100) ** 2 + (j - 110) ** 2 + (i - 110) ** 2 <= 12 ** 2
+    hu[pocket] = -1000
+    parts = {"right": right, "left": left, "nodule": nodule, "pocket": pocket}
+    if with_sheets:
+        sheets = ((np.abs(i - 40) < 1) | (np.abs(i - 180) < 1)) & (j >= 120) & (j < 178)
+        hu[sheets & (hu < -500)] = 0
+        parts["gap"] = (j > 172) & (j < 176) & (np.abs(i - 110) < 60)
+    if with_trachea:
+        trachea = ((j - 70) ** 2 + (i - 110) ** 2 <= 8 ** 2) & (k >= 80)
+        bronchi = (np.abs(k - 80) <= 3) & (np.abs(j - 70) <= 4) & (np.abs(i - 110) <= 45)
+        hu[trachea | bronchi] = -1000
+        parts["trachea"] = trachea & (k >= 100)
+    if with_bubble:
+        # About 39 mL, below the lungs: big enough to pass the size threshold.
+        bubble = (k - 10) ** 2 + (j - 100) ** 2 + (i - 110) ** 2 <= 22 ** 2
+        hu[bubble] = -1000
+        parts["bubble"] = bubble
+    return hu, Geometry((sp, sp, sp)), parts
+
+
+def test_phantom_lungs_labelled_right_and_left_without_trachea_and_gas():
+    hu, geometry, parts = _phantom()
+    mask = compute_lung_mask(hu, geometry)
+    right, left = parts["right"], parts["left"]
+    assert np.mean(mask[right] == 1) > 0.97
+    assert np.mean(mask[left] == 2) > 0.97
+    assert not mask[parts["trachea"]].any()
+    assert not mask[parts["bubble"]].any()
+    assert not mask[parts["pocket"]].any()
+    assert np.all(mask[parts["nodule"]] == 1), "a nodule enclosed by the lung is lung"
+    extra = (mask > 0) & ~right & ~left
+    assert np.count_nonzero(extra) < 0.03 * np.count_nonzero(right | left)
+
+
+def test_phantom_air_between_body_and_table_is_not_lung():
+    hu, geometry, parts = _phantom(with_trachea=False, with_bubble=False, with_sheets=True)
+    gap = parts["gap"]
+    assert np.all(hu[gap] == -1000)
+    mask = compute_lung_mask(hu, geometry)
+    assert not mask[gap].any()
+    assert np.mean(mask[parts["right"]] == 1) > 0.97 and np.mean(mask[parts["left"]] == 2) > 0.97
+
+
+def test_phantom_progress_is_reported_in_order():
+    hu, geometry, _ = _phantom(with_trachea=False)
+    calls = []
+    compute_lung_mask(hu, geometry, progress=lambda f, m: calls.append((f, m)))
+    fractions = [f for f, _ in calls]
+    assert len(calls) >= 4 and fractions == sorted(fractions)
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(isinstance(m, str) and m for _, m in calls)
+
+
+@pytest.mark.parametrize("value", [40, 1000, -1000, -3024])
+def test_volume_without_lungs_raises_lung_mask_error(value):
+    hu = np.full((20, 80, 80), value, np.int16)
+    with pytest.raises(LungMaskError, match="no lung was found.*lung mask"):
+        compute_lung_mask(hu, Geometry((1.5, 1.5, 5.0)))
+
+
+def test_body_with_small_air_pockets_only_raises():
+    hu, geometry, parts = _phantom(with_trachea=False)
+    hu[parts["right"] | parts["left"]] = 40  # lungs fully consolidated: only the gas bubble is air
+    with pytest.raises(LungMaskError, match="no lung was found"):
+        compute_lung_mask(hu, geometry)
+
+
+def test_one_slice_of_soft_tissue_raises_lung_mask_error():
+    with pytest.raises(LungMaskError):
+        compute_lung_mask(np.full((1, 64, 64), 40, np.int16), Geometry((0.7, 0.7, 1.0)))
