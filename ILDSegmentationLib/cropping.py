@@ -11,7 +11,7 @@ All arrays here are in the canonical view of :mod:`ILDSegmentationLib.geometry`:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -27,18 +27,26 @@ LEFT_LUNG = 2
 _WHOLE_COMPONENT_SHARE = 0.9
 
 
-def _midline_column(mask: np.ndarray) -> int:
+def _midline_column(lung: np.ndarray) -> int:
     """Column that separates the lungs: the least occupied column between the
     20th and 80th percentile of the mask's columns (the mediastinum)."""
-    occupancy = mask.sum(axis=(0, 1))
-    cols = np.nonzero(occupancy)[0]
-    cum = np.cumsum(occupancy[cols])
-    lo = cols[np.searchsorted(cum, 0.2 * cum[-1])]
-    hi = cols[min(np.searchsorted(cum, 0.8 * cum[-1]), len(cols) - 1)]
+    occupancy = lung.sum(axis=(0, 1))
+    cumulative = np.cumsum(occupancy)
+    lo = int(np.searchsorted(cumulative, 0.2 * cumulative[-1]))
+    hi = int(np.searchsorted(cumulative, 0.8 * cumulative[-1]))
     if hi <= lo:
-        return int(lo) + 1
-    window = occupancy[lo:hi + 1]
-    return int(lo + np.flatnonzero(window == window.min())[len(np.flatnonzero(window == window.min())) // 2])
+        return lo + 1
+    least = np.flatnonzero(occupancy[lo:hi + 1] == occupancy[lo:hi + 1].min())
+    return lo + int(least[len(least) // 2])
+
+
+def _bounding_box(lung: np.ndarray) -> Tuple[slice, ...]:
+    box = []
+    for axis in range(lung.ndim):
+        other = tuple(a for a in range(lung.ndim) if a != axis)
+        idx = np.flatnonzero(lung.any(axis=other))
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
 
 
 def split_left_right(mask: np.ndarray) -> np.ndarray:
@@ -47,26 +55,29 @@ def split_left_right(mask: np.ndarray) -> np.ndarray:
     Returns uint8: 0 outside, 1 = patient's right lung (smaller columns), 2 = left.
     Connected components go to one side whole when they lie (almost) on one side of
     the mediastinal midline; components that straddle it (lungs touching at the
-    anterior junction) are cut at the midline.
+    anterior junction) are cut at the midline. Work happens inside the lungs'
+    bounding box, which keeps the label array small.
     """
-    lung = np.asarray(mask) != 0
-    out = np.zeros(lung.shape, np.uint8)
-    if not lung.any():
+    lung_full = np.asarray(mask) != 0
+    out = np.zeros(lung_full.shape, np.uint8)
+    if not lung_full.any():
         return out
+    box = _bounding_box(lung_full)
+    lung = lung_full[box]
     mid = _midline_column(lung)
     components, n = ndimage.label(lung)
-    col_index = np.broadcast_to(np.arange(lung.shape[2]), lung.shape)
-    on_right = np.bincount(components[lung], weights=(col_index[lung] < mid), minlength=n + 1)
-    total = np.bincount(components[lung], minlength=n + 1)
-    share_right = np.divide(on_right, total, out=np.zeros_like(on_right), where=total > 0)
-    side_of_component = np.zeros(n + 1, np.uint8)  # 0 = split at the midline
-    side_of_component[share_right >= _WHOLE_COMPONENT_SHARE] = RIGHT_LUNG
-    side_of_component[share_right <= 1 - _WHOLE_COMPONENT_SHARE] = LEFT_LUNG
-    side_of_component[0] = 0
-    out[lung] = side_of_component[components[lung]]
-    undecided = lung & (out == 0)
-    out[undecided & (col_index < mid)] = RIGHT_LUNG
-    out[undecided & (col_index >= mid)] = LEFT_LUNG
+    right_half = np.zeros(lung.shape, bool)
+    right_half[..., :mid] = True
+    index = np.arange(1, n + 1)
+    share_right = ndimage.sum_labels(right_half, components, index) / ndimage.sum_labels(lung, components, index)
+    side_of_component = np.zeros(n + 1, np.uint8)  # 0 = cut at the midline
+    side_of_component[1:][share_right >= _WHOLE_COMPONENT_SHARE] = RIGHT_LUNG
+    side_of_component[1:][share_right <= 1 - _WHOLE_COMPONENT_SHARE] = LEFT_LUNG
+    sides = side_of_component[components]
+    undecided = lung & (sides == 0)
+    sides[undecided & right_half] = RIGHT_LUNG
+    sides[undecided & ~right_half] = LEFT_LUNG
+    out[box] = sides
     return out
 
 
