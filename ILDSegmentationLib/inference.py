@@ -23,7 +23,7 @@ import torch
 from .classes import NUM_CLASSES
 from .cropping import CropBox, crop_boxes, split_left_right
 from .device import describe_device, select_device
-from .errors import Cancelled, InputError, LungMaskError
+from .errors import Cancelled, DeviceError, InputError, LungMaskError
 from .geometry import Geometry, as_volume, canonical_view
 from .modelfile import LoadedModel
 
@@ -70,12 +70,15 @@ class Inferer:
     device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "mps".
     max_memory_mb: activation memory one batch may use; bounds the batch size.
     mixed_precision: autocast on CUDA (bfloat16 where supported, else float16).
+    cpu_fallback: when even one crop does not fit in GPU memory, finish on the CPU.
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", max_memory_mb: float = 1024,
-                 mixed_precision: bool = True) -> None:
+                 mixed_precision: bool = True, cpu_fallback: bool = True) -> None:
+        self.cpu_fallback = cpu_fallback
         self.model = model
         self.device = select_device(device)
+        self.device_name = describe_device(self.device)
         self.model.network.to(self.device).eval()
         self.max_batch_pixels = max(int(max_memory_mb * 2**20 / BYTES_PER_PIXEL), 1)
         self.mixed_precision = mixed_precision
@@ -117,7 +120,7 @@ class Inferer:
             if _is_cancelled(cancel):
                 raise Cancelled("cancelled by the user; nothing was written")
             crops = [intensity.apply(hu_c[b.slice_index, b.r0:b.r1, b.c0:b.c1]) for b in batch]
-            p = self._predict(crops)
+            p = self._predict_within_memory(crops)
             for b, pb in zip(batch, p):
                 inside = sides[b.slice_index, b.r0:b.r1, b.c0:b.c1] == b.side
                 region = labels_c[b.slice_index, b.r0:b.r1, b.c0:b.c1]
@@ -130,7 +133,7 @@ class Inferer:
                 progress(done / len(boxes), f"slice {z + 1} of {sides.shape[0]} ({done}/{len(boxes)} lung crops)")
         t_end = time.perf_counter()
         return SegmentationResult(
-            labels=labels, probabilities=probs, device=describe_device(self.device),
+            labels=labels, probabilities=probs, device=self.device_name,
             slices_total=int(sides.shape[0]), slices_with_lung=n_slices, crops=len(boxes),
             seconds=t_end - t_start, timings={"prepare": t_prep - t_start, "network": t_end - t_prep})
 
@@ -153,6 +156,28 @@ class Inferer:
             members = groups[key]
             for i in range(0, len(members), per_batch):
                 yield members[i:i + per_batch]
+
+    def _predict_within_memory(self, crops: List[np.ndarray]) -> List[np.ndarray]:
+        """Out of accelerator memory: halve the batch (and later batches) and retry;
+        a single crop that still does not fit runs on the CPU, with a warning."""
+        try:
+            return self._predict(crops)
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()
+            if len(crops) > 1:
+                self.max_batch_pixels = max(1, self.max_batch_pixels // 2)
+                half = len(crops) // 2
+                log.warning("out of GPU memory: retrying with batches of %d crops", half)
+                return self._predict_within_memory(crops[:half]) + self._predict_within_memory(crops[half:])
+            if not self.cpu_fallback:
+                raise DeviceError("out of GPU memory even for a single lung crop; run with --device cpu") from None
+            log.warning("out of GPU memory even for a single lung crop: continuing on the CPU (slower)")
+            self.device = torch.device("cpu")
+            self.device_name = describe_device(self.device) + " (fallback: out of GPU memory)"
+            self.model.network.to(self.device)
+            return self._predict(crops)
 
     def _autocast(self):
         if self.mixed_precision and self.device.type == "cuda":

@@ -157,3 +157,38 @@ def test_bad_inputs(model, case):
         inferer.segment(bad, mask, geo)
     with pytest.raises(InputError, match="2D or 3D"):
         inferer.segment(hu[None], mask[None], geo)
+
+
+class _SmallGPU(Inferer):
+    """An inferer whose accelerator holds `capacity` crops (simulated out-of-memory;
+    the network itself runs on the CPU)."""
+
+    capacity = 1
+
+    def _predict(self, crops):
+        if self.device.type == "cuda" and len(crops) > self.capacity:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        saved, self.device = self.device, torch.device("cpu")
+        try:
+            return super()._predict(crops)
+        finally:
+            self.device = saved if saved.type == "cuda" else self.device
+
+
+def test_out_of_gpu_memory_halves_the_batch_then_falls_back_to_cpu(model, case, result, caplog):
+    hu, mask, geo = case
+    # Identical crops so they share batches.
+    hu2 = np.repeat(hu[2:3], 6, axis=0)
+    mask2 = np.repeat(mask[2:3], 6, axis=0)
+    reference = Inferer(model, device="cpu").segment(hu2, mask2, geo)
+    small = _SmallGPU(model, device="cpu")
+    small.device = torch.device("cuda")
+    out = small.segment(hu2, mask2, geo)
+    np.testing.assert_array_equal(out.labels, reference.labels)
+    assert "retrying with batches" in caplog.text
+    none = _SmallGPU(model, device="cpu")
+    none.capacity = 0
+    none.device = torch.device("cuda")
+    out = none.segment(hu2, mask2, geo)
+    np.testing.assert_array_equal(out.labels, reference.labels)
+    assert none.device.type == "cpu" and "continuing on the CPU" in caplog.text
