@@ -1,0 +1,750 @@
+"""ILD Segmentation: interstitial lung disease pattern segmentation of chest CT in 3D Slicer.
+
+Module, Widget, Logic and Test classes in Slicer's scripted-module conventions. The
+widget only wires the panel to the logic; the logic is GUI-free and delegates every
+MRML operation to ``ILDSegmentationLib.mrml`` (tested outside Slicer against the
+real MRML core), so it can also be used from Slicer's Python console or a script::
+
+    logic = slicer.util.getModuleLogic("ILDSegmentation")
+    result = logic.process(ctNode, lungMaskNode=None, outputSegmentationNode=None, device="Auto")
+    result.segmentation_node, result.table_node
+
+Not for clinical use.
+"""
+import importlib.util
+import logging
+import os
+import pathlib
+import sys
+import time
+import traceback
+from typing import Annotated, Callable, List, Optional, Union
+
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+
+# ---------------------------------------------------------------------------------
+# Finding ILDSegmentationLib. Installed, the package sits next to this script (the
+# extension's CMakeLists installs it there), and Slicer puts this folder on
+# sys.path. In a source checkout the package is at the repository root, one level
+# up; only the module's own folder is on sys.path then, so add the root.
+# ---------------------------------------------------------------------------------
+def _libraryFolder() -> Optional[str]:
+    moduleFolder = os.path.dirname(os.path.abspath(__file__))
+    for folder in (moduleFolder, os.path.dirname(moduleFolder)):
+        if os.path.isfile(os.path.join(folder, "ILDSegmentationLib", "__init__.py")):
+            return folder
+    return None
+
+
+_LIBRARY_FOLDER = _libraryFolder()
+if _LIBRARY_FOLDER is not None and _LIBRARY_FOLDER not in sys.path:
+    sys.path.insert(0, _LIBRARY_FOLDER)
+
+#: Resources, relative to this script's folder (the same in both layouts).
+UI_FILE = os.path.join("Resources", "UI", "ILDSegmentation.ui")
+ICON_FILE = os.path.join("Resources", "Icons", "ILDSegmentation.png")
+TERMINOLOGY_FILE = os.path.join("Resources", "ILDSegmentation.term.json")
+
+#: Import name -> pip requirement for what Slicer may lack. torch is installed by the
+#: PyTorch extension instead (it picks the build matching the GPU driver).
+PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "scipy": "scipy>=1.7", "SimpleITK": "SimpleITK>=2.2"}
+
+DEVICE_CHOICES = ["Auto", "GPU", "CPU"]
+
+#: Memory one batch of slices may use. On a CPU, small batches cost no speed and keep
+#: the panel responsive (progress and Cancel are handled between batches).
+GPU_BATCH_MEMORY_MB = 1024
+CPU_BATCH_MEMORY_MB = 128
+
+
+def _resourcePath(relativePath: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), relativePath)
+
+
+#
+# ILDSegmentation
+#
+class ILDSegmentation(ScriptedLoadableModule):
+    """Module description shown in Slicer."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("ILD Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        # PyTorch is declared as an extension dependency (installed with this extension
+        # from the Extensions Manager) but not as a module dependency, so the panel
+        # still opens and can offer to install it when it is missing.
+        self.parent.dependencies = []
+        self.parent.contributors = ["ILDSegmentation contributors"]
+        self.parent.helpText = _(
+            "Segments interstitial lung disease (ILD) patterns in chest CT into six classes: healthy tissue, "
+            "ground glass opacity, micronodules, consolidation, reticulation and honeycombing, with a table of "
+            "their volumes. <b>Research use only: not for clinical use.</b> The bundled model's provenance is "
+            "shown in the panel; an untrained placeholder gives meaningless labels, use a trained model file."
+            "<br>Method: M. Anthimopoulos, S. Christodoulidis, L. Ebner, T. Geiser, A. Christe, "
+            "S. Mougiakakou, \"Semantic Segmentation of Pathological Lung Tissue with Dilated Fully "
+            "Convolutional Networks\", IEEE Journal of Biomedical and Health Informatics, 2018 "
+            "(doi:10.1109/JBHI.2018.2818620, arXiv:1803.06167). This is an independent reimplementation."
+        )
+        self.parent.acknowledgementText = _(
+            "Network, training and inference follow Anthimopoulos et al., IEEE JBHI 2018. "
+            "Built on 3D Slicer, PyTorch and the SlicerPyTorch extension."
+        )
+        # Terminology must be registered before segmentations using it are shown.
+        slicer.app.connect("startupCompleted()", loadTerminology)
+
+
+def loadTerminology() -> Optional[str]:
+    """Register the six classes' terminology with Slicer's Terminologies module, so
+    the segments show their category, type and codes and keep them on export."""
+    if not hasattr(slicer.modules, "terminologies"):
+        return None
+    terminologiesLogic = slicer.modules.terminologies.logic()
+    path = _resourcePath(TERMINOLOGY_FILE)
+    try:
+        from ILDSegmentationLib.terminology import TERMINOLOGY_CONTEXT
+        if terminologiesLogic.IsTerminologyContextLoaded(TERMINOLOGY_CONTEXT):
+            return TERMINOLOGY_CONTEXT
+    except (ImportError, AttributeError):
+        pass
+    name = terminologiesLogic.LoadTerminologyFromFile(path)
+    if not name:
+        logging.warning(f"ILD Segmentation: could not load the terminology file {path}")
+    return name or None
+
+
+#
+# Parameter node
+#
+@parameterNodeWrapper
+class ILDSegmentationParameterNode:
+    """The panel's state, saved with the scene.
+
+    inputVolume: the chest CT. lungMask: a label map or a segmentation; None means
+    "compute automatically". lungSegmentIDs: the lung segments when lungMask is a
+    segmentation. useBundledModel / modelPath: the model. device: Auto, GPU or CPU.
+    outputSegmentation: None creates a new segmentation. probabilities: also create
+    per-class probability maps.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    lungMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
+    lungSegmentIDs: list[str]
+    useBundledModel: bool = True
+    modelPath: pathlib.Path
+    device: Annotated[str, Choice(DEVICE_CHOICES)] = "Auto"
+    outputSegmentation: vtkMRMLSegmentationNode
+    probabilities: bool = False
+
+
+#
+# Widget
+#
+class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: wiring only; the work is done by ILDSegmentationLogic."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._running = False
+        self._cancelRequested = False
+        self._startTime = 0.0
+        self._lastResult = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ILDSegmentation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = ILDSegmentationLogic()
+        self.ui.progressBar.setVisible(False)
+        self.ui.resultsCollapsibleButton.collapsed = True
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.lungMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onLungMaskChanged)
+        self.ui.lungSegmentSelector.connect("segmentSelectionChanged(QStringList)", self.onLungSegmentsChanged)
+        self.ui.useBundledModelCheckBox.connect("toggled(bool)", self.updateModelInfo)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
+        self.ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
+
+        self.initializeParameterNode()
+        self.updateModelInfo()
+        self.updateDeviceInfo()
+
+    def cleanup(self) -> None:
+        self._cancelRequested = True
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelRequested = True  # a running job must not write into a closing scene
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[ILDSegmentationParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Things connectGui does not cover: the lung segment list, enabled states."""
+        p = self._parameterNode
+        if p is None:
+            return
+        maskIsSegmentation = p.lungMask is not None and p.lungMask.IsA("vtkMRMLSegmentationNode")
+        self.ui.lungSegmentsLabel.setVisible(maskIsSegmentation)
+        self.ui.lungSegmentSelector.setVisible(maskIsSegmentation)
+        if maskIsSegmentation:
+            wasBlocked = self.ui.lungSegmentSelector.blockSignals(True)
+            if self.ui.lungSegmentSelector.currentNode() is not p.lungMask:
+                self.ui.lungSegmentSelector.setCurrentNode(p.lungMask)
+            if list(self.ui.lungSegmentSelector.selectedSegmentIDs()) != list(p.lungSegmentIDs):
+                self.ui.lungSegmentSelector.setSelectedSegmentIDs(list(p.lungSegmentIDs))
+            self.ui.lungSegmentSelector.blockSignals(wasBlocked)
+        self.ui.modelPathLineEdit.enabled = not p.useBundledModel and not self._running
+        self._updateApplyButton()
+
+    def _updateApplyButton(self) -> None:
+        p = self._parameterNode
+        if self._running:
+            self.ui.applyButton.text = _("Cancelling...") if self._cancelRequested else _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop; the scene is left as it was")
+            self.ui.applyButton.enabled = not self._cancelRequested
+            return
+        self.ui.applyButton.text = _("Segment ILD")
+        if p is None or p.inputVolume is None:
+            self.ui.applyButton.toolTip = _("Select an input CT")
+            self.ui.applyButton.enabled = False
+        else:
+            self.ui.applyButton.toolTip = _("Segment the ILD patterns of the input CT")
+            self.ui.applyButton.enabled = True
+
+    def onLungMaskChanged(self, node) -> None:
+        """A newly chosen lung segmentation: preselect its lung segments, unless the
+        saved choice (e.g. from a loaded scene) still fits this segmentation."""
+        if self._parameterNode is None or node is None or not node.IsA("vtkMRMLSegmentationNode"):
+            return
+        from ILDSegmentationLib.mrml import segment_ids_of
+
+        current = list(self._parameterNode.lungSegmentIDs)
+        available = segment_ids_of(node)
+        if not current or any(segmentID not in available for segmentID in current):
+            self._parameterNode.lungSegmentIDs = self.logic.defaultLungSegmentIDs(node)
+
+    def onLungSegmentsChanged(self, segmentIDs) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.lungSegmentIDs = [str(s) for s in segmentIDs]
+
+    def updateModelInfo(self, *args) -> None:
+        # Read the widgets, not the parameter node: this slot may run before
+        # connectGui's own slot has copied the new value into the parameter node.
+        useBundled = self.ui.useBundledModelCheckBox.checked
+        modelPath = self.logic.resolveModelPath(useBundled, self.ui.modelPathLineEdit.currentPath)
+        self.ui.modelInfoLabel.text = self.logic.describeModel(modelPath)
+        self.ui.modelPathLineEdit.enabled = not useBundled and not self._running
+
+    def updateDeviceInfo(self, *args) -> None:
+        choice = self.ui.deviceComboBox.currentText or "Auto"
+        self.ui.deviceInfoLabel.text = self.logic.describeDevice(choice)
+
+    def _ensureDependencies(self) -> bool:
+        """First use: offer to install what is missing, after asking. Never at import."""
+        missingTorch = not self.logic.torchAvailable()
+        missingPip = self.logic.missingPipPackages()
+        if not missingTorch and not missingPip:
+            return True
+        if missingTorch:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                slicer.util.errorDisplay(_(
+                    "ILD Segmentation needs PyTorch. Install the 'PyTorch' extension from the Extensions "
+                    "Manager, restart Slicer, then open this module again."))
+                return False
+            if not slicer.util.confirmOkCancelDisplay(_(
+                    "ILD Segmentation needs PyTorch, which is not installed yet.\n\n"
+                    "Install it now through the PyTorch extension? It picks the build that matches your "
+                    "GPU driver (or a CPU build). This downloads several hundred MB and may take minutes."),
+                    windowTitle=_("Install PyTorch")):
+                return False
+            try:
+                with slicer.util.tryWithErrorDisplay(_("Installing PyTorch failed."), waitCursor=True):
+                    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)
+            except Exception:  # already shown to the user by tryWithErrorDisplay
+                return False
+            if torch is None:  # the user declined PyTorchUtils' own confirmation
+                return False
+        if missingPip:
+            requirements = [PIP_REQUIREMENTS[name] for name in missingPip]
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("ILD Segmentation needs these Python packages: {packages}.\n\nInstall them now with "
+                      "pip (internet access needed)?").format(packages=", ".join(requirements)),
+                    windowTitle=_("Install Python packages")):
+                return False
+            try:
+                with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed."), waitCursor=True):
+                    slicer.util.pip_install(requirements)
+            except Exception:  # already shown to the user by tryWithErrorDisplay
+                return False
+        importlib.invalidate_caches()
+        if not self.logic.torchAvailable() or self.logic.missingPipPackages():
+            if slicer.util.confirmOkCancelDisplay(_(
+                    "The packages were installed but cannot be used in this session. Slicer must be restarted. "
+                    "Restart now?"), windowTitle=_("Restart needed")):
+                slicer.util.restart()
+            return False
+        self.updateDeviceInfo()
+        self.updateModelInfo()
+        return True
+
+    def _setRunning(self, running: bool) -> None:
+        self._running = running
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton,
+                       self.ui.outputsCollapsibleButton, self.ui.editSegmentationButton):
+            widget.enabled = not running
+        self.ui.progressBar.setVisible(running)
+        if running:
+            self._cancelRequested = False
+            self._startTime = time.time()
+            self.ui.progressBar.value = 0
+        self._updateApplyButton()
+
+    def _onProgress(self, fraction: float, message: str) -> None:
+        """Called by the logic between slice batches: show progress and let Qt handle
+        events, so the panel stays responsive and the Cancel click is seen."""
+        self.ui.progressBar.value = int(round(100 * fraction))
+        elapsed = time.time() - self._startTime
+        self.ui.statusLabel.text = f"{message}  ({elapsed:.0f} s)"
+        slicer.app.processEvents()
+
+    def _isCancelRequested(self) -> bool:
+        return self._cancelRequested
+
+    def onApplyButton(self) -> None:
+        if self._running:
+            self._cancelRequested = True
+            self.ui.statusLabel.text = _("Cancelling...")
+            self._updateApplyButton()
+            return
+        if not self._ensureDependencies():
+            return
+        self._run(self._parameterNode.device)
+
+    def _run(self, device: str) -> None:
+        from ILDSegmentationLib.errors import Cancelled, DeviceError, ILDSegError
+
+        p = self._parameterNode
+        maskIsSegmentation = p.lungMask is not None and p.lungMask.IsA("vtkMRMLSegmentationNode")
+        self._setRunning(True)
+        result = None
+        retryOnCpu = False
+        try:
+            result = self.logic.process(
+                p.inputVolume, p.lungMask, p.outputSegmentation,
+                lungSegmentIDs=list(p.lungSegmentIDs) if maskIsSegmentation else None,
+                modelPath=self.logic.resolveModelPath(p.useBundledModel, p.modelPath),
+                device=device, probabilities=p.probabilities,
+                progress=self._onProgress, cancel=self._isCancelRequested,
+                cpuFallback=False)  # ask the user instead (below)
+        except Cancelled:
+            self.ui.statusLabel.text = _("Cancelled. Nothing was changed.")
+        except DeviceError as e:
+            self.ui.statusLabel.text = str(e)
+            # Out of GPU memory even after the engine halved its batches: offer the CPU.
+            if device != "CPU" and "out of GPU memory" in str(e):
+                retryOnCpu = slicer.util.confirmOkCancelDisplay(
+                    _("The GPU ran out of memory, even with the smallest batches.\n\n"
+                      "Run on the CPU instead (slower)?"), windowTitle=_("Out of GPU memory"))
+            else:
+                slicer.util.errorDisplay(str(e))
+        except ILDSegError as e:
+            self.ui.statusLabel.text = str(e)
+            slicer.util.errorDisplay(str(e))
+        except Exception as e:
+            logging.error(traceback.format_exc())
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            slicer.util.errorDisplay(_("Unexpected error: {error}").format(error=e), detailedText=traceback.format_exc())
+        finally:
+            self._setRunning(False)
+        if retryOnCpu:
+            self._run("CPU")
+            return
+        if result is not None:
+            self._showResult(result)
+
+    def _showResult(self, result) -> None:
+        p = self._parameterNode
+        self._lastResult = result
+        p.outputSegmentation = result.segmentation_node
+        slicer.util.setSliceViewerLayers(background=p.inputVolume)
+        self.ui.resultsTableView.setMRMLTableNode(result.table_node)
+        self.ui.resultsCollapsibleButton.collapsed = False
+        self.ui.editSegmentationButton.enabled = True
+        note = "" if result.model_trained else _(" WARNING: untrained model, the labels are meaningless.")
+        self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}; lung {volume:.0f} mL.{note}").format(
+            seconds=result.seconds, device=result.device, volume=result.volumes["lung_volume_ml"], note=note)
+
+    def onEditSegmentation(self) -> None:
+        p = self._parameterNode
+        if p is None or p.outputSegmentation is None:
+            return
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.SegmentEditorWidget.editor
+        editor.setSegmentationNode(p.outputSegmentation)
+        if p.inputVolume is not None:
+            if hasattr(editor, "setSourceVolumeNode"):
+                editor.setSourceVolumeNode(p.inputVolume)
+            else:  # Slicer before 5.4
+                editor.setMasterVolumeNode(p.inputVolume)
+
+
+#
+# Logic
+#
+class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
+    """GUI-free: usable from the Python console or a script. Errors are raised as
+    ILDSegmentationLib.errors.ILDSegError subclasses with a one-line message."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._model = None
+        self._modelKey = None
+        loadTerminology()
+
+    def getParameterNode(self) -> ILDSegmentationParameterNode:
+        return ILDSegmentationParameterNode(super().getParameterNode())
+
+    # -- dependencies ----------------------------------------------------------------
+    @staticmethod
+    def torchAvailable() -> bool:
+        return importlib.util.find_spec("torch") is not None
+
+    @staticmethod
+    def missingPipPackages() -> List[str]:
+        return [name for name in PIP_REQUIREMENTS if importlib.util.find_spec(name) is None]
+
+    # -- model -----------------------------------------------------------------------
+    @staticmethod
+    def resolveModelPath(useBundledModel: bool, modelPath) -> Optional[str]:
+        """None means the bundled model; so does an empty path (a pathlib.Path of "" is ".")."""
+        if useBundledModel or modelPath is None:
+            return None
+        text = str(modelPath).strip()
+        if text in ("", ".") or os.path.isdir(text):
+            return None
+        return text
+
+    def describeModel(self, modelPath: Optional[str]) -> str:
+        """Name, classes and provenance of a model file, as HTML for the panel."""
+        if not self.torchAvailable():
+            return _("Model details appear once PyTorch is installed (click Segment ILD).")
+        try:
+            from ILDSegmentationLib.modelfile import default_model_path, read_info
+            from ILDSegmentationLib.errors import ILDSegError
+        except ImportError as e:
+            return _("Cannot read models yet: {error}").format(error=e)
+        path = modelPath or str(default_model_path())
+        try:
+            info = read_info(path)
+        except ILDSegError as e:
+            return f"<span style='color:red'>{e}</span>"
+        classes = ", ".join(str(c.get("name")) for c in info.classes)
+        provenance = info.provenance or {}
+        lines = [f"<b>{info.name}</b> ({'trained' if info.trained else 'UNTRAINED: labels are meaningless'})",
+                 f"Classes: {classes}"]
+        for key in ("trained_on", "created", "command", "warning"):
+            if provenance.get(key):
+                lines.append(f"{key.replace('_', ' ').capitalize()}: {provenance[key]}")
+        if provenance.get("metrics"):
+            lines.append(f"Metrics: {provenance['metrics']}")
+        lines.append(f"File: {path}")
+        return "<br>".join(lines)
+
+    def loadModel(self, modelPath: Optional[str] = None):
+        """Load (and keep, for the next run) a model; None = bundled."""
+        from ILDSegmentationLib.modelfile import default_model_path, load_model
+
+        path = os.path.abspath(modelPath) if modelPath else str(default_model_path())
+        key = (path, os.path.getmtime(path) if os.path.exists(path) else None)
+        if self._model is None or self._modelKey != key:
+            self._model = load_model(path, device="cpu")
+            self._modelKey = key
+        return self._model
+
+    # -- device ----------------------------------------------------------------------
+    @staticmethod
+    def torchDevice(choice: str) -> str:
+        """Panel choice (Auto / GPU / CPU) -> library device name."""
+        choice = (choice or "Auto").strip().lower()
+        if choice == "cpu":
+            return "cpu"
+        if choice == "gpu":
+            import torch
+            mps = getattr(torch.backends, "mps", None)
+            if not torch.cuda.is_available() and mps is not None and mps.is_available():
+                return "mps"
+            return "cuda"  # the library explains why when no CUDA GPU is usable
+        return "auto"
+
+    def describeDevice(self, choice: str) -> str:
+        if not self.torchAvailable():
+            return _("PyTorch is not installed yet: it will be offered when you click Segment ILD.")
+        from ILDSegmentationLib.device import describe_device, select_device, why_no_gpu
+        from ILDSegmentationLib.errors import DeviceError
+        try:
+            import torch
+            device = select_device(self.torchDevice(choice))
+        except DeviceError as e:
+            return f"<span style='color:red'>{e}</span>"
+        text = _("Runs on: {device}").format(device=describe_device(device))
+        if device.type == "cpu":
+            if torch.cuda.is_available():
+                text += "<br>" + _("CPU chosen although a GPU is available.")
+            else:
+                text += "<br>" + _("No GPU used: {reason}").format(reason=why_no_gpu())
+                if torch.version.cuda is None:
+                    text += "<br>" + _("With an NVIDIA GPU, use the PyTorch Utils module to install a CUDA build.")
+        return text
+
+    # -- lung mask -------------------------------------------------------------------
+    @staticmethod
+    def defaultLungSegmentIDs(segmentationNode) -> List[str]:
+        """Segments whose name mentions the lung, else all segments."""
+        from ILDSegmentationLib.mrml import segment_ids_of
+
+        ids = segment_ids_of(segmentationNode)
+        segmentation = segmentationNode.GetSegmentation()
+        lungs = [i for i in ids if "lung" in segmentation.GetSegment(i).GetName().lower()]
+        return lungs or ids
+
+    # -- the job ---------------------------------------------------------------------
+    def process(self, inputVolume, lungMaskNode=None, outputSegmentationNode=None, lungSegmentIDs=None,
+                modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
+                progress: Optional[Callable[[float, str], None]] = None,
+                cancel: Optional[Callable[[], bool]] = None, cpuFallback: bool = True):
+        """Segment ILD patterns of ``inputVolume`` into a segmentation node.
+
+        lungMaskNode: None (computed automatically), a label map or a segmentation
+        (lungSegmentIDs chooses its lung segments; default all). outputSegmentationNode:
+        None creates one, else it is updated with its results table and probability
+        maps. device: Auto, GPU or CPU (or a library name such as "cuda:1").
+        progress(fraction, message) is called between slice batches; cancel() -> True
+        stops the run and leaves the scene as it was. Out of GPU memory, batches are
+        halved, then the run finishes on the CPU (cpuFallback) or raises DeviceError. Returns
+        ILDSegmentationLib.mrml.ProcessResult (segmentation_node, table_node, ...).
+        """
+        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.device import select_device
+
+        startTime = time.time()
+        logging.info("ILD segmentation started")
+        torchDevice = self.torchDevice(device) if device in DEVICE_CHOICES else device
+        deviceType = select_device(torchDevice).type
+        model = self.loadModel(modelPath)
+        result = mrml.process(
+            slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, model=model, device=torchDevice,
+            segment_ids=lungSegmentIDs, progress=progress, cancel=cancel, probabilities=probabilities,
+            max_memory_mb=CPU_BATCH_MEMORY_MB if deviceType == "cpu" else GPU_BATCH_MEMORY_MB,
+            cpu_fallback=cpuFallback)
+        logging.info(f"ILD segmentation completed in {time.time() - startTime:.1f} s on {result.device}")
+        return result
+
+
+#
+# Test
+#
+class ILDSegmentationTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (see README for the command line): resources, library and
+    terminology, then the whole scenario on a synthetic chest CT with an oblique grid.
+    Inference is skipped, with a message, when PyTorch is not installed."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_ModuleFilesAndTerminology()
+        self.setUp()
+        self.test_LungMaskResampling()
+        self.setUp()
+        self.test_SegmentSyntheticChest()
+
+    # -- helpers ---------------------------------------------------------------------
+    @staticmethod
+    def _geometry(direction, spacing, shape, centre=(0.0, 0.0, 0.0)):
+        import numpy as np
+        from ILDSegmentationLib.geometry import Geometry
+
+        direction = np.asarray(direction, float)
+        nIJK = np.array(shape[::-1], float)
+        origin = np.asarray(centre) - direction @ (np.asarray(spacing) * (nIJK - 1) / 2)
+        return Geometry(tuple(spacing), tuple(origin), tuple(direction.ravel()))
+
+    @staticmethod
+    def _points(geometry, shape):
+        import numpy as np
+
+        k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+        ijk = np.stack([i, j, k], -1).astype(float) * np.asarray(geometry.spacing)
+        return ijk @ geometry.direction_matrix.T + np.asarray(geometry.origin)
+
+    @staticmethod
+    def _lungs(points):
+        import numpy as np
+
+        x, y, z = points[..., 0], points[..., 1], points[..., 2]
+        out = np.zeros(points.shape[:-1], np.uint8)
+        out[((x + 60) / 45) ** 2 + (y / 75) ** 2 + (z / 200) ** 2 < 1] = 1
+        out[((x - 60) / 45) ** 2 + (y / 75) ** 2 + (z / 200) ** 2 < 1] = 2
+        return out
+
+    def _addVolume(self, array, geometry, name, className="vtkMRMLScalarVolumeNode"):
+        from ILDSegmentationLib import mrml
+
+        node = slicer.mrmlScene.AddNewNodeByClass(className, name)
+        slicer.util.updateVolumeFromArray(node, array)
+        mrml.set_volume_geometry(node, geometry)
+        node.CreateDefaultDisplayNodes()
+        return node
+
+    def _syntheticChest(self):
+        """CT stored with index I running superior and a 12-degree oblique rotation,
+        and a lung label map on another (axis-aligned, finer) grid."""
+        import numpy as np
+
+        angle = np.radians(12.0)
+        rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+        direction = rotation @ np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+        shape = (64, 64, 6)
+        ctGeometry = self._geometry(direction, (5.0, 5.0, 5.0), shape)
+        points = self._points(ctGeometry, shape)
+        x, y = points[..., 0], points[..., 1]
+        hu = np.full(shape, -1000.0)
+        hu[(x / 130) ** 2 + (y / 110) ** 2 < 1] = 40.0
+        hu[self._lungs(points) > 0] = -850.0
+        hu += np.random.default_rng(0).normal(0, 20, shape)
+        ct = self._addVolume(hu.astype(np.int16), ctGeometry, "Synthetic chest CT")
+        maskShape = (20, 90, 90)
+        maskGeometry = self._geometry(np.eye(3), (3.7, 3.7, 2.5), maskShape)
+        mask = self._addVolume(self._lungs(self._points(maskGeometry, maskShape)), maskGeometry, "Synthetic lungs",
+                               "vtkMRMLLabelMapVolumeNode")
+        return ct, mask, ctGeometry, shape
+
+    # -- tests -----------------------------------------------------------------------
+    def test_ModuleFilesAndTerminology(self) -> None:
+        self.delayDisplay("Checking module resources, library and terminology")
+        for relativePath in (UI_FILE, ICON_FILE, TERMINOLOGY_FILE):
+            self.assertTrue(os.path.isfile(_resourcePath(relativePath)), relativePath)
+        self.assertIsNotNone(_LIBRARY_FOLDER, "ILDSegmentationLib not found next to the module or one level up")
+        from ILDSegmentationLib.terminology import TERMINOLOGY_CONTEXT
+        self.assertEqual(loadTerminology(), TERMINOLOGY_CONTEXT)
+        self.delayDisplay("Resources OK")
+
+    def test_LungMaskResampling(self) -> None:
+        """MRML geometry and the lung mask, which need no PyTorch."""
+        import numpy as np
+        from ILDSegmentationLib import mrml
+
+        self.delayDisplay("Checking geometry and lung mask resampling")
+        ct, mask, ctGeometry, shape = self._syntheticChest()
+        hu, geometry = mrml.volume_array_and_geometry(ct)
+        np.testing.assert_allclose(geometry.direction, ctGeometry.direction, atol=1e-9)
+        lungMask = mrml.lung_mask_from_node(mask, ct)
+        expected = self._lungs(self._points(ctGeometry, shape)) > 0
+        self.assertLess(((lungMask > 0) != expected).sum(), 0.08 * expected.sum())
+        self.delayDisplay("Geometry and lung mask OK")
+
+    def test_SegmentSyntheticChest(self) -> None:
+        import numpy as np
+        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.classes import CLASSES
+        from ILDSegmentationLib.errors import Cancelled
+        from ILDSegmentationLib.terminology import terminology_entry
+
+        logic = ILDSegmentationLogic()
+        if not logic.torchAvailable() or logic.missingPipPackages():
+            message = ("PyTorch (or safetensors/scipy) is not installed: inference test SKIPPED. Install the "
+                       "PyTorch extension and run the module once to install the rest.")
+            logging.warning(message)
+            self.delayDisplay(message)
+            return
+
+        self.delayDisplay("Segmenting a synthetic chest CT")
+        ct, mask, ctGeometry, shape = self._syntheticChest()
+        ctBefore = slicer.util.arrayFromVolume(ct).copy()
+        ctMTime = ct.GetMTime()
+        result = logic.process(ct, mask, None, device="CPU")
+        seg = result.segmentation_node
+        self.assertEqual(mrml.segment_ids_of(seg), [c.segment_id for c in CLASSES])
+        for c in CLASSES:
+            segment = seg.GetSegmentation().GetSegment(c.segment_id)
+            self.assertEqual(segment.GetName(), c.name)
+            np.testing.assert_allclose(segment.GetColor(), c.color, atol=1e-6)
+            self.assertEqual(mrml.segment_tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName()),
+                             terminology_entry(c))
+        rows = mrml.results_from_table(result.table_node)
+        self.assertEqual(len(rows), len(CLASSES) + 1)
+        labels = mrml.segments_to_array(seg, [c.segment_id for c in CLASSES], ct)
+        voxelML = float(np.prod(ctGeometry.spacing)) / 1000.0
+        self.assertAlmostEqual(rows[-1][mrml.COL_VOLUME], int((labels > 0).sum()) * voxelML, places=6)
+
+        self.delayDisplay("Running again into the same segmentation")
+        nodeCount = slicer.mrmlScene.GetNumberOfNodes()
+        again = logic.process(ct, mask, seg, device="CPU")
+        self.assertIs(again.segmentation_node, seg)
+        self.assertIs(again.table_node, result.table_node)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
+
+        self.delayDisplay("Cancelling leaves the scene as it was")
+        with self.assertRaises(Cancelled):
+            logic.process(ct, None, seg, device="CPU", cancel=lambda: True)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(ct), ctBefore))
+        self.assertEqual(ct.GetMTime(), ctMTime)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,355 @@
+"""The Slicer module's files, checked without Slicer.
+
+Slicer itself is not available here, so these tests check what can break silently
+when the module is built, installed or loaded: the .ui and the widget names the code
+uses, resource paths, the CMake lists (files not listed are not installed), the
+install layout, the library lookup in both layouts, the terminology file, the
+extension metadata, and Python 3.9 syntax (Slicer 5.8).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Dict, List, Set
+
+import pytest
+
+from ILDSegmentationLib.classes import CATEGORY, CLASSES
+from ILDSegmentationLib.terminology import TERMINOLOGY_CONTEXT
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "ILDSegmentation"
+MODULE_PY = MODULE_DIR / "ILDSegmentation.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "ILDSegmentation.ui"
+TERM_FILE = MODULE_DIR / "Resources" / "ILDSegmentation.term.json"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+TOP_CMAKE = REPO / "CMakeLists.txt"
+LIB_DIR = REPO / "ILDSegmentationLib"
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    return MODULE_PY.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tree(source) -> ast.Module:
+    return ast.parse(source)
+
+
+@pytest.fixture(scope="module")
+def ui() -> ET.Element:
+    return ET.parse(UI_FILE).getroot()
+
+
+def _ui_widgets(ui: ET.Element) -> Dict[str, str]:
+    return {w.get("name"): w.get("class") for w in ui.iter("widget")}
+
+
+def _library_python_files() -> List[str]:
+    """Every .py of the package, subpackages included, relative to the package."""
+    return sorted(str(p.relative_to(LIB_DIR).as_posix()) for p in LIB_DIR.rglob("*.py")
+                  if "__pycache__" not in p.parts)
+
+
+def _cmake_list(text: str, name: str) -> List[str]:
+    match = re.search(r"set\(\s*" + re.escape(name) + r"\s+(.*?)\)", text, re.S)
+    assert match, f"set({name} ...) not found"
+    return [t for t in match.group(1).split() if not t.startswith("#")]
+
+
+# ----------------------------------------------------------------------------------
+# Python 3.9 and import-time behaviour
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", [MODULE_PY, LIB_DIR / "mrml.py"], ids=lambda p: p.name)
+def test_compiles_with_python_3_9_syntax(path):
+    src = path.read_text(encoding="utf-8")
+    module = ast.parse(src, feature_version=(3, 9))
+    if "from __future__ import annotations" not in src:
+        # Annotations are evaluated at import on 3.9: "X | Y" would raise TypeError.
+        for node in ast.walk(module):
+            annotation = getattr(node, "annotation", None) or getattr(node, "returns", None)
+            if annotation is not None:
+                assert not any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr)
+                               for n in ast.walk(annotation)), f"'X | Y' annotation at line {node.lineno}"
+
+
+def test_only_the_module_script_is_a_python_file_in_the_module_folder():
+    # Slicer loads every .py directly in a scripted module's folder as a module.
+    assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["ILDSegmentation.py"]
+
+
+def test_nothing_heavy_or_installing_at_import(tree):
+    """torch and the library load lazily; installs only happen inside functions
+    (after asking), never when Slicer imports the module."""
+    top_level_imports: Set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level_imports |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top_level_imports.add(node.module.split(".")[0])
+    assert not top_level_imports & {"torch", "ILDSegmentationLib", "safetensors", "scipy", "PyTorchUtils", "qt"}
+
+    def calls_outside_functions(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if isinstance(node, ast.ClassDef):
+                for child in node.body:
+                    yield from calls_outside_functions(child)
+            return
+        if isinstance(node, ast.Call):
+            yield node
+        for child in ast.iter_child_nodes(node):
+            yield from calls_outside_functions(child)
+
+    names = {ast.unparse(c.func) for n in tree.body for c in calls_outside_functions(n)}
+    assert not {n for n in names if "install" in n.lower()}, names
+
+
+def test_module_metadata(tree, source):
+    init = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "ILDSegmentation")
+    text = ast.unparse(init)
+    assert "'ILD Segmentation'" in text or '"ILD Segmentation"' in text
+    assert re.search(r"translate\(\s*['\"]qSlicerAbstractCoreModule['\"]\s*,\s*['\"]Segmentation['\"]\)", text)
+    assert "contributors" in text and "helpText" in text and "acknowledgementText" in text
+    help_text = re.search(r"helpText = _\((.*?)\)\n", source, re.S).group(1)
+    assert "not for clinical use" in help_text.lower()
+    assert "Anthimopoulos" in help_text and "Dilated" in help_text
+    for cls in ("ILDSegmentation", "ILDSegmentationWidget", "ILDSegmentationLogic", "ILDSegmentationTest",
+                "ILDSegmentationParameterNode"):
+        assert any(isinstance(n, ast.ClassDef) and n.name == cls for n in tree.body), cls
+
+
+# ----------------------------------------------------------------------------------
+# .ui and widget wiring
+# ----------------------------------------------------------------------------------
+def test_ui_has_every_widget_the_code_references(ui, source):
+    names = _ui_widgets(ui)
+    referenced = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert referenced, "the module references no widgets?"
+    missing = sorted(referenced - set(names))
+    assert not missing, f"widgets used in ILDSegmentation.py but absent from the .ui: {missing}"
+
+
+def test_ui_custom_widgets_and_connections_are_declared(ui):
+    names = _ui_widgets(ui)
+    declared = {c.findtext("class") for c in ui.iter("customwidget")}
+    standard = {cls for cls in names.values() if cls.startswith("Q")}
+    assert set(names.values()) - standard <= declared
+    for connection in ui.iter("connection"):
+        assert connection.findtext("sender") in names
+        assert connection.findtext("receiver") in names
+    # every MRML widget gets the scene
+    scene_receivers = {c.findtext("receiver") for c in ui.iter("connection")
+                       if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml_widgets = {n for n, cls in names.items() if cls.startswith("qMRML") and cls != "qMRMLWidget"}
+    assert mrml_widgets <= scene_receivers
+
+
+def _parameter_fields(tree: ast.Module) -> Dict[str, str]:
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ILDSegmentationParameterNode")
+    assert any(ast.unparse(d) == "parameterNodeWrapper" for d in cls.decorator_list)
+    return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
+def test_parameter_node_is_bound_to_the_ui(ui, tree):
+    fields = _parameter_fields(tree)
+    bound = {}
+    for widget in ui.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.findtext("string")] = widget.get("class")
+    # every bound name is a parameter; every parameter but the segment list (wired
+    # by hand to the segment selector) has a widget of a type connectGui supports
+    assert set(bound) <= set(fields)
+    assert set(fields) - set(bound) == {"lungSegmentIDs"}
+    supported = {"qMRMLNodeComboBox", "QCheckBox", "QComboBox", "ctkPathLineEdit"}
+    assert set(bound.values()) <= supported
+    assert "pathlib.Path" in fields["modelPath"] and bound["modelPath"] == "ctkPathLineEdit"
+    assert "Choice" in fields["device"] and bound["device"] == "QComboBox"
+    for expected in ("inputVolume", "lungMask", "lungSegmentIDs", "useBundledModel", "modelPath", "device",
+                     "outputSegmentation", "probabilities"):
+        assert expected in fields
+
+
+# ----------------------------------------------------------------------------------
+# Resources and CMake
+# ----------------------------------------------------------------------------------
+def test_every_resource_the_code_names_exists(tree):
+    named: List[Path] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = ast.unparse(node.func)
+        args = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        if func.endswith("resourcePath") and args:
+            named.append(MODULE_DIR / "Resources" / args[0])
+        elif func == "os.path.join" and args and args[0] == "Resources" and len(args) == len(node.args):
+            named.append(MODULE_DIR.joinpath(*args))
+    assert len(named) >= 4
+    missing = [str(p.relative_to(REPO)) for p in named if not p.is_file()]
+    assert not missing, missing
+    assert (MODULE_DIR / "Resources" / "Icons" / "ILDSegmentation.png").is_file()  # Slicer's module icon
+
+
+def test_icon_is_a_128_pixel_png():
+    from PIL import Image
+
+    with Image.open(MODULE_DIR / "Resources" / "Icons" / "ILDSegmentation.png") as icon:
+        assert icon.format == "PNG" and icon.size == (128, 128)
+
+
+def test_cmake_lists_every_module_and_library_file():
+    text = MODULE_CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "ILDSegmentation")
+    scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    assert sorted(scripts) == sorted(p.name for p in MODULE_DIR.glob("*.py"))
+    on_disk = sorted(str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file())
+    assert sorted(resources) == on_disk
+    lib_scripts = _cmake_list(text, "LIB_PYTHON_SCRIPTS")
+    lib_models = _cmake_list(text, "LIB_MODEL_FILES")
+    py_on_disk = _library_python_files()
+    assert sorted(lib_scripts) == py_on_disk, (
+        "ILDSegmentation/CMakeLists.txt LIB_PYTHON_SCRIPTS must list exactly the .py files of ILDSegmentationLib "
+        f"(missing {sorted(set(py_on_disk) - set(lib_scripts))}, stale {sorted(set(lib_scripts) - set(py_on_disk))})")
+    models_on_disk = sorted(str(p.relative_to(LIB_DIR)) for p in (LIB_DIR / "models").rglob("*")
+                            if p.is_file() and "__pycache__" not in p.parts)
+    assert sorted(lib_models) == models_on_disk
+    assert "models/default.safetensors" in lib_models
+    assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+ILDSegmentation\.py\s*\)", text)
+    assert re.search(r"slicerMacroBuildScriptedModule\(", text)
+
+
+def test_top_level_cmake():
+    text = TOP_CMAKE.read_text(encoding="utf-8")
+    assert re.search(r"^project\(ILDSegmentation\)", text, re.M)
+    assert re.search(r'set\(EXTENSION_DEPENDS\s+"PyTorch"\)', text)
+    assert re.search(r'set\(EXTENSION_CATEGORY\s+"Segmentation"\)', text)
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
+        assert re.search(r"set\(" + key + r"\s", text), key
+    assert "find_package(Slicer REQUIRED)" in text
+    assert re.search(r"^add_subdirectory\(ILDSegmentation\)", text, re.M)
+    assert "Slicer_EXTENSION_CPACK" in text
+
+
+def _exec_library_folder(module_file: Path):
+    """Run the module's own _libraryFolder() as if the script were at module_file."""
+    src = MODULE_PY.read_text(encoding="utf-8")
+    func = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "_libraryFolder")
+    namespace = {"__file__": str(module_file), "os": __import__("os"), "Optional": object}
+    exec(compile(ast.Module([func], []), str(MODULE_PY), "exec"), namespace)
+    return namespace["_libraryFolder"]()
+
+
+def test_library_is_found_in_the_source_checkout():
+    assert Path(_exec_library_folder(MODULE_PY)) == REPO
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_install_puts_the_library_next_to_the_module(tmp_path):
+    """Configure and install ILDSegmentation/CMakeLists.txt with stand-ins for
+    Slicer's macros (Slicer's SDK is not here), then check the installed tree and
+    that the module finds the library in it."""
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "CMakeLists.txt").write_text(f"""
+cmake_minimum_required(VERSION 3.16)
+project(Stub NONE)
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${{Slicer_QTSCRIPTEDMODULES_LIB_DIR}})
+set(BUILD_TESTING ON)
+# What slicerMacroBuildScriptedModule installs: scripts and resources, relative
+# paths kept, in the scripted modules folder.
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS;WITH_SUBDIR;VERBOSE" "NAME" "SCRIPTS;RESOURCES" ${{ARGN}})
+  foreach(f ${{MY_SCRIPTS}} ${{MY_RESOURCES}})
+    get_filename_component(d ${{f}} DIRECTORY)
+    install(FILES ${{CMAKE_CURRENT_SOURCE_DIR}}/${{f}} DESTINATION ${{Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}}/${{d}})
+  endforeach()
+endmacro()
+set(UNITTESTS "")
+macro(slicer_add_python_unittest)
+  cmake_parse_arguments(T "" "SCRIPT" "" ${{ARGN}})
+  file(APPEND ${{CMAKE_BINARY_DIR}}/unittests.txt "${{T_SCRIPT}}\\n")
+endmacro()
+add_subdirectory("{MODULE_DIR.as_posix()}" ILDSegmentation)
+""")
+    build, prefix = tmp_path / "build", tmp_path / "install"
+    for cmd in (["cmake", "-S", str(stub), "-B", str(build)],
+                ["cmake", "--install", str(build), "--prefix", str(prefix)]):
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+    modules = prefix / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    assert (modules / "ILDSegmentation.py").is_file()
+    for resource in ("Resources/UI/ILDSegmentation.ui", "Resources/Icons/ILDSegmentation.png",
+                     "Resources/ILDSegmentation.term.json"):
+        assert (modules / resource).is_file(), resource
+    installed = sorted(str(p.relative_to(modules / "ILDSegmentationLib").as_posix())
+                       for p in (modules / "ILDSegmentationLib").rglob("*.py"))
+    assert installed == _library_python_files()
+    assert (modules / "ILDSegmentationLib" / "models" / "default.safetensors").is_file()
+    # the build tree holds the same package for running from the build tree
+    assert (build / "lib" / "Slicer-5.8" / "qt-scripted-modules" / "ILDSegmentationLib" / "mrml.py").is_file()
+    assert (build / "unittests.txt").read_text().split() == ["ILDSegmentation.py"]
+    # the module finds the installed library next to itself, and the bundled model is there
+    assert Path(_exec_library_folder(modules / "ILDSegmentation.py")) == modules
+    from ILDSegmentationLib.modelfile import read_info
+    assert read_info(modules / "ILDSegmentationLib" / "models" / "default.safetensors").name
+
+
+# ----------------------------------------------------------------------------------
+# Terminology and extension metadata
+# ----------------------------------------------------------------------------------
+def test_terminology_file_has_the_six_classes():
+    doc = json.loads(TERM_FILE.read_text(encoding="utf-8"))
+    assert doc["SegmentationCategoryTypeContextName"] == TERMINOLOGY_CONTEXT
+    assert doc["@schema"] == \
+        "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/schemas/segment-context-schema.json#"
+    categories = doc["SegmentationCodes"]["Category"]
+    assert len(categories) == 1
+    category = categories[0]
+    assert (category["CodingSchemeDesignator"], category["CodeValue"], category["CodeMeaning"]) == CATEGORY
+    types = category["Type"]
+    assert len(types) == len(CLASSES)
+    for c, t in zip(CLASSES, types):
+        assert (t["CodingSchemeDesignator"], t["CodeValue"], t["CodeMeaning"]) == c.type_code
+        if c.type_modifier:
+            (modifier,) = t["Modifier"]
+            assert (modifier["CodingSchemeDesignator"], modifier["CodeValue"],
+                    modifier["CodeMeaning"]) == c.type_modifier
+            coded = modifier
+        else:
+            assert "Modifier" not in t
+            coded = t
+        assert tuple(coded["recommendedDisplayRGBValue"]) == c.color_uint8
+        assert coded["3dSlicerLabel"] == c.name
+    codes = {t["CodeValue"] for t in types}
+    assert codes == {"39607008", "112120", "112122", "95436008", "112113", "112106"}
+
+
+def test_s4ext_and_index_json_agree_with_cmake():
+    s4ext: Dict[str, str] = {}
+    for line in (REPO / "ILDSegmentation.s4ext").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            s4ext[key] = value.strip()
+    for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
+                "category", "iconurl", "status", "description", "enabled"):
+        assert key in s4ext, key
+    assert s4ext["depends"] == "PyTorch" and s4ext["category"] == "Segmentation"
+    index = json.loads((REPO / "ILDSegmentation.json").read_text(encoding="utf-8"))
+    # the catalog schema has additionalProperties: false
+    assert set(index) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled",
+                          "scm_revision", "scm_type", "scm_url", "tier"}
+    assert "slicer-extension-catalog-entry-schema" in index["$schema"]
+    assert index["build_dependencies"] == ["PyTorch"]
+    assert index["category"] == s4ext["category"]
+    assert index["scm_url"] == s4ext["scmurl"]
+    cmake = TOP_CMAKE.read_text(encoding="utf-8")
+    assert f'set(EXTENSION_HOMEPAGE "{s4ext["homepage"]}")' in cmake
+    assert f'set(EXTENSION_ICONURL "{s4ext["iconurl"]}")' in cmake
+    assert s4ext["iconurl"].endswith("ILDSegmentation/Resources/Icons/ILDSegmentation.png")
