@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(demo)
     _add_common(demo)
 
+    from .training.commands import add_parsers as add_training_parsers
+    add_training_parsers(sub, _add_common)
+
     arch = sub.add_parser("architecture", help="print the network's layers, parameter count and receptive field")
     arch.add_argument("--preset", default="proposed", help="a Table II configuration (see --list)")
     arch.add_argument("--list", action="store_true", help="list the presets with the paper's numbers")
@@ -179,7 +182,9 @@ def cmd_architecture(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict = {"segment": cmd_segment, "demo": cmd_demo, "architecture": cmd_architecture}
+def _commands() -> dict:
+    from .training.commands import COMMANDS as training_commands
+    return {"segment": cmd_segment, "demo": cmd_demo, "architecture": cmd_architecture, **training_commands}
 
 
 def _sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess
@@ -191,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(format="ildseg: %(levelname)s: %(message)s",
                         level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
     signal.signal(signal.SIGTERM, _sigterm)
-    command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
+    command: Callable[[argparse.Namespace], int] = _commands()[args.command]
     try:
         return command(args)
     except ILDSegError as e:

@@ -1,0 +1,207 @@
+"""``ildseg train | evaluate | split | simulate``: thin shells over the training package."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from ..classes import CLASSES
+from ..device import DEVICE_CHOICES
+from ..errors import InputError
+from ..network import PRESETS
+from ..preprocessing import INTENSITY_PRESETS
+from .loss import ENTROPY_SCALINGS
+
+
+def add_parsers(sub, common) -> None:
+    t = sub.add_parser("train", help="train a model on annotated cases with the paper's protocol")
+    t.add_argument("--manifest", required=True, help="CSV: case_id,ct,lung_mask,annotation")
+    t.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: model, checkpoint, log, plots")
+    t.add_argument("--folds", type=int, default=5, help="per-scan folds, balanced by hill climbing (default 5)")
+    t.add_argument("--fold", type=int, default=0, help="which fold validates (default 0)")
+    t.add_argument("--val-fraction", type=float, help="instead of --folds/--fold: validate on ~this share of scans")
+    t.add_argument("--preset", default="proposed", choices=list(PRESETS), help="a Table II configuration")
+    t.add_argument("--epochs", type=int, default=1000, help="at most this many epochs (default 1000)")
+    t.add_argument("--patience", type=int, default=50, help="early stopping patience in epochs (paper: 50)")
+    t.add_argument("--min-rel-improvement", type=float, default=0.005,
+                   help="relative BACC gain that counts as improvement (paper: 0.005)")
+    t.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    t.add_argument("--unsupervised-weight", type=float, default=0.1, help="entropy term weight w_u (paper: 0.1)")
+    t.add_argument("--entropy-scaling", default="ratio", choices=ENTROPY_SCALINGS,
+                   help="a in -a*w_u*sum(p log p): labeled/unlabeled pixel ratio (default) or 1")
+    t.add_argument("--batch-size", type=int, default=1, help="crops per step (paper: 1)")
+    t.add_argument("--intensity", default="hu", choices=list(INTENSITY_PRESETS), help="input intensity handling")
+    t.add_argument("--no-augment", action="store_true", help="no flips/rotations")
+    t.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
+    t.add_argument("--seed", type=int, default=0)
+    common(t)
+
+    e = sub.add_parser("evaluate", help="balanced accuracy, confusion matrix and Dice of a model on cases")
+    e.add_argument("--manifest", required=True)
+    e.add_argument("--model", help="model file (default: the bundled one)")
+    e.add_argument("--report", metavar="eval.json")
+    e.add_argument("--confusion", metavar="confusion.png")
+    e.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    common(e)
+
+    s = sub.add_parser("split", help="per-scan folds balanced by hill climbing on class-distribution entropy")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--out", required=True, metavar="folds.json")
+    s.add_argument("--seed", type=int, default=0)
+    common(s)
+
+    m = sub.add_parser("simulate", help="insert simulated ILD patterns into real lung: training/test cases")
+    m.add_argument("--ct", required=True, nargs="+", help="one or more CTs (file or DICOM folder)")
+    m.add_argument("--lung-mask", nargs="+", help="lung masks, one per CT (default: computed)")
+    m.add_argument("--out", required=True, metavar="CASE_DIR")
+    m.add_argument("--cases-per-ct", type=int, default=1, help="cases (different seeds) per CT")
+    m.add_argument("--seed", type=int, default=0)
+    common(m)
+
+
+def _case_counts(cases, intensity) -> Dict[str, np.ndarray]:
+    from .annotations import read_annotation
+    from ..io import read_ct
+    from ..geometry import as_volume
+    counts = {}
+    for c in cases:
+        ct = read_ct(c.ct)
+        ann = read_annotation(c.annotation, ct.geometry, as_volume(ct.array).shape, c.where())
+        counts[c.case_id] = np.bincount(ann.ravel(), minlength=len(CLASSES) + 1)[1:]
+    return counts
+
+
+def _folds(cases, n_folds: int, seed: int) -> List[List[str]]:
+    from .split import hill_climb_split
+    return hill_climb_split(_case_counts(cases, None), n_folds, seed)
+
+
+def cmd_split(args) -> int:
+    from .manifest import read_manifest
+    from .split import distribution_entropy
+    from ..atomicfile import atomic_path
+    cases = read_manifest(args.manifest)
+    counts = _case_counts(cases, None)
+    from .split import hill_climb_split
+    try:
+        folds = hill_climb_split(counts, args.folds, args.seed)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    rows = []
+    for k, f in enumerate(folds):
+        c = sum(counts[i] for i in f)
+        share = c / max(c.sum(), 1)
+        rows.append({"fold": k, "cases": f, "class_pixels": c.tolist(), "entropy": distribution_entropy(c)})
+        if not args.quiet:
+            print(f"fold {k}: {len(f)} scans, entropy {distribution_entropy(c):.3f}, "
+                  + ", ".join(f"{cl.abbreviation} {100 * s:.1f}%" for cl, s in zip(CLASSES, share)))
+    with atomic_path(args.out) as tmp:
+        Path(tmp).write_text(json.dumps({"folds": rows, "seed": args.seed,
+                                         "classes": [c.name for c in CLASSES]}, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .dataset import load_case_crops
+    from .manifest import manifest_sha256, read_manifest
+    from .trainer import TrainConfig, Trainer
+    config = TrainConfig(preset=args.preset, epochs=args.epochs, patience=args.patience,
+                         min_rel_improvement=args.min_rel_improvement, lr=args.lr,
+                         unsupervised_weight=args.unsupervised_weight, entropy_scaling=args.entropy_scaling,
+                         batch_size=args.batch_size, augment=not args.no_augment, intensity=args.intensity,
+                         seed=args.seed, device=args.device)
+    cases = read_manifest(args.manifest)
+    if args.val_fraction is not None:
+        if not 0 < args.val_fraction < 1:
+            raise InputError("--val-fraction must be between 0 and 1")
+        n_folds, fold = max(2, int(round(1 / args.val_fraction))), 0
+    else:
+        n_folds, fold = args.folds, args.fold
+    if not 0 <= fold < n_folds:
+        raise InputError(f"--fold must be in 0..{n_folds - 1}")
+    try:
+        folds = _folds(cases, n_folds, args.seed)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    val_ids = {str(c) for c in folds[fold]}
+    intensity = INTENSITY_PRESETS[config.intensity]
+    train, val = [], []
+    for c in cases:
+        (val if c.case_id in val_ids else train).extend(load_case_crops(c, intensity))
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    say(f"{len(cases) - len(val_ids)} training scans ({len(train)} lung crops), {len(val_ids)} validation scans "
+        f"({len(val)} crops): {sorted(val_ids)}")
+    provenance = {"trained_on": f"manifest {Path(args.manifest).name}", "manifest_sha256": manifest_sha256(args.manifest),
+                  "command": "ildseg " + " ".join(sys.argv[1:]) if sys.argv else "",
+                  "validation_cases": sorted(val_ids), "folds": n_folds, "fold": fold}
+    trainer = Trainer(config, train, val, Path(args.out), provenance=provenance, progress=say)
+    if args.resume and trainer.resume():
+        say(f"resumed from {trainer.checkpoint_path} at epoch {trainer.start_epoch + 1}")
+    summary = trainer.fit()
+    say(f"best validation BACC {summary['validation']['balanced_accuracy']:.4f} at epoch {summary['best_epoch'] + 1}; "
+        f"model written to {trainer.model_path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_cases
+    from .manifest import read_manifest
+    from .plots import plot_confusion
+    from ..atomicfile import atomic_path
+    from ..modelfile import load_model
+    cases = read_manifest(args.manifest)
+    model = load_model(args.model)
+    report = evaluate_cases(cases, model, args.device, progress=None if args.quiet else print)
+    if not args.quiet:
+        print(f"balanced accuracy {report['balanced_accuracy']:.4f} over {report['annotated_pixels']} annotated pixels")
+        for name, acc in report["per_class_accuracy"].items():
+            dice = report["dice"][name]
+            print(f"  {name:<22} accuracy {'-' if acc is None else f'{acc:.3f}':>6}  "
+                  f"Dice {'-' if dice is None else f'{dice:.3f}':>6}")
+    if args.report:
+        with atomic_path(args.report) as tmp:
+            Path(tmp).write_text(json.dumps(report, indent=2))
+    if args.confusion:
+        plot_confusion(report, Path(args.confusion))
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from .manifest import write_manifest
+    from ..io import image_like, read_ct, read_lung_mask, write_image
+    from ..simulate import simulate_case
+    if args.lung_mask and len(args.lung_mask) != len(args.ct):
+        raise InputError("give one --lung-mask per --ct (or none)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, ct_path in enumerate(args.ct):
+        ct = read_ct(ct_path)
+        mask = read_lung_mask(args.lung_mask[n], ct) if args.lung_mask else None
+        for r in range(args.cases_per_ct):
+            seed = args.seed + 1000 * n + r
+            stem = Path(str(ct_path).rstrip("/")).name.split(".")[0]
+            case_id = f"{stem}-s{seed}" if (args.cases_per_ct > 1 or len(args.ct) > 1) else stem
+            sim = simulate_case(np.asarray(ct.array), ct.geometry, lung_mask=mask, seed=seed)
+            folder = out / case_id if len(args.ct) * args.cases_per_ct > 1 else out
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, arr in (("ct.nrrd", sim.hu), ("lung_mask.nrrd", sim.lung_mask),
+                              ("annotation.nrrd", sim.annotation), ("truth.nrrd", sim.truth)):
+                write_image(image_like(arr.reshape(np.shape(ct.array)), ct.image), folder / name)
+            rel = folder.relative_to(out)
+            rows.append([case_id, str(rel / "ct.nrrd"), str(rel / "lung_mask.nrrd"), str(rel / "annotation.nrrd")])
+            if not args.quiet:
+                print(f"{case_id}: {len(sim.regions)} pattern regions -> {folder}")
+    write_manifest(out / "manifest.csv", rows)
+    if not args.quiet:
+        print(f"manifest: {out / 'manifest.csv'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "split": cmd_split, "simulate": cmd_simulate}

@@ -1,0 +1,104 @@
+"""Training samples: per-lung crops of annotated axial slices.
+
+The crops come from :func:`ILDSegmentationLib.cropping.crop_boxes` on the output of
+:func:`~ILDSegmentationLib.cropping.split_left_right`, the very functions the
+inference engine uses, so the network is trained on the crops it will see. Only
+slices with annotations are used (paper, IV-A). Each crop carries:
+
+- ``image``: float32 (h, w), the model's intensity handling applied;
+- ``target``: int64 (h, w), class index 0..5 where annotated, -1 where not;
+- ``lung``: bool (h, w), inside the lung (unannotated lung pixels feed the
+  entropy term; pixels outside the lung feed nothing).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..classes import NUM_CLASSES
+from ..cropping import crop_boxes, split_left_right
+from ..errors import InputError
+from ..geometry import canonical_view, same_grid
+from ..io import read_ct, read_lung_mask
+from ..preprocessing import Intensity
+from .annotations import read_annotation
+from .manifest import Case
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Crop:
+    case_id: str
+    slice_index: int
+    side: int
+    image: np.ndarray
+    target: np.ndarray
+    lung: np.ndarray
+
+
+def crops_from_arrays(case_id: str, hu: np.ndarray, lung_mask: np.ndarray, annotation: np.ndarray, geometry,
+                      intensity: Intensity) -> List[Crop]:
+    """All per-lung crops of the annotated slices of one case (arrays K,J,I)."""
+    view = canonical_view(geometry)
+    hu_c = view.to_canonical(hu)
+    ann_c = view.to_canonical(annotation)
+    sides = split_left_right(view.to_canonical(lung_mask))
+    crops: List[Crop] = []
+    annotated = np.flatnonzero(ann_c.reshape(ann_c.shape[0], -1).any(axis=1))
+    for z in annotated:
+        for b in crop_boxes(sides[z], int(z)):
+            window = (z, slice(b.r0, b.r1), slice(b.c0, b.c1))
+            lung = sides[window] > 0
+            ann = ann_c[window]
+            if not (ann[lung] > 0).any():
+                continue  # this lung has no annotation on this slice
+            target = np.where(lung & (ann > 0), ann.astype(np.int64) - 1, -1)
+            crops.append(Crop(case_id, int(z), b.side, intensity.apply(hu_c[window]), target, lung))
+    return crops
+
+
+def load_case_crops(case: Case, intensity: Intensity) -> List[Crop]:
+    """Read one manifest case and cut its crops; errors name the case and line."""
+    where = case.where()
+    try:
+        ct = read_ct(case.ct)
+        if case.lung_mask is None:
+            from ..lungmask import compute_lung_mask
+            mask = compute_lung_mask(ct.array, ct.geometry)
+        else:
+            mask = read_lung_mask(case.lung_mask, ct)
+        from ..geometry import as_volume
+        shape = as_volume(ct.array).shape
+        annotation = read_annotation(case.annotation, ct.geometry, shape, where)
+    except InputError as e:
+        msg = str(e)
+        raise type(e)(msg if msg.startswith("case '") else f"{where}: {msg}") from None
+    except Exception as e:  # LungMaskError and friends: still name the case
+        raise InputError(f"{where}: {e}") from None
+    hu = as_volume(np.asarray(ct.array))
+    crops = crops_from_arrays(case.case_id, hu, as_volume(mask), annotation, ct.geometry, intensity)
+    if not crops:
+        raise InputError(f"{where}: no annotated voxel lies inside the lung mask (no annotated slice to train on)")
+    return crops
+
+
+def class_pixel_counts(crops: Sequence[Crop]) -> np.ndarray:
+    counts = np.zeros(NUM_CLASSES, np.int64)
+    for c in crops:
+        t = c.target[c.target >= 0]
+        counts += np.bincount(t, minlength=NUM_CLASSES)
+    return counts
+
+
+# The eight flips/rotations of the square (dihedral group D4): k quarter turns,
+# optionally after a transpose. Applied identically to image, target and lung.
+def dihedral(array: np.ndarray, k: int) -> np.ndarray:
+    """k in 0..7: rotate by (k % 4) quarter turns, transposed first when k >= 4."""
+    if not 0 <= k < 8:
+        raise ValueError("augmentation index must be in 0..7")
+    a = array.T if k >= 4 else array
+    return np.ascontiguousarray(np.rot90(a, k % 4))

@@ -1,0 +1,76 @@
+"""The manifest: a CSV with the header ``case_id,ct,lung_mask,annotation``.
+
+Paths are relative to the CSV's folder or absolute; ``lung_mask`` may be ``auto``.
+Every problem names the case and the line of the CSV.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Union
+
+from ..errors import InputError
+
+HEADER = ["case_id", "ct", "lung_mask", "annotation"]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    ct: Path
+    lung_mask: Optional[Path]  # None: compute automatically
+    annotation: Path
+    line: int
+
+    def where(self) -> str:
+        return f"case '{self.case_id}' (manifest line {self.line})"
+
+
+def read_manifest(path: PathLike) -> List[Case]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"manifest not found: {p}")
+    with open(p, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip() for c in rows[0]] != HEADER:
+        raise InputError(f"manifest {p.name}: first line must be '{','.join(HEADER)}'")
+    base = p.parent
+    cases: List[Case] = []
+    seen = set()
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 4:
+            raise InputError(f"manifest {p.name} line {line}: expected 4 columns, found {len(row)}")
+        case_id, ct, mask, ann = (c.strip() for c in row)
+        if not case_id or case_id in seen:
+            raise InputError(f"manifest {p.name} line {line}: case_id '{case_id}' is empty or repeated")
+        seen.add(case_id)
+
+        def resolve(value: str, what: str) -> Path:
+            q = Path(value)
+            q = q if q.is_absolute() else base / q
+            if not q.exists():
+                raise InputError(f"case '{case_id}' (manifest line {line}): {what} not found: {q}")
+            return q
+
+        cases.append(Case(case_id, resolve(ct, "CT"), None if mask in ("", "auto") else resolve(mask, "lung mask"),
+                          resolve(ann, "annotation"), line))
+    if not cases:
+        raise InputError(f"manifest {p.name} lists no cases")
+    return cases
+
+
+def manifest_sha256(path: PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_manifest(path: PathLike, rows: List[List[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(HEADER)
+        w.writerows(rows)

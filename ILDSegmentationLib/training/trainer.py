@@ -1,0 +1,313 @@
+"""The training loop (paper, III-B and IV-B).
+
+Adam (lr 1e-4), one crop per step by default, each crop flipped/rotated by one of
+the eight transformations per epoch, early stopping when the validation balanced
+accuracy has not improved by at least 0.5 % (relative) for 50 epochs, keeping the
+best weights. A checkpoint (weights, optimizer state, history) is written every
+epoch as one safetensors file; ``resume`` continues from it. Every random choice of
+an epoch is drawn from a generator seeded by (seed, epoch), so a resumed run on the
+CPU ends with the same weights as an uninterrupted one.
+
+Several GPUs: launch with ``torchrun --nproc_per_node N -m ILDSegmentationLib train
+...``; each process trains on its share of the epoch's crops under
+DistributedDataParallel, and only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..atomicfile import atomic_path
+from ..classes import NUM_CLASSES
+from ..device import select_device
+from ..errors import InputError
+from ..modelfile import ModelInfo, save_model
+from ..network import PRESETS, DilatedFCN
+from ..preprocessing import INTENSITY_PRESETS
+from .dataset import Crop, class_pixel_counts, dihedral
+from .loss import class_weights, entropy_scale, ild_loss
+from .metrics import confusion_matrix, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every choice of a run; written into the model's provenance."""
+
+    preset: str = "proposed"
+    epochs: int = 1000  # upper bound; early stopping usually ends the run first
+    patience: int = 50
+    min_rel_improvement: float = 0.005
+    lr: float = 1e-4
+    unsupervised_weight: float = 0.1  # w_u; "purely-supervised" sets 0
+    entropy_scaling: str = "ratio"
+    batch_size: int = 1
+    augment: bool = True
+    intensity: str = "hu"
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise InputError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
+        if self.intensity not in INTENSITY_PRESETS:
+            raise InputError(f"unknown intensity '{self.intensity}' (choose from {', '.join(INTENSITY_PRESETS)})")
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise InputError("epochs, patience and batch size must be positive, lr above 0")
+        if self.preset == "purely-supervised":
+            self.unsupervised_weight = 0.0
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_bacc: float
+    val_accuracy: float
+    seconds: float
+    crops_per_second: float
+    best: bool
+
+
+def _distributed() -> Tuple[int, int]:
+    """(rank, world size); initializes the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _pad_batch(crops: Sequence[Crop], ks: Sequence[int]):
+    """Stack crops (each transformed by its dihedral index) padded to a common shape;
+    ``valid`` marks real pixels so padding changes nothing (see network.py)."""
+    items = [(dihedral(c.image, k), dihedral(c.target, k), dihedral(c.lung, k)) for c, k in zip(crops, ks)]
+    h = max(i[0].shape[0] for i in items)
+    w = max(i[0].shape[1] for i in items)
+    n = len(items)
+    x = np.zeros((n, 1, h, w), np.float32)
+    t = np.full((n, h, w), -1, np.int64)
+    lung = np.zeros((n, h, w), bool)
+    valid = np.zeros((n, 1, h, w), np.float32)
+    for i, (a, b, c) in enumerate(items):
+        x[i, 0, :a.shape[0], :a.shape[1]] = a
+        t[i, :a.shape[0], :a.shape[1]] = b
+        lung[i, :a.shape[0], :a.shape[1]] = c
+        valid[i, 0, :a.shape[0], :a.shape[1]] = 1
+    same = all(i[0].shape == items[0][0].shape for i in items)
+    return (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(lung),
+            None if same else torch.from_numpy(valid))
+
+
+def predict_crops(network: torch.nn.Module, crops: Sequence[Crop], device: torch.device) -> List[np.ndarray]:
+    """Labels 1..6 per crop (eval mode, no augmentation)."""
+    network.eval()
+    out = []
+    with torch.inference_mode():
+        for c in crops:
+            x = torch.from_numpy(c.image)[None, None].to(device)
+            out.append(network(x).argmax(dim=1)[0].cpu().numpy().astype(np.uint8) + 1)
+    return out
+
+
+def validation_metrics(network: torch.nn.Module, crops: Sequence[Crop], device: torch.device) -> Dict[str, Any]:
+    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    for c, pred in zip(crops, predict_crops(network, crops, device)):
+        truth = np.where(c.target >= 0, c.target + 1, 0)
+        cm += confusion_matrix(truth, np.where(c.lung, pred, 0))
+    return summarize(cm)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, train: Sequence[Crop], val: Sequence[Crop], out_dir: Path,
+                 provenance: Optional[Dict[str, Any]] = None,
+                 progress: Optional[Callable[[str], None]] = None) -> None:
+        if not train or not val:
+            raise InputError("training needs at least one annotated crop in the training and validation sets")
+        self.config = config
+        self.train, self.val = list(train), list(val)
+        self.out = Path(out_dir)
+        self.provenance = provenance or {}
+        self.progress = progress or (lambda msg: None)
+        self.rank, self.world = _distributed()
+        self.device = select_device(config.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        counts = class_pixel_counts(self.train)
+        self.weights = class_weights(counts).to(self.device)
+        labeled = int(counts.sum())
+        unlabeled = int(sum(((c.target < 0) & c.lung).sum() for c in self.train))
+        self.alpha = entropy_scale(labeled, unlabeled, config.entropy_scaling)
+        self.class_counts = counts
+        torch.manual_seed(config.seed)
+        self.network = DilatedFCN(PRESETS[config.preset]).to(self.device)
+        self.model = self.network
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(self.network, device_ids=[self.device.index]
+                                                 if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr)
+        self.history: List[EpochRecord] = []
+        self.best_bacc = -1.0
+        self.best_epoch = -1
+        self.best_state: Optional[Dict[str, torch.Tensor]] = None
+        self.start_epoch = 0
+
+    # -- files ----------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.safetensors"
+
+    @property
+    def model_path(self) -> Path:
+        return self.out / "model.safetensors"
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        from safetensors.torch import save_file
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
+        if self.best_state is not None:
+            tensors.update({f"best.{k}": v.contiguous() for k, v in self.best_state.items()})
+        opt = self.optimizer.state_dict()
+        for idx, st in opt["state"].items():
+            for name, value in st.items():
+                tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().float().reshape(-1) \
+                    if name == "step" else value.detach().cpu().contiguous()
+        meta = {"epoch": epoch, "best_bacc": self.best_bacc, "best_epoch": self.best_epoch,
+                "config": asdict(self.config), "history": [asdict(r) for r in self.history],
+                "param_groups": opt["param_groups"]}
+        with atomic_path(self.checkpoint_path) as tmp:
+            save_file(tensors, tmp, metadata={"ildseg_checkpoint": json.dumps(meta)})
+
+    def resume(self) -> bool:
+        """Continue from the checkpoint in the run folder; False when there is none."""
+        if not self.checkpoint_path.exists():
+            return False
+        from safetensors import safe_open
+        with safe_open(str(self.checkpoint_path), framework="pt") as f:
+            meta = json.loads(f.metadata()["ildseg_checkpoint"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        # The epoch limit may grow and the device change; every other setting shapes
+        # the run and must match.
+        resumable = lambda d: {k: v for k, v in d.items() if k not in ("epochs", "device")}  # noqa: E731
+        if resumable(meta["config"]) != resumable(asdict(self.config)):
+            raise InputError("the checkpoint in the run folder was made with other settings; "
+                             "use a new --out folder or the same options")
+        self.network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        self.best_state = best or None
+        state: Dict[int, Dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v.reshape(()) if name == "step" else v.to(self.device)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.history = [EpochRecord(**r) for r in meta["history"]]
+        self.best_bacc, self.best_epoch = meta["best_bacc"], meta["best_epoch"]
+        self.start_epoch = meta["epoch"] + 1
+        return True
+
+    def _write_log(self) -> None:
+        with atomic_path(self.out / "log.csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(list(asdict(self.history[0]).keys()) if self.history else [])
+                for r in self.history:
+                    w.writerow(list(asdict(r).values()))
+
+    # -- loop -------------------------------------------------------------------------
+    def _epoch(self, epoch: int) -> float:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout
+        order = rng.permutation(len(self.train))
+        ks = rng.integers(0, 8, len(self.train)) if cfg.augment else np.zeros(len(self.train), np.int64)
+        if self.world > 1:  # the same number of steps on every rank
+            usable = len(order) - len(order) % (self.world * cfg.batch_size) or len(order)
+            order = order[:usable][self.rank::self.world]
+        self.model.train()
+        losses = []
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            x, t, lung, valid = _pad_batch([self.train[j] for j in idx], [int(ks[j]) for j in idx])
+            x, t, lung = x.to(self.device), t.to(self.device), lung.to(self.device)
+            valid = None if valid is None else valid.to(self.device)
+            logits = self.model(x, valid) if valid is not None else self.model(x)
+            loss = ild_loss(logits, t, lung, self.weights, cfg.unsupervised_weight, self.alpha,
+                            None if valid is None else valid[:, 0] > 0)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.config
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        since_best = len(self.history) - 1 - max([i for i, r in enumerate(self.history) if r.best], default=-1) \
+            if self.history else 0
+        for epoch in range(self.start_epoch, cfg.epochs):
+            if since_best >= cfg.patience:
+                break
+            t0 = time.perf_counter()
+            train_loss = self._epoch(epoch)
+            metrics = validation_metrics(self.network, self.val, self.device)
+            bacc = metrics["balanced_accuracy"]
+            improved = self.best_epoch < 0 or bacc >= self.best_bacc * (1 + cfg.min_rel_improvement)
+            if improved:
+                self.best_bacc, self.best_epoch = bacc, epoch
+                self.best_state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+                since_best = 0
+            else:
+                since_best += 1
+            seconds = time.perf_counter() - t0
+            self.history.append(EpochRecord(epoch, train_loss, bacc, metrics["accuracy"], round(seconds, 3),
+                                            round(len(self.train) / seconds, 3), improved))
+            if self.rank == 0:
+                self._save_checkpoint(epoch)
+                self._write_log()
+            self.progress(f"epoch {epoch + 1}: loss {train_loss:.4f}, validation BACC {bacc:.4f}"
+                          f"{' (best)' if improved else ''}, {seconds:.1f} s")
+        return self._finish()
+
+    def _finish(self) -> Dict[str, Any]:
+        if self.best_state is not None:
+            self.network.load_state_dict(self.best_state)
+        metrics = validation_metrics(self.network, self.val, self.device)
+        summary = {
+            "best_epoch": self.best_epoch, "epochs_run": len(self.history),
+            "validation": metrics, "class_pixel_counts_train": self.class_counts.tolist(),
+            "entropy_alpha": self.alpha,
+        }
+        if self.rank == 0:
+            info = ModelInfo(
+                name=f"ILD dilated FCN ({self.config.preset})", network=self.network.config,
+                intensity=INTENSITY_PRESETS[self.config.intensity], trained=True,
+                provenance={**self.provenance, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                            "training": asdict(self.config), "best_epoch": self.best_epoch,
+                            "epochs_run": len(self.history),
+                            "validation_balanced_accuracy": metrics["balanced_accuracy"],
+                            "validation_per_class_accuracy": metrics["per_class_accuracy"],
+                            "validation_confusion_matrix": metrics["confusion_matrix"]})
+            save_model(self.model_path, self.network.cpu(), info)
+            self.network.to(self.device)
+            with atomic_path(self.out / "summary.json") as tmp:
+                Path(tmp).write_text(json.dumps(summary, indent=2))
+            from .plots import plot_confusion, plot_learning_curves
+            plot_learning_curves(self.history, self.out / "learning_curves.png")
+            plot_confusion(metrics, self.out / "confusion.png")
+        return summary

@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ILDSegmentationLib.classes import CLASSES
+from ILDSegmentationLib.errors import InputError
+from ILDSegmentationLib.modelfile import load_model
+from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+from ILDSegmentationLib.training.annotations import read_annotation
+from ILDSegmentationLib.training.dataset import Crop, crops_from_arrays, dihedral, load_case_crops
+from ILDSegmentationLib.training.loss import class_weights, entropy_scale, ild_loss
+from ILDSegmentationLib.training.manifest import read_manifest, write_manifest
+from ILDSegmentationLib.training.metrics import confusion_matrix, summarize
+from ILDSegmentationLib.training.split import distribution_entropy, hill_climb_split, mean_fold_entropy
+from ILDSegmentationLib.training.trainer import TrainConfig, Trainer
+
+from training_data import make_case, make_manifest
+
+
+# -- loss ------------------------------------------------------------------------------
+
+def test_class_weights_inverse_to_counts_and_average_one():
+    w = class_weights(np.array([10, 30, 0, 60, 0, 0])).numpy()
+    assert w[2] == w[4] == w[5] == 0
+    np.testing.assert_allclose(w[[0, 1, 3]] * [10, 30, 60], w[0] * 10)
+    assert w[[0, 1, 3]].mean() == pytest.approx(1.0)
+
+
+def test_loss_matches_a_hand_computation():
+    # Three pixels: annotated class 1, unannotated lung, outside the lung.
+    logits = torch.tensor([[0.5, 2.0, -1.0, 0.0, 0.3, 0.1],
+                           [1.0, 1.0, 1.0, 0.0, 0.0, -2.0],
+                           [9.0, -9.0, 0.0, 0.0, 0.0, 0.0]]).T.reshape(1, 6, 1, 3)
+    target = torch.tensor([[[1, -1, -1]]])
+    lung = torch.tensor([[[True, True, False]]])
+    weights = torch.tensor([1.0, 2.5, 1, 1, 1, 1])
+    loss = ild_loss(logits, target, lung, weights, unsupervised_weight=0.1, alpha=0.5)
+
+    def softmax(v):
+        e = np.exp(np.asarray(v) - max(v))
+        return e / e.sum()
+    p0 = softmax([0.5, 2.0, -1.0, 0.0, 0.3, 0.1])
+    p1 = softmax([1.0, 1.0, 1.0, 0.0, 0.0, -2.0])
+    supervised = -2.5 * math.log(p0[1])
+    entropy = -(p1 * np.log(p1)).sum()
+    expected = (supervised + 0.5 * 0.1 * entropy) / 2  # two participating pixels
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_pixels_outside_the_lung_take_no_part():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 4, 4)
+    target = torch.full((1, 4, 4), -1)
+    target[0, 0, 0] = 2
+    lung = torch.zeros(1, 4, 4, dtype=torch.bool)
+    lung[0, :2] = True
+    w = torch.ones(6)
+    before = ild_loss(logits, target, lung, w)
+    logits2 = logits.clone()
+    logits2[..., 2:, :] = torch.randn(1, 6, 2, 4) * 10
+    assert float(ild_loss(logits2, target, lung, w)) == pytest.approx(float(before))
+    # Purely supervised: the unannotated pixels stop mattering too.
+    logits3 = logits.clone()
+    logits3[0, 0, 1, 1] += 5
+    assert float(ild_loss(logits3, target, lung, w, 0.0)) == pytest.approx(float(ild_loss(logits, target, lung, w, 0.0)))
+    assert float(ild_loss(logits3, target, lung, w, 0.1)) != pytest.approx(float(ild_loss(logits, target, lung, w, 0.1)))
+
+
+def test_entropy_scaling_options():
+    assert entropy_scale(100, 400, "ratio") == 0.25
+    assert entropy_scale(100, 400, "none") == 1.0
+    with pytest.raises(ValueError):
+        entropy_scale(1, 1, "other")
+
+
+# -- augmentation and crops -------------------------------------------------------------
+
+def test_eight_augmentations_are_distinct_and_shared_by_image_labels_mask():
+    image = np.arange(12, dtype=np.float32).reshape(3, 4)
+    outs = [dihedral(image, k) for k in range(8)]
+    assert len({o.tobytes() + bytes(o.shape) for o in outs}) == 8
+    target = image.astype(np.int64) * 7
+    lung = (image.astype(np.int64) % 3) == 0
+    for k in range(8):
+        np.testing.assert_array_equal(dihedral(target, k), dihedral(image, k).astype(np.int64) * 7)
+        np.testing.assert_array_equal(dihedral(lung, k), (dihedral(image, k).astype(np.int64) % 3) == 0)
+
+
+def test_crops_only_from_annotated_slices_with_inference_cropping(tmp_path):
+    hu, mask, ann = make_case(tmp_path, seed=1)
+    ann[1] = 0  # slice 1 has no annotation
+    from ILDSegmentationLib.geometry import Geometry
+    crops = crops_from_arrays("c", hu, mask, ann, Geometry((0.8, 0.8, 2.5)), INTENSITY_PRESETS["hu"])
+    # Canonical slices run head first: K index k is canonical slice (K - 1 - k).
+    slices = {c.slice_index for c in crops}
+    assert (hu.shape[0] - 1 - 1) not in slices and len(slices) == int(ann.reshape(4, -1).any(axis=1).sum())
+    for c in crops:
+        assert c.image.shape == c.target.shape == c.lung.shape
+        assert ((c.target >= 0) <= c.lung).all(), "targets only inside the lung"
+
+
+# -- split ------------------------------------------------------------------------------
+
+def test_split_raises_entropy_and_never_splits_a_scan():
+    rng = np.random.default_rng(0)
+    counts = {f"s{i}": rng.integers(0, 1000, 6) * (rng.random(6) < 0.5) for i in range(15)}
+    folds = hill_climb_split(counts, 5, seed=0)
+    flat = [c for f in folds for c in f]
+    assert sorted(flat) == sorted(counts) and len(flat) == len(set(flat))
+    assert all(len(f) == 3 for f in folds)
+    start = list(np.random.default_rng(0).permutation(sorted(counts)))
+    initial = [start[k::5] for k in range(5)]
+    assert mean_fold_entropy(counts, folds) > mean_fold_entropy(counts, initial)
+    # A local optimum: no single swap improves it.
+    best = mean_fold_entropy(counts, folds)
+    for a in range(5):
+        for b in range(a + 1, 5):
+            for i in range(3):
+                for j in range(3):
+                    trial = [list(f) for f in folds]
+                    trial[a][i], trial[b][j] = trial[b][j], trial[a][i]
+                    assert mean_fold_entropy(counts, trial) <= best + 1e-9
+    assert distribution_entropy(np.array([1, 1])) == pytest.approx(math.log(2))
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+def test_balanced_accuracy_and_dice():
+    truth = np.array([1, 1, 1, 1, 2, 2, 0, 3])
+    pred = np.array([1, 1, 1, 2, 2, 1, 5, 0])  # last: outside the lung mask
+    cm = confusion_matrix(truth, pred)
+    s = summarize(cm)
+    assert s["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert s["per_class_accuracy"]["Micronodules"] is None
+    assert s["dice"]["Healthy"] == pytest.approx(2 * 3 / (4 + 4))
+
+
+# -- annotations and manifests ------------------------------------------------------------
+
+def test_seg_nrrd_annotation_maps_segments_to_classes(tmp_path):
+    from ILDSegmentationLib.segfile import write_segmentation
+    hu, mask, ann = make_case(tmp_path, seed=2)
+    ct = sitk.ReadImage(str(tmp_path / "ct.nrrd"))
+    write_segmentation(ann, ct, tmp_path / "ann.seg.nrrd")
+    from ILDSegmentationLib.geometry import Geometry
+    back = read_annotation(tmp_path / "ann.seg.nrrd", Geometry.from_sitk(ct), hu.shape, "case 'x'")
+    np.testing.assert_array_equal(back, ann)
+    # A Segment Editor file with plain names (no terminology), in another order.
+    image = sitk.GetImageFromArray(np.where(ann == 2, 1, np.where(ann == 4, 2, 0)).astype(np.uint8))
+    image.CopyInformation(ct)
+    for i, (name, value) in enumerate((("ground glass", 1), ("Consolidation", 2))):
+        image.SetMetaData(f"Segment{i}_ID", f"Segment_{i}")
+        image.SetMetaData(f"Segment{i}_Name", name)
+        image.SetMetaData(f"Segment{i}_LabelValue", str(value))
+        image.SetMetaData(f"Segment{i}_Layer", "0")
+    sitk.WriteImage(image, str(tmp_path / "names.seg.nrrd"))
+    back = read_annotation(tmp_path / "names.seg.nrrd", Geometry.from_sitk(ct), hu.shape, "case 'x'")
+    np.testing.assert_array_equal(back, np.where(np.isin(ann, (2, 4)), ann, 0))
+    image.SetMetaData("Segment1_Name", "Emphysema")
+    sitk.WriteImage(image, str(tmp_path / "bad.seg.nrrd"))
+    with pytest.raises(InputError, match="'Emphysema' matches none"):
+        read_annotation(tmp_path / "bad.seg.nrrd", Geometry.from_sitk(ct), hu.shape, "case 'x'")
+
+
+def test_bad_manifests_name_the_case_and_line(tmp_path):
+    manifest = make_manifest(tmp_path, 2)
+    (tmp_path / "bad.csv").write_text("id,image\n")
+    with pytest.raises(InputError, match="first line"):
+        read_manifest(tmp_path / "bad.csv")
+    write_manifest(tmp_path / "missing.csv", [["case0", "case0/ct.nrrd", "auto", "case0/ann.nrrd"],
+                                              ["gone", "nowhere/ct.nrrd", "auto", "x.nrrd"]])
+    with pytest.raises(InputError, match=r"case 'gone' \(manifest line 3\): CT not found"):
+        read_manifest(tmp_path / "missing.csv")
+    # Annotation on another grid.
+    ann = sitk.ReadImage(str(tmp_path / "case1" / "ann.nrrd"))
+    ann.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(ann, str(tmp_path / "case1" / "shifted.nrrd"))
+    write_manifest(tmp_path / "geo.csv", [["case1", "case1/ct.nrrd", "case1/mask.nrrd", "case1/shifted.nrrd"]])
+    with pytest.raises(InputError, match=r"case 'case1' \(manifest line 2\): annotation geometry"):
+        load_case_crops(read_manifest(tmp_path / "geo.csv")[0], INTENSITY_PRESETS["hu"])
+    # Unknown label values and an annotation outside the lung.
+    arr = sitk.GetArrayFromImage(ann)
+    for name, values in (("nine.nrrd", np.where(arr > 0, 9, 0)), ("outside.nrrd", np.zeros_like(arr))):
+        if name == "outside.nrrd":
+            values[:, :2, :2] = 1  # corner: outside the lung mask
+        img = sitk.GetImageFromArray(values.astype(np.uint8))
+        img.CopyInformation(sitk.ReadImage(str(tmp_path / "case1" / "ct.nrrd")))
+        sitk.WriteImage(img, str(tmp_path / "case1" / name))
+    write_manifest(tmp_path / "nine.csv", [["case1", "case1/ct.nrrd", "case1/mask.nrrd", "case1/nine.nrrd"]])
+    with pytest.raises(InputError, match=r"case 'case1'.*outside 0..6"):
+        load_case_crops(read_manifest(tmp_path / "nine.csv")[0], INTENSITY_PRESETS["hu"])
+    write_manifest(tmp_path / "out.csv", [["case1", "case1/ct.nrrd", "case1/mask.nrrd", "case1/outside.nrrd"]])
+    with pytest.raises(InputError, match=r"case 'case1'.*no annotated"):
+        load_case_crops(read_manifest(tmp_path / "out.csv")[0], INTENSITY_PRESETS["hu"])
+
+
+# -- the loop ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cases = read_manifest(make_manifest(root, 3, shape=(3, 48, 64)))
+    intensity = INTENSITY_PRESETS["hu1000"]
+    train = load_case_crops(cases[0], intensity) + load_case_crops(cases[1], intensity)
+    return train, load_case_crops(cases[2], intensity)
+
+
+def _config(**kw):
+    base = dict(epochs=4, lr=2e-3, intensity="hu1000", device="cpu", seed=3, batch_size=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_short_training_lowers_the_loss_and_beats_chance(crops, tmp_path):
+    train, val = crops
+    trainer = Trainer(_config(epochs=8), train, val, tmp_path / "run")
+    summary = trainer.fit()
+    losses = [r.train_loss for r in trainer.history]
+    assert losses[-1] < losses[0]
+    chance = 1 / 3  # three classes annotated
+    assert summary["validation"]["balanced_accuracy"] > chance + 0.15
+    for name in ("model.safetensors", "checkpoint.safetensors", "log.csv", "summary.json"):
+        assert (tmp_path / "run" / name).exists()
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    assert model.info.trained and model.info.provenance["best_epoch"] == summary["best_epoch"]
+
+
+def test_resume_ends_with_the_same_weights(crops, tmp_path):
+    train, val = crops
+    straight = Trainer(_config(), train, val, tmp_path / "a")
+    straight.fit()
+    Trainer(_config(epochs=2), train, val, tmp_path / "b").fit()  # "interrupted" after epoch 2
+    resumed = Trainer(_config(), train, val, tmp_path / "b")
+    assert resumed.resume() and resumed.start_epoch == 2
+    resumed.fit()
+    for k, v in straight.network.state_dict().items():
+        assert torch.equal(v, resumed.network.state_dict()[k]), k
+    assert [r.val_bacc for r in resumed.history] == [r.val_bacc for r in straight.history]
+    with pytest.raises(InputError, match="other settings"):
+        Trainer(_config(lr=1e-3), train, val, tmp_path / "b").resume()
+
+
+def test_every_table_ii_preset_trains_one_step(crops, tmp_path):
+    from ILDSegmentationLib.network import PRESETS
+    train, val = crops
+    for preset in PRESETS:
+        t = Trainer(_config(preset=preset, epochs=1), train[:2], val[:1], tmp_path / preset)
+        t.fit()
+        assert np.isfinite(t.history[0].train_loss), preset
+    assert TrainConfig(preset="purely-supervised").unsupervised_weight == 0.0
