@@ -254,3 +254,18 @@ def test_every_table_ii_preset_trains_one_step(crops, tmp_path):
         t.fit()
         assert np.isfinite(t.history[0].train_loss), preset
     assert TrainConfig(preset="purely-supervised").unsupervised_weight == 0.0
+
+
+def test_distributed_training_with_gloo_two_processes(tmp_path):
+    """The torchrun + DistributedDataParallel path, on the CPU (gloo backend)."""
+    import subprocess
+    import sys
+    manifest = make_manifest(tmp_path, 2, shape=(2, 48, 64))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "ILDSegmentationLib", "train", "--manifest", str(manifest), "--out", str(tmp_path / "run"),
+           "--folds", "2", "--epochs", "2", "--device", "cpu", "--intensity", "hu1000", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                             "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    assert model.info.trained and model.info.provenance["epochs_run"] == 2

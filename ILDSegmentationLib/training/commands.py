@@ -143,7 +143,12 @@ def cmd_train(args) -> int:
     trainer = Trainer(config, train, val, Path(args.out), provenance=provenance, progress=say)
     if args.resume and trainer.resume():
         say(f"resumed from {trainer.checkpoint_path} at epoch {trainer.start_epoch + 1}")
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    finally:
+        if trainer.world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     say(f"best validation BACC {summary['validation']['balanced_accuracy']:.4f} at epoch {summary['best_epoch'] + 1}; "
         f"model written to {trainer.model_path}")
     return 0

@@ -235,8 +235,11 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout
         order = rng.permutation(len(self.train))
         ks = rng.integers(0, 8, len(self.train)) if cfg.augment else np.zeros(len(self.train), np.int64)
-        if self.world > 1:  # the same number of steps on every rank
-            usable = len(order) - len(order) % (self.world * cfg.batch_size) or len(order)
+        if self.world > 1:  # DistributedDataParallel needs the same number of steps on every rank
+            usable = len(order) - len(order) % (self.world * cfg.batch_size)
+            if usable == 0:
+                raise InputError(f"{len(order)} training crops are too few for {self.world} processes "
+                                 f"with batches of {cfg.batch_size}")
             order = order[:usable][self.rank::self.world]
         self.model.train()
         losses = []
