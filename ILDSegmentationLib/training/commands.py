@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -120,7 +121,8 @@ def cmd_train(args) -> int:
     if args.val_fraction is not None:
         if not 0 < args.val_fraction < 1:
             raise InputError("--val-fraction must be between 0 and 1")
-        n_folds, fold = max(2, int(round(1 / args.val_fraction))), 0
+        # Folds of ~F each; never more folds than scans.
+        n_folds, fold = max(2, min(int(round(1 / args.val_fraction)), len(cases))), 0
     else:
         n_folds, fold = args.folds, args.fold
     if not 0 <= fold < n_folds:
@@ -191,7 +193,7 @@ def cmd_simulate(args) -> int:
         mask = read_lung_mask(args.lung_mask[n], ct) if args.lung_mask else None
         for r in range(args.cases_per_ct):
             seed = args.seed + 1000 * n + r
-            stem = Path(str(ct_path).rstrip("/")).name.split(".")[0]
+            stem = re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd)$", "", Path(str(ct_path).rstrip("/")).name)
             case_id = f"{stem}-s{seed}" if (args.cases_per_ct > 1 or len(args.ct) > 1) else stem
             sim = simulate_case(np.asarray(ct.array), ct.geometry, lung_mask=mask, seed=seed)
             folder = out / case_id if len(args.ct) * args.cases_per_ct > 1 else out
