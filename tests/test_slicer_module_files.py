@@ -352,4 +352,6 @@ def test_s4ext_and_index_json_agree_with_cmake():
     cmake = TOP_CMAKE.read_text(encoding="utf-8")
     assert f'set(EXTENSION_HOMEPAGE "{s4ext["homepage"]}")' in cmake
     assert f'set(EXTENSION_ICONURL "{s4ext["iconurl"]}")' in cmake
-    assert s4ext["iconurl"].endswith("ILDSegmentation/Resources/Icons/ILDSegmentation.png")
+    # The extension's icon lives in the top-level Resources/ (the module's own in its folder).
+    assert s4ext["iconurl"].endswith("/main/Resources/ILDSegmentation.png")
+    assert (REPO / "Resources" / "ILDSegmentation.png").is_file()
