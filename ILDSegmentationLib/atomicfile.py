@@ -22,10 +22,27 @@ def _suffixes(name: str) -> str:
 
 
 def check_writable(path: PathLike) -> Path:
-    """Fail early, before any work, when an output cannot be written."""
+    """Fail early, before any work, when an output cannot be written.
+
+    Besides the permission bits, a file is really created (and removed) in the
+    folder: ``os.access`` says yes to root on a folder it cannot write (/proc, a
+    read-only bind mount, root-squashed NFS), and the work would be lost at the end."""
+    p = _check_target(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=str(p.parent))
+    except OSError as e:
+        raise InputError(f"output folder is not writable: {p.parent} ({e.strerror or e})") from None
+    os.close(fd)
+    _remove(probe)
+    return p
+
+
+def _check_target(path: PathLike) -> Path:
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
+        if folder.exists():  # e.g. "notes.txt/out.nrrd"
+            raise InputError(f"output folder is a file, not a folder: {folder}")
         raise InputError(f"output folder does not exist: {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"output folder is not writable: {folder}")
@@ -38,7 +55,7 @@ def check_writable(path: PathLike) -> Path:
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary file name beside ``path``; on success rename it to ``path``,
     on any failure remove it. File permissions follow the umask like a normal file."""
-    p = check_writable(path)
+    p = _check_target(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".part{_suffixes(p.name)}", dir=str(p.parent))
     except OSError as e:

@@ -35,10 +35,14 @@ CancelCheck = Union[Callable[[], bool], threading.Event, None]
 #: Crops are padded up to a multiple of this (pixels) so that crops of similar size
 #: share a batch; the padding is masked out, so results equal unpadded crops.
 BUCKET = 32
-#: Activation bytes per pixel in float32 for the paper's network in inference
-#: (input, 10 x 32 features kept for the concatenation, the concatenation itself,
-#: the head and a transient layer), measured ~2.9 kB; used to size batches.
+#: Activation bytes per pixel of the paper's network in inference with mixed
+#: precision on CUDA (input, 10 x 32 features kept for the concatenation, the
+#: concatenation itself, the head and a transient layer), ~2.9 kB; sizes batches.
 BYTES_PER_PIXEL = 3000
+#: The same in float32 (CPU, or CUDA without mixed precision): the peak resident
+#: memory of CPU batches grew by 4.2-4.9 kB per pixel (VmHWM, torch 2.x, oneDNN), so
+#: 3000 let a batch overrun --max-memory by ~60 % (tests/test_reliability.py).
+BYTES_PER_PIXEL_FLOAT32 = 5000
 
 
 @dataclass
@@ -80,8 +84,10 @@ class Inferer:
         self.device = select_device(device)
         self.device_name = describe_device(self.device)
         self.model.network.to(self.device).eval()
-        self.max_batch_pixels = max(int(max_memory_mb * 2**20 / BYTES_PER_PIXEL), 1)
         self.mixed_precision = mixed_precision
+        self.bytes_per_pixel = BYTES_PER_PIXEL if mixed_precision and self.device.type == "cuda" \
+            else BYTES_PER_PIXEL_FLOAT32
+        self.max_batch_pixels = max(int(max_memory_mb * 2**20 / self.bytes_per_pixel), 1)
 
     # -- public -------------------------------------------------------------------
     def segment(self, hu: np.ndarray, lung_mask: np.ndarray, geometry: Geometry, *,
@@ -115,6 +121,10 @@ class Inferer:
                 boxes.extend(crop_boxes(sides[z], z))
         if not boxes:
             raise LungMaskError("the lung mask is empty: nothing to segment")
+        if hu_c.shape[1] * hu_c.shape[2] < 2:
+            # Instance normalization needs two pixels for its statistics (torch raises a
+            # ValueError on one); a 1 x 1 pixel slice is no image of a lung anyway.
+            raise InputError(f"axial slices of {hu_c.shape[2]} x {hu_c.shape[1]} pixel are too small to segment")
         t_prep = time.perf_counter()
 
         labels = np.zeros(hu.shape, np.uint8)

@@ -5,8 +5,13 @@ temporary file and a rename. Arrays are K, J, I; geometry is LPS (see geometry.p
 """
 from __future__ import annotations
 
+import errno
+import gzip
 import logging
 import os
+import shutil
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -35,12 +40,41 @@ class Volume:
     description: str = ""
 
 
+def _looks_like_dicom(path: Path) -> bool:
+    """A DICOM file by its name or its preamble ("DICM" at byte 128)."""
+    if path.name.upper() == "DICOMDIR":  # an index of the media, not an image
+        return False
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _unreadable_dicom_files(folder: Path, listed: List[str]) -> List[Path]:
+    """DICOM files of the folder that GDCM left out of every series: GDCM silently
+    skips a truncated or corrupt file, which would leave a gap in the volume."""
+    known = {os.path.realpath(f) for f in listed}
+    return [p for p in sorted(folder.iterdir())
+            if p.is_file() and os.path.realpath(p) not in known and _looks_like_dicom(p)]
+
+
 def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str]:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder)) or ()
     if not series:
         raise InputError(f"no DICOM series found in folder {folder}")
     files_per_series = {s: reader.GetGDCMSeriesFileNames(str(folder), s) for s in series}
+    bad = _unreadable_dicom_files(folder, [f for files in files_per_series.values() for f in files])
+    if bad:
+        # Refused rather than read without it: the missing slice would misplace every
+        # slice after it (the volume assumes even spacing) and change the volumes.
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise InputError(f"DICOM file {bad[0].name}{more} in {folder} cannot be read (truncated or corrupt); "
+                         "restore it, or move it out of the folder to accept a gap in the series")
     chosen = max(series, key=lambda s: len(files_per_series[s]))
     note = ""
     if len(series) > 1:
@@ -49,7 +83,10 @@ def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str]:
         log.warning(note)
     reader.SetFileNames(files_per_series[chosen])
     reader.MetaDataDictionaryArrayUpdateOn()
-    image = reader.Execute()
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(f"cannot read the DICOM series in {folder}: {_itk_reason(e)}") from None
     _warn_uneven_spacing(files_per_series[chosen], image)
     return image, note
 
@@ -77,14 +114,55 @@ def read_image(path: PathLike) -> Tuple[sitk.Image, str]:
         raise InputError(f"file not found: {p}")
     if p.is_dir():
         return _read_dicom_folder(p)
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(p)
     try:
         return sitk.ReadImage(str(p)), ""
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()
-        detail = next((line.strip() for line in reason if "ITK ERROR" in line or "Could not" in line or "Unable" in line),
-                      reason[-1].strip() if reason else "unknown error")
         raise InputError(f"cannot read image {p.name}: unreadable, truncated or unsupported file "
-                         f"({detail[:160]})") from None
+                         f"({_itk_reason(e)})") from None
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads a truncated NIfTI-1 file (plain or gzipped) without complaint and
+    fills the missing voxels with zeros: compare the data with what the header declares.
+    A gzipped file is decompressed once more for this, in chunks (about a second for
+    a large CT, small beside the segmentation)."""
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            header = f.read(352)
+            if len(header) < 348 or header[344:348] != b"n+1\0":
+                return  # not a single-file NIfTI-1: ITK judges it
+            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+            if not 1 <= dims[0] <= 7 or bitpix <= 0 or min(dims[1:dims[0] + 1]) < 1 or not np.isfinite(vox_offset):
+                return  # a malformed header: ITK says why
+            expected = int(vox_offset) + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
+            if gz:
+                size = len(header)
+                while True:
+                    chunk = f.read(1 << 22)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+            else:
+                size = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as e:  # a gzip stream cut short or damaged
+        raise InputError(f"cannot read image {path.name}: truncated or corrupt compressed file ({e})") from None
+    if size < expected:
+        raise InputError(f"cannot read image {path.name}: truncated file ({size} of the {expected} bytes "
+                         "its header declares)")
+
+
+def _itk_reason(e: RuntimeError) -> str:
+    """The informative line of a (multi-line) ITK exception, shortened to one line."""
+    reason = str(e).strip().splitlines()
+    detail = next((line.strip() for line in reason if "ITK ERROR" in line or "Could not" in line or "Unable" in line),
+                  reason[-1].strip() if reason else "unknown error")
+    return detail[:160]
 
 
 def read_ct(path: PathLike) -> Volume:
@@ -98,10 +176,25 @@ def read_ct(path: PathLike) -> Volume:
             image = image[:, :, :, 0]
         else:
             raise InputError(f"CT {Path(path).name} is {image.GetDimension()}D; expected a 2D slice or a 3D volume")
-    array = sitk.GetArrayViewFromImage(image)
+    array = _array_view(image)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise InputError(f"CT {Path(path).name} contains NaN or infinite values")
     return Volume(array, Geometry.from_sitk(image), image, note)
+
+
+class _ImageBuffer:
+    """Exposes an image's voxel buffer to numpy and keeps the image alive with it."""
+
+    def __init__(self, image: sitk.Image) -> None:
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
+def _array_view(image: sitk.Image) -> np.ndarray:
+    """The voxels as a numpy view, without a copy. sitk.GetArrayViewFromImage alone
+    does not keep the image alive: ``read_ct(p).array`` would then point into freed
+    memory (garbage voxels). Here the array's base holds the image."""
+    return np.asarray(_ImageBuffer(image))
 
 
 def read_lung_mask(path: PathLike, ct: Volume) -> np.ndarray:
@@ -156,8 +249,26 @@ def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> Pat
         try:
             sitk.WriteImage(image, tmp, compress)
         except RuntimeError as e:
-            raise OSError(str(e).strip().splitlines()[-1]) from None
+            reason = str(e).strip().splitlines()[-1].strip()
+            free = _free_bytes(Path(tmp).parent)
+            # ITK's writers do not say why a write failed ("failed to flush pending
+            # data"); a full file system is the usual cause, so say so when it is.
+            if free is not None and free < _raw_bytes(image):
+                raise OSError(errno.ENOSPC, f"no space left on the device ({free // 1024} kB free; {reason})") from None
+            raise OSError(reason) from None
     return Path(path)
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(str(folder)).free
+    except OSError:
+        return None
+
+
+def _raw_bytes(image: sitk.Image) -> int:
+    """Uncompressed size of the voxel data: above the free space, the disk is full."""
+    return image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
 
 
 def write_label_map(labels: np.ndarray, reference: sitk.Image, path: PathLike) -> Path:

@@ -85,8 +85,13 @@ def segment_file(
     result = inferer.segment(ct.array, mask, ct.geometry, probabilities=probabilities is not None,
                              progress=_stage_progress(progress, 0.10, 0.85), cancel=cancel)
     timings["network"] = result.seconds
+    # The engine treats a 2D CT as one axial slice and answers (1, J, I); outputs take
+    # the CT's own shape so they can be written on its (2D) grid.
+    labels = result.labels.reshape(np.shape(ct.array))
+    probs = None if result.probabilities is None else \
+        result.probabilities.reshape(np.shape(ct.array) + result.probabilities.shape[-1:])
 
-    volumes = class_volumes(result.labels, ct.geometry)
+    volumes = class_volumes(labels, ct.geometry)
     info = loaded.info
     summary: Dict[str, Any] = {
         "ildseg_version": __version__,
@@ -104,14 +109,14 @@ def segment_file(
     written: List[Path] = []
     try:
         t = time.perf_counter()
-        written.append(write_label_map(result.labels, ct.image, output))
+        written.append(write_label_map(labels, ct.image, output))
         if probabilities is not None:
-            written.append(write_probabilities(result.probabilities, ct.image, probabilities))
+            written.append(write_probabilities(probs, ct.image, probabilities))
             summary["outputs"]["probabilities"] = str(probabilities)
         if overlay is not None:
             from .overlay import render_overlay
             title = f"ILD segmentation - {Path(str(ct_path)).name} - model: {info.name}"
-            written.append(render_overlay(ct.array, result.labels, ct.geometry, overlay, title=title))
+            written.append(render_overlay(ct.array, labels, ct.geometry, overlay, title=title))
             summary["outputs"]["overlay"] = str(overlay)
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
