@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -117,36 +118,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .io import write_image
-    from .phantom import make_chest_phantom
-    from .pipeline import segment_file
-    import SimpleITK as sitk
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    phantom = make_chest_phantom()
-    g = phantom.geometry
-    ct_image = sitk.GetImageFromArray(phantom.hu)
-    ct_image.SetSpacing(g.spacing)
-    ct_image.SetOrigin(g.origin)
-    ct_image.SetDirection(g.direction)
-    ct_path = write_image(ct_image, out / "demo_ct.nrrd")
-    print(f"built-in case: synthetic chest CT (made by code, no patient data), {phantom.hu.shape[2]} x "
-          f"{phantom.hu.shape[1]} x {phantom.hu.shape[0]} voxels at {g.spacing[0]:g} x {g.spacing[1]:g} x {g.spacing[2]:g} mm")
+    from .demo import run_demo
+    if not args.quiet:
+        print("built-in case: synthetic chest CT with simulated ILD patterns (made by code, no patient data)")
     bar = _Progress(args.quiet)
     try:
-        summary = segment_file(ct_path, out / "segmentation.seg.nrrd", model=args.model, device=args.device,
-                               report=out / "report.json", overlay=out / "overlay.png",
-                               max_memory_mb=args.max_memory, progress=bar)
+        summary = run_demo(args.out, model=args.model, device=args.device, max_memory_mb=args.max_memory,
+                           progress=bar)
     finally:
         bar.close()
     _print_summary(summary, args.quiet)
     m = summary["model"]
+    out = Path(args.out).resolve()
     print(f"weights: {m['name']} ({m['file']}, sha256 {m['sha256'][:12]})")
     if not m["trained"]:
         print(UNTRAINED_WARNING.format(name=m["name"]))
-    print(f"outputs in {out.resolve()}: demo_ct.nrrd (input), segmentation.seg.nrrd (open in 3D Slicer), "
-          "report.json, overlay.png")
+    print(f"balanced accuracy against the known truth: {summary['demo_balanced_accuracy']:.3f} "
+          f"(see {out / 'overlay.png'})")
+    print(f"outputs in {out}: demo_ct.nrrd (input), demo_truth.seg.nrrd (truth), "
+          "segmentation.seg.nrrd (result; open both in 3D Slicer), report.json, overlay.png")
     return 0
 
 
@@ -187,31 +177,59 @@ def _commands() -> dict:
     return {"segment": cmd_segment, "demo": cmd_demo, "architecture": cmd_architecture, **training_commands}
 
 
+def _one_line(message: str, limit: int = 0) -> str:
+    """Collapse a message onto one line (file names and library text may hold line breaks)."""
+    text = " ".join(message.split())
+    return text if not limit or len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the same clean-up runs as for Ctrl-C."""
+
+
 def _sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess
-    raise KeyboardInterrupt
+    raise _Terminated
+
+
+#: What an interruption leaves behind, per command (the default: nothing said).
+_INTERRUPTED = {
+    "segment": "; no output was written",
+    "train": "; finished epochs are kept in RUN_DIR/checkpoint.safetensors: rerun with --resume to continue",
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(format="ildseg: %(levelname)s: %(message)s",
-                        level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
-    signal.signal(signal.SIGTERM, _sigterm)
-    command: Callable[[argparse.Namespace], int] = _commands()[args.command]
+    # SIGTERM is handled from the start (argument parsing imports the training package)
+    # and the previous handler comes back afterwards, for callers that run main() in-process.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm) if in_main_thread else None
+    args: Optional[argparse.Namespace] = None
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(format="ildseg: %(levelname)s: %(message)s",
+                            level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
+        command: Callable[[argparse.Namespace], int] = _commands()[args.command]
         return command(args)
     except ILDSegError as e:
-        if args.debug:
+        if args is not None and args.debug:
             raise
-        print(f"ildseg: error: {e}", file=sys.stderr)
+        print(f"ildseg: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ildseg: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = _INTERRUPTED.get(args.command, "") if args is not None else ""
+        print(f"ildseg: interrupted{what}", file=sys.stderr)
+        # The shell's convention: 128 + the signal number.
+        return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     except Exception as e:  # a bug, not a user error: still one line unless --debug
-        if args.debug:
+        if args is None or args.debug:
             raise
-        print(f"ildseg: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        # Library messages (SimpleITK's in particular) can span lines: keep the promise of one line.
+        print(f"ildseg: internal error: {type(e).__name__}: {_one_line(str(e), 300)} "
+              "(rerun with --debug for details)", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/ildseg-train"))
     ap.add_argument("--phantoms", type=int, default=3)
     ap.add_argument("--cases-per-ct", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--patience", type=int, default=50)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--crops-per-epoch", type=int, default=100)
     ap.add_argument("--install", action="store_true", help="copy the model into ILDSegmentationLib/models")
     args = ap.parse_args()
     w = args.work
@@ -77,7 +78,7 @@ def main() -> None:
     run = w / "run"
     ildseg("train", "--manifest", str(w / "train" / "manifest.csv"), "--out", str(run), "--val-fraction", "0.2",
            "--epochs", str(args.epochs), "--patience", str(args.patience), "--lr", str(args.lr),
-           "--batch-size", str(args.batch_size), "--intensity", "hu1000", "--device", "auto", "--seed", "0",
+           "--batch-size", str(args.batch_size), "--crops-per-epoch", str(args.crops_per_epoch), "--intensity", "hu1000", "--device", "auto", "--seed", "0",
            "--resume")
     ildseg("evaluate", "--manifest", str(w / "heldout" / "manifest.csv"), "--model", str(run / "model.safetensors"),
            "--report", str(w / "heldout_eval.json"), "--confusion", str(w / "heldout_confusion.png"))

@@ -35,6 +35,8 @@ def add_parsers(sub, common) -> None:
     t.add_argument("--entropy-scaling", default="ratio", choices=ENTROPY_SCALINGS,
                    help="a in -a*w_u*sum(p log p): labeled/unlabeled pixel ratio (default) or 1")
     t.add_argument("--batch-size", type=int, default=1, help="crops per step (paper: 1)")
+    t.add_argument("--crops-per-epoch", type=int, default=0,
+                   help="0 (paper): every crop once per epoch; N: a seeded random N crops per epoch")
     t.add_argument("--intensity", default="hu", choices=list(INTENSITY_PRESETS), help="input intensity handling")
     t.add_argument("--no-augment", action="store_true", help="no flips/rotations")
     t.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -115,7 +117,8 @@ def cmd_train(args) -> int:
     config = TrainConfig(preset=args.preset, epochs=args.epochs, patience=args.patience,
                          min_rel_improvement=args.min_rel_improvement, lr=args.lr,
                          unsupervised_weight=args.unsupervised_weight, entropy_scaling=args.entropy_scaling,
-                         batch_size=args.batch_size, augment=not args.no_augment, intensity=args.intensity,
+                         batch_size=args.batch_size, crops_per_epoch=args.crops_per_epoch,
+                         augment=not args.no_augment, intensity=args.intensity,
                          seed=args.seed, device=args.device)
     cases = read_manifest(args.manifest)
     if args.val_fraction is not None:

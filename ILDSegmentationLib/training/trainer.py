@@ -54,6 +54,7 @@ class TrainConfig:
     unsupervised_weight: float = 0.1  # w_u; "purely-supervised" sets 0
     entropy_scaling: str = "ratio"
     batch_size: int = 1
+    crops_per_epoch: int = 0  # 0: every crop once per epoch (paper); N: a seeded random N per epoch
     augment: bool = True
     intensity: str = "hu"
     seed: int = 0
@@ -64,7 +65,7 @@ class TrainConfig:
             raise InputError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
         if self.intensity not in INTENSITY_PRESETS:
             raise InputError(f"unknown intensity '{self.intensity}' (choose from {', '.join(INTENSITY_PRESETS)})")
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.lr <= 0 or self.crops_per_epoch < 0:
             raise InputError("epochs, patience and batch size must be positive, lr above 0")
         if self.preset == "purely-supervised":
             self.unsupervised_weight = 0.0
@@ -234,6 +235,10 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout
         order = rng.permutation(len(self.train))
+        if cfg.crops_per_epoch:
+            # Large data sets on a CPU: an "epoch" of N random crops keeps the
+            # validation (and early stopping) cadence useful.
+            order = order[:cfg.crops_per_epoch]
         ks = rng.integers(0, 8, len(self.train)) if cfg.augment else np.zeros(len(self.train), np.int64)
         if self.world > 1:  # DistributedDataParallel needs the same number of steps on every rank
             usable = len(order) - len(order) % (self.world * cfg.batch_size)
@@ -278,8 +283,9 @@ class Trainer:
             else:
                 since_best += 1
             seconds = time.perf_counter() - t0
+            n_crops = min(cfg.crops_per_epoch or len(self.train), len(self.train))
             self.history.append(EpochRecord(epoch, train_loss, bacc, metrics["accuracy"], round(seconds, 3),
-                                            round(len(self.train) / seconds, 3), improved))
+                                            round(n_crops / seconds, 3), improved))
             if self.rank == 0:
                 self._save_checkpoint(epoch)
                 self._write_log()
