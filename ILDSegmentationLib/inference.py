@@ -41,7 +41,7 @@ BUCKET = 32
 BYTES_PER_PIXEL = 3000
 #: The same in float32 (CPU, or CUDA without mixed precision): the peak resident
 #: memory of CPU batches grew by 4.2-4.9 kB per pixel (VmHWM, torch 2.x, oneDNN), so
-#: 3000 let a batch overrun --max-memory by ~60 % (tests/test_reliability.py).
+#: 3000 let a batch overrun --max-memory by ~60 % (Testing/Python/test_reliability.py).
 BYTES_PER_PIXEL_FLOAT32 = 5000
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("ILDSEG_TEST_DATA", REPO.parent / "shared" / "data"))
 DICOM_DIR = DATA / "lung-pet-ct-dx-A0002"
 RICORD = DATA / "ricord-000082" / "ricord-000082-5mm.nii.gz"

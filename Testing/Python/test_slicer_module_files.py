@@ -22,7 +22,7 @@ import pytest
 from ILDSegmentationLib.classes import CATEGORY, CLASSES
 from ILDSegmentationLib.terminology import TERMINOLOGY_CONTEXT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "ILDSegmentation"
 MODULE_PY = MODULE_DIR / "ILDSegmentation.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "ILDSegmentation.ui"

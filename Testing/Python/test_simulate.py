@@ -22,7 +22,7 @@ from ILDSegmentationLib.simulate import (ANNOTATED_FRACTION_RANGE, CONSOLIDATION
                                          MICRONODULES, PATTERNS, RETICULATION, SimulationConfig, estimate_noise,
                                          simulate_case)
 
-DATA = Path(os.environ.get("ILDSEG_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("ILDSEG_TEST_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 RICORD = DATA / "ricord-000082" / "ricord-000082-5mm.nii.gz"
 
 needs_ricord = pytest.mark.skipif(

@@ -34,7 +34,7 @@ from ILDSegmentationLib.terminology import TERMINOLOGY_CONTEXT, parse_terminolog
 
 vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TERM_FILE = REPO / "ILDSegmentation" / "Resources" / "ILDSegmentation.term.json"
 
 

@@ -18,7 +18,7 @@ from ILDSegmentationLib.errors import LungMaskError
 from ILDSegmentationLib.geometry import Geometry, canonical_view
 from ILDSegmentationLib.lungmask import compute_lung_mask
 
-DATA = Path(os.environ.get("ILDSEG_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("ILDSEG_TEST_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 DICOM_DIR = DATA / "lung-pet-ct-dx-A0002"
 RICORD = DATA / "ricord-000082" / "ricord-000082-5mm.nii.gz"
 
