@@ -7,6 +7,9 @@ with ``slicer.util.errorDisplay``.
 """
 from __future__ import annotations
 
+import threading
+from typing import Callable, Union
+
 
 class ILDSegError(Exception):
     """Base class of every error the user can act on."""
@@ -30,3 +33,16 @@ class Cancelled(ILDSegError):
 
 class DeviceError(ILDSegError):
     """The requested compute device is not available."""
+
+
+#: How callers ask a long job to stop: a threading.Event, or a callable that returns
+#: True once the user cancelled (e.g. a Qt button's flag).
+CancelCheck = Union[Callable[[], bool], threading.Event, None]
+
+
+def is_cancelled(cancel: CancelCheck) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())

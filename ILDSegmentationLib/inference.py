@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,14 +22,13 @@ import torch
 from .classes import NUM_CLASSES
 from .cropping import CropBox, crop_boxes, split_left_right
 from .device import describe_device, select_device
-from .errors import Cancelled, DeviceError, InputError, LungMaskError
+from .errors import CancelCheck, Cancelled, DeviceError, InputError, LungMaskError, is_cancelled
 from .geometry import Geometry, as_volume, canonical_view
 from .modelfile import LoadedModel
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[float, str], None]
-CancelCheck = Union[Callable[[], bool], threading.Event, None]
 
 #: Crops are padded up to a multiple of this (pixels) so that crops of similar size
 #: share a batch; the padding is masked out, so results equal unpadded crops.
@@ -58,14 +56,6 @@ class SegmentationResult:
     crops: int
     seconds: float
     timings: Dict[str, float] = field(default_factory=dict)
-
-
-def _is_cancelled(cancel: CancelCheck) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 class Inferer:
@@ -134,7 +124,7 @@ class Inferer:
         n_slices = int(len({b.slice_index for b in boxes}))
         done = 0
         for batch in self._batches(boxes):
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 raise Cancelled("cancelled by the user; nothing was written")
             crops = [intensity.apply(hu_c[b.slice_index, b.r0:b.r1, b.c0:b.c1]) for b in batch]
             p = self._predict_within_memory(crops)

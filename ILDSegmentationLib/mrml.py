@@ -24,15 +24,14 @@ the library and its tests do not depend on it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .classes import CLASSES, NUM_CLASSES, TissueClass
-from .errors import Cancelled, InputError, LungMaskError
+from .errors import CancelCheck, Cancelled, InputError, LungMaskError, is_cancelled
 from .geometry import Geometry, canonical_view
 from .report import class_volumes
 from .terminology import terminology_entry
@@ -47,7 +46,6 @@ except ImportError:  # pragma: no cover - exercised only where slicer-core is ab
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[float, str], None]
-CancelCheck = Union[Callable[[], bool], threading.Event, None]
 
 #: Node reference roles from the output segmentation to the nodes made with it, so a
 #: second run finds and updates them (and they are saved with the scene).
@@ -507,20 +505,12 @@ class ProcessResult:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
-def _is_cancelled(cancel: CancelCheck) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
-
-
 def _stage(progress: Optional[ProgressCallback], cancel: CancelCheck, start: float, span: float) -> ProgressCallback:
     """A progress callback for one stage that maps its 0..1 onto [start, start+span]
     and raises Cancelled when the user cancelled: every stage that reports progress
     (the lung mask too, which has no cancel argument) becomes cancellable there."""
     def callback(fraction: float, message: str) -> None:
-        if _is_cancelled(cancel):
+        if is_cancelled(cancel):
             raise Cancelled("cancelled by the user; the scene was not changed")
         if progress is not None:
             progress(start + span * min(max(float(fraction), 0.0), 1.0), message)
@@ -676,12 +666,12 @@ def process(
                              progress=_stage(progress, cancel, 0.10, 0.85), cancel=cancel)
     timings["network"] = time.perf_counter() - t
     volumes = class_volumes(result.labels, geometry)
-    if _is_cancelled(cancel):
+    if is_cancelled(cancel):
         raise Cancelled("cancelled by the user; the scene was not changed")
 
     # -- prepare everything that does not need the scene ---------------------------
     _stage(progress, cancel, 0.96, 0.0)(0.0, "Creating the segmentation")
-    if _is_cancelled(cancel):  # clicked while the GUI processed that last message
+    if is_cancelled(cancel):  # clicked while the GUI processed that last message
         raise Cancelled("cancelled by the user; the scene was not changed")
     table = results_vtk_table(volumes)
     probability_images: List[Any] = []

@@ -1,7 +1,6 @@
 """``ildseg train | evaluate | split | simulate``: thin shells over the training package."""
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
 from ..classes import NUM_CLASSES
 from ..cropping import crop_boxes, split_left_right
-from ..errors import InputError
-from ..geometry import canonical_view, same_grid
+from ..errors import ILDSegError, InputError
+from ..geometry import as_volume, canonical_view
 from ..io import read_ct, read_lung_mask
 from ..preprocessing import Intensity
 from .annotations import read_annotation
@@ -61,8 +61,9 @@ def crops_from_arrays(case_id: str, hu: np.ndarray, lung_mask: np.ndarray, annot
     return crops
 
 
-def load_case_crops(case: Case, intensity: Intensity) -> List[Crop]:
-    """Read one manifest case and cut its crops; errors name the case and line."""
+def read_case(case: Case):
+    """(CT Volume, lung mask, annotation) of a manifest case, all on the CT's grid
+    (K, J, I); every error names the case and its manifest line."""
     where = case.where()
     try:
         ct = read_ct(case.ct)
@@ -71,18 +72,22 @@ def load_case_crops(case: Case, intensity: Intensity) -> List[Crop]:
             mask = compute_lung_mask(ct.array, ct.geometry)
         else:
             mask = read_lung_mask(case.lung_mask, ct)
-        from ..geometry import as_volume
-        shape = as_volume(ct.array).shape
-        annotation = read_annotation(case.annotation, ct.geometry, shape, where)
+        annotation = read_annotation(case.annotation, ct.geometry, as_volume(ct.array).shape, where)
     except InputError as e:
         msg = str(e)
         raise type(e)(msg if msg.startswith("case '") else f"{where}: {msg}") from None
-    except Exception as e:  # LungMaskError and friends: still name the case
+    except ILDSegError as e:  # LungMaskError and friends: still name the case
         raise InputError(f"{where}: {e}") from None
+    return ct, mask, annotation
+
+
+def load_case_crops(case: Case, intensity: Intensity) -> List[Crop]:
+    """Read one manifest case and cut its crops; errors name the case and line."""
+    ct, mask, annotation = read_case(case)
     hu = as_volume(np.asarray(ct.array))
     crops = crops_from_arrays(case.case_id, hu, as_volume(mask), annotation, ct.geometry, intensity)
     if not crops:
-        raise InputError(f"{where}: no annotated voxel lies inside the lung mask (no annotated slice to train on)")
+        raise InputError(f"{case.where()}: no annotated voxel lies inside the lung mask (no annotated slice to train on)")
     return crops
 
 

@@ -10,12 +10,9 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 
 from ..classes import NUM_CLASSES
-from ..errors import InputError
-from ..geometry import as_volume
 from ..inference import Inferer
-from ..io import read_ct, read_lung_mask
 from ..modelfile import LoadedModel
-from .annotations import read_annotation
+from .dataset import read_case
 from .manifest import Case
 from .metrics import confusion_matrix, summarize
 
@@ -31,17 +28,7 @@ def evaluate_cases(cases: Sequence[Case], model: LoadedModel, device: str = "aut
     total = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     per_case = {}
     for case in cases:
-        where = case.where()
-        try:
-            ct = read_ct(case.ct)
-            if case.lung_mask is None:
-                from ..lungmask import compute_lung_mask
-                mask = compute_lung_mask(ct.array, ct.geometry)
-            else:
-                mask = read_lung_mask(case.lung_mask, ct)
-            annotation = read_annotation(case.annotation, ct.geometry, as_volume(ct.array).shape, where)
-        except InputError as e:
-            raise InputError(str(e) if str(e).startswith("case '") else f"{where}: {e}") from None
+        ct, mask, annotation = read_case(case)
         cm = evaluate_arrays(inferer, ct.array, mask, annotation, ct.geometry)
         per_case[case.case_id] = summarize(cm)["balanced_accuracy"]
         total += cm
