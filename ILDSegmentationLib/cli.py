@@ -205,7 +205,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous = signal.signal(signal.SIGTERM, _sigterm) if in_main_thread else None
     args: Optional[argparse.Namespace] = None
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv  # the command line as given, for provenance
         logging.basicConfig(format="ildseg: %(levelname)s: %(message)s",
                             level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
         command: Callable[[argparse.Namespace], int] = _commands()[args.command]

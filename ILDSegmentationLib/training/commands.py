@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -142,7 +141,7 @@ def cmd_train(args) -> int:
     say(f"{len(cases) - len(val_ids)} training scans ({len(train)} lung crops), {len(val_ids)} validation scans "
         f"({len(val)} crops): {sorted(val_ids)}")
     provenance = {"trained_on": f"manifest {Path(args.manifest).name}", "manifest_sha256": manifest_sha256(args.manifest),
-                  "command": "ildseg " + " ".join(sys.argv[1:]) if sys.argv else "",
+                  "command": "ildseg " + " ".join(args.argv),
                   "validation_cases": sorted(val_ids), "folds": n_folds, "fold": fold}
     trainer = Trainer(config, train, val, Path(args.out), provenance=provenance, progress=say)
     if args.resume and trainer.resume():

@@ -104,8 +104,11 @@ def _start_with_progress_on_a_terminal(args: Sequence[str], marker: bytes, timeo
     master, slave = pty.openpty()
     # A terminal of 24 x 100 characters: with no size tqdm draws nothing.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it
+    # ignored: give the child the terminal default a user's Ctrl-C meets.
     proc = subprocess.Popen([sys.executable, "-m", "ILDSegmentationLib", *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=slave, env=ENV)
+                            stdout=subprocess.PIPE, stderr=slave, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(slave)
     seen = b""
     deadline = time.monotonic() + timeout
