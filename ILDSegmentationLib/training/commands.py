@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 
@@ -78,11 +78,6 @@ def _case_counts(cases, intensity) -> Dict[str, np.ndarray]:
     return counts
 
 
-def _folds(cases, n_folds: int, seed: int) -> List[List[str]]:
-    from .split import hill_climb_split
-    return hill_climb_split(_case_counts(cases, None), n_folds, seed)
-
-
 def cmd_split(args) -> int:
     from .manifest import read_manifest
     from .split import distribution_entropy
@@ -109,7 +104,8 @@ def cmd_split(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .dataset import load_case_crops
+    from .dataset import class_pixel_counts, load_case_crops
+    from .split import hill_climb_split
     from .manifest import manifest_sha256, read_manifest
     from .trainer import TrainConfig, Trainer
     config = TrainConfig(preset=args.preset, epochs=args.epochs, patience=args.patience,
@@ -128,15 +124,16 @@ def cmd_train(args) -> int:
         n_folds, fold = args.folds, args.fold
     if not 0 <= fold < n_folds:
         raise InputError(f"--fold must be in 0..{n_folds - 1}")
+    intensity = INTENSITY_PRESETS[config.intensity]
+    # Each case is read once: its crops also give the class counts that balance the folds.
+    crops_by_case = {c.case_id: load_case_crops(c, intensity) for c in cases}
     try:
-        folds = _folds(cases, n_folds, args.seed)
+        folds = hill_climb_split({k: class_pixel_counts(v) for k, v in crops_by_case.items()}, n_folds, args.seed)
     except ValueError as e:
         raise InputError(str(e)) from None
     val_ids = {str(c) for c in folds[fold]}
-    intensity = INTENSITY_PRESETS[config.intensity]
-    train, val = [], []
-    for c in cases:
-        (val if c.case_id in val_ids else train).extend(load_case_crops(c, intensity))
+    train = [crop for k, v in crops_by_case.items() if k not in val_ids for crop in v]
+    val = [crop for k, v in crops_by_case.items() if k in val_ids for crop in v]
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     say(f"{len(cases) - len(val_ids)} training scans ({len(train)} lung crops), {len(val_ids)} validation scans "
         f"({len(val)} crops): {sorted(val_ids)}")
