@@ -448,7 +448,7 @@ MEMORY_PROBE = textwrap.dedent("""
 
     slices, lung_slices, budget, size = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
     model = random_model(Path(sys.argv[2]))
-    inferer = Inferer(model, device="cpu", max_memory_mb=budget)
+    inferer = Inferer(model, device="cpu", max_memory_mb=budget, fast_cpu=sys.argv[7] == "1")
     # Warm up torch's allocator and kernels on a small case, so the peak below is the engine's.
     warm = np.full((1, 128, 128), -800, np.int16)
     wmask = np.zeros(warm.shape, np.uint8)
@@ -471,12 +471,14 @@ MEMORY_PROBE = textwrap.dedent("""
 """)
 
 
-def _memory_probe(tmp_path: Path, slices: int, lung_slices: int, budget_mb: float, size: int) -> Dict[str, float]:
+def _memory_probe(tmp_path: Path, slices: int, lung_slices: int, budget_mb: float, size: int,
+                  fast_cpu: bool = True) -> Dict[str, float]:
     """Peak memory (VmHWM) of a fresh process before and after the engine runs on a
     512 x 512 CT of ``slices`` slices, ``lung_slices`` of them with two lungs."""
     tests = str(Path(__file__).resolve().parent)
     r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, tests, str(tmp_path), str(slices), str(lung_slices),
-                        str(budget_mb), str(size)], capture_output=True, text=True, timeout=300, env=ENV)
+                        str(budget_mb), str(size), "1" if fast_cpu else "0"],
+                       capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -496,8 +498,10 @@ def test_memory_budget_bounds_the_network_memory(tmp_path):
     """Peak memory during the network stays within --max-memory: 24 lung crops of
     104 x 104 pixels (about 50 MB of float32 activations each) run three at a time
     within 160 MB, and all at once within 2 GB (about 1.3 GB)."""
-    small = _memory_probe(tmp_path, slices=12, lung_slices=12, budget_mb=160, size=40)
-    large = _memory_probe(tmp_path, slices=12, lung_slices=12, budget_mb=2048, size=40)
+    # The eager path, which batches crops of one shape up to the budget. (The fast
+    # CPU path runs one crop at a time in a reused workspace: checked below.)
+    small = _memory_probe(tmp_path, slices=12, lung_slices=12, budget_mb=160, size=40, fast_cpu=False)
+    large = _memory_probe(tmp_path, slices=12, lung_slices=12, budget_mb=2048, size=40, fast_cpu=False)
     assert small["crops"] == large["crops"] == 24
     arrays = 3 * small["voxels"]  # labels and the two lung maps, as above
     small_grown = (small["after_kb"] - small["before_kb"]) * 1024
@@ -505,6 +509,8 @@ def test_memory_budget_bounds_the_network_memory(tmp_path):
     assert small_grown <= arrays + 160 * 2**20, small
     assert large_grown <= arrays + 2048 * 2**20, large
     assert large_grown > small_grown + 400 * 2**20, (small, large)  # the budget is what made the difference
+    fast = _memory_probe(tmp_path, slices=12, lung_slices=12, budget_mb=2048, size=40)
+    assert (fast["after_kb"] - fast["before_kb"]) * 1024 <= arrays + 160 * 2**20, fast
 
 
 # =========================================================================================
