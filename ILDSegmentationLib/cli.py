@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.commands import add_parsers as add_training_parsers
     add_training_parsers(sub, _add_common)
 
+    from . import bench
+    bench_parser = sub.add_parser("bench", help="measure speed and memory on this machine against a naive baseline "
+                                  "(prints a table; --json writes every figure)")
+    bench.add_arguments(bench_parser)
+    _add_common(bench_parser)
+
     arch = sub.add_parser("architecture", help="print the network's layers, parameter count and receptive field")
     arch.add_argument("--preset", default="proposed", help="a Table II configuration (see --list)")
     arch.add_argument("--list", action="store_true", help="list the presets with the paper's numbers")
@@ -174,7 +180,9 @@ def cmd_architecture(args: argparse.Namespace) -> int:
 
 def _commands() -> dict:
     from .training.commands import COMMANDS as training_commands
-    return {"segment": cmd_segment, "demo": cmd_demo, "architecture": cmd_architecture, **training_commands}
+    from .bench import run as cmd_bench
+    return {"segment": cmd_segment, "demo": cmd_demo, "architecture": cmd_architecture, "bench": cmd_bench,
+            **training_commands}
 
 
 def _one_line(message: str, limit: int = 0) -> str:

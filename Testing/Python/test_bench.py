@@ -1,0 +1,232 @@
+"""Fast paths against the reference path, and the ``ildseg bench`` machinery.
+
+Correctness only: benchmarks are not tests, nothing here asserts a time.
+
+The reference is :func:`bench.reference_segment`: the paper's per-lung crops, one
+crop at a time, eager float32 ``network.forward``. Every fast path (batching of
+identical crops, the channels-last CPU forward of ``fastpath.py``, padded+masked
+buckets on GPUs) must give the same labels inside the lung and probabilities within
+PROB_ATOL; GPU-only paths are checked where a GPU exists and skipped otherwise.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ILDSegmentationLib import bench, fastpath
+from ILDSegmentationLib.cli import main
+from ILDSegmentationLib.geometry import Geometry
+from ILDSegmentationLib.inference import Inferer
+from ILDSegmentationLib.network import PRESETS, DilatedFCN, NetworkConfig
+from ILDSegmentationLib.phantom import make_chest_phantom
+
+from synthetic import random_model, sitk_volume, two_lungs
+
+#: Probabilities of a fast path may differ from the reference's by float rounding
+#: only: a different order of summation in convolutions, GEMMs and normalization.
+#: Measured up to ~9e-4 on real CT with the bundled model (whose raw-HU inputs give
+#: large logits), ~5e-5 with the random test model.
+PROB_ATOL = 2e-3
+#: Share of lung voxels whose label must be equal: rounding can flip a label only
+#: where two classes tie to within ~1e-4.
+MIN_AGREEMENT = 0.999
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return random_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def case():
+    hu, mask = two_lungs(n_slices=3)
+    return hu, mask, Geometry.from_sitk(sitk_volume(hu))
+
+
+@pytest.fixture(scope="module")
+def reference(model, case):
+    hu, mask, geo = case
+    return bench.reference_segment(model.network.eval(), model.info.intensity, hu, mask, geo, probabilities=True)
+
+
+def _check_against_reference(result, ref_labels, ref_probs, mask):
+    lung = mask > 0
+    assert (result.labels[~lung] == 0).all()
+    assert bench.agreement_in_lung(result.labels, ref_labels, lung) >= MIN_AGREEMENT
+    if ref_probs is not None and result.probabilities is not None:
+        np.testing.assert_allclose(result.probabilities[lung], ref_probs[lung], atol=PROB_ATOL, rtol=0)
+
+
+# -- the engine's CPU paths against the reference -------------------------------------
+def test_default_cpu_path_matches_the_same_cropping_reference(model, case, reference):
+    hu, mask, geo = case
+    result = Inferer(model, device="cpu").segment(hu, mask, geo, probabilities=True)
+    _check_against_reference(result, *reference, mask)
+
+
+def test_one_crop_per_batch_matches_the_reference(model, case, reference):
+    hu, mask, geo = case
+    result = Inferer(model, device="cpu", max_memory_mb=0.001).segment(hu, mask, geo, probabilities=True)
+    _check_against_reference(result, *reference, mask)
+
+
+def test_batches_of_identical_crops_match_the_reference(model, case):
+    """Repeated slices give identical crop shapes, which the CPU path batches."""
+    hu, mask, geo = case
+    hu2, mask2 = bench.repeat_slices(hu, 6), bench.repeat_slices(mask, 6)
+    ref_labels, ref_probs = bench.reference_segment(model.network.eval(), model.info.intensity, hu2, mask2, geo,
+                                                    probabilities=True)
+    result = Inferer(model, device="cpu").segment(hu2, mask2, geo, probabilities=True)
+    _check_against_reference(result, ref_labels, ref_probs, mask2)
+
+
+def test_eager_cpu_path_when_asked_for(model, case, reference):
+    hu, mask, geo = case
+    inferer = Inferer(model, device="cpu", fast_cpu=False)
+    _check_against_reference(inferer.segment(hu, mask, geo, probabilities=True), *reference, mask)
+
+
+def test_bundled_model_on_the_phantom_matches_the_reference(default_model):
+    """The bundled model reads raw HU (large logits): the case where rounding
+    differences are largest."""
+    p = make_chest_phantom(size=96, n_slices=4, spacing=(3.8, 3.8, 10.0))
+    mask = p.lung_labels
+    net = default_model.network.eval()
+    ref_labels, ref_probs = bench.reference_segment(net, default_model.info.intensity, p.hu, mask, p.geometry,
+                                                    probabilities=True)
+    result = Inferer(default_model, device="cpu").segment(p.hu, mask, p.geometry, probabilities=True)
+    _check_against_reference(result, ref_labels, ref_probs, mask)
+
+
+def test_real_ct_matches_the_reference(default_model, dicom_dir):
+    from ILDSegmentationLib.io import read_ct
+    from ILDSegmentationLib.lungmask import compute_lung_mask
+    ct = read_ct(dicom_dir)
+    mask = compute_lung_mask(ct.array, ct.geometry)
+    k = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    z = slice(int(k[len(k) // 2]), int(k[len(k) // 2]) + 2)  # two slices through the middle
+    hu, mask = np.ascontiguousarray(ct.array[z]), np.ascontiguousarray(mask[z])
+    net = default_model.network.eval()
+    ref_labels, ref_probs = bench.reference_segment(net, default_model.info.intensity, hu, mask, ct.geometry,
+                                                    probabilities=True)
+    result = Inferer(default_model, device="cpu").segment(hu, mask, ct.geometry, probabilities=True)
+    _check_against_reference(result, ref_labels, ref_probs, mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: GPU paths not checked")
+def test_gpu_paths_match_the_reference(model, case, reference):  # pragma: no cover - needs a GPU
+    hu, mask, geo = case
+    exact = Inferer(model, device="cuda", mixed_precision=False).segment(hu, mask, geo, probabilities=True)
+    _check_against_reference(exact, *reference, mask)
+    # Mixed precision (bf16/fp16 autocast) is allowed a looser agreement: 99 %.
+    mixed = Inferer(model, device="cuda").segment(hu, mask, geo)
+    assert bench.agreement_in_lung(mixed.labels, reference[0], mask > 0) >= 0.99
+
+
+# -- the fast CPU forward itself ----------------------------------------------------------
+
+CONFIGS = dict(PRESETS, **{"two-input-channels": NetworkConfig(in_channels=2), "no-head": NetworkConfig(head=())})
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fast_forward_equals_forward_for_every_configuration(name):
+    torch.manual_seed(0)
+    cfg = CONFIGS[name]
+    net = DilatedFCN(cfg).eval()
+    fast = fastpath.FastCPUForward(net)
+    for shape in ((1, 37, 52), (3, 33, 35), (1, 9, 12)):  # odd sizes, a batch, smaller than the dilations
+        x = torch.randn(shape[0], cfg.in_channels, *shape[1:]) * 0.3
+        with torch.inference_mode():
+            ref, out = net(x), fast(x)
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(torch.softmax(out, 1).numpy(), torch.softmax(ref, 1).numpy(), atol=1e-4, rtol=0)
+        scale = float(ref.abs().max())
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=2e-5 * scale, rtol=0)
+
+
+def test_fast_forward_reuses_and_releases_its_workspace():
+    torch.manual_seed(0)
+    net = DilatedFCN().eval()
+    fast = fastpath.FastCPUForward(net)
+    big, small = torch.randn(1, 1, 48, 40), torch.randn(1, 1, 20, 30)
+    with torch.inference_mode():
+        a = fast(big).clone()
+        fast(small)  # a smaller crop reuses the big one's workspace
+        np.testing.assert_array_equal(fast(big).numpy(), a.numpy())
+    assert fast._spaces
+    fast.release()
+    assert not fast._spaces
+
+
+def test_fast_forward_applies_only_where_it_is_exact():
+    net = DilatedFCN().eval()
+    assert fastpath.supports(net, torch.device("cpu"))
+    assert not fastpath.supports(net, torch.device("cuda"))
+    assert not fastpath.supports(DilatedFCN().train(), torch.device("cpu"))
+    assert not fastpath.supports(DilatedFCN().double().eval(), torch.device("cpu"))
+    hooked = DilatedFCN().eval()
+    hooked.head[0].register_forward_hook(lambda *a: None)
+    assert not fastpath.supports(hooked, torch.device("cpu")), "a forward hook expects forward() to run"
+
+
+# -- the bench's helpers and run() ------------------------------------------------------
+def test_naive_baseline_labels_only_the_lung(model, case, reference):
+    hu, mask, geo = case
+    labels = bench.naive_segment(model.network.eval(), model.info.intensity, hu, mask, geo)
+    assert labels.shape == mask.shape and labels.dtype == np.uint8
+    assert (labels[mask == 0] == 0).all() and (labels[mask > 0] >= 1).all() and (labels[mask > 0] <= 6).all()
+    # Whole slices are normalized with other statistics than crops: labels may differ.
+    assert 0 <= bench.agreement_in_lung(labels, reference[0], mask) <= 1
+
+
+def test_agreement_and_repeated_slices():
+    a = np.array([[1, 2], [3, 0]])
+    b = np.array([[1, 3], [3, 5]])
+    lung = np.array([[1, 1], [1, 0]])
+    assert bench.agreement_in_lung(a, b, lung) == pytest.approx(2 / 3)
+    assert bench.agreement_in_lung(a, b, np.zeros_like(lung)) is None
+    vol = np.arange(3)[:, None, None] * np.ones((1, 2, 2))
+    assert bench.repeat_slices(vol, 8)[:, 0, 0].tolist() == [0, 1, 2, 2, 1, 0, 0, 1]
+
+
+def test_machine_info_and_peak_memory():
+    info = bench.machine_info()
+    for key in ("cpu_model", "cpu_logical", "torch", "torch_threads", "gpu", "date"):
+        assert key in info
+    peak = bench.peak_rss_mb()
+    assert peak is None or peak > 10
+
+
+def test_run_writes_json_with_the_required_keys(tmp_path):
+    p = make_chest_phantom(size=64, n_slices=4, spacing=(5.6, 5.6, 12.0))
+    image = sitk.GetImageFromArray(p.hu)
+    image.SetSpacing(p.geometry.spacing)
+    image.SetOrigin(p.geometry.origin)
+    ct = tmp_path / "ct.nrrd"
+    sitk.WriteImage(image, str(ct))
+    out = tmp_path / "bench.json"
+    # Every case is a fresh interpreter (~3 s each): the long volume and training
+    # are left out here (training is checked in-process below).
+    assert main(["bench", "--ct", str(ct), "--quick", "--device", "cpu", "--scaling", "2",
+                 "--skip", "long", "--skip", "training", "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    for case in list(report["real_ct"].values()) + report["scaling"]:
+        assert "error" not in case, case["error"]
+    for key in ("speedup_vs_naive", "agreement_in_lung", "seconds_per_slice", "peak_rss_mb", "machine"):
+        assert report[key] is not None, key
+    assert 0 <= report["agreement_in_lung"] <= 1
+    assert report["agreement_in_lung_same_cropping"] >= MIN_AGREEMENT
+    assert report["speedup_vs_naive"] > 0 and report["peak_rss_mb"] > 0
+    assert report["real_ct"]["product"]["timings"]["network"] > 0
+    assert report["scaling"][0]["slices"] == 8 and report["scaling"][0]["lung_voxels"] > 0
+    assert report["machine"]["torch"] == torch.__version__
+
+
+def test_training_throughput_worker():
+    out = bench._worker_training({"device": "cpu", "train_shapes": [[40, 36]], "train_steps": 1})
+    assert set(out["variants"]) >= {"float32 NCHW", "float32 channels-last"}
+    assert all(v["crops_per_second"] > 0 for v in out["variants"].values())
