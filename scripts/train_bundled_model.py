@@ -37,6 +37,21 @@ def resampled(src: sitk.Image, spacing_xy: float) -> sitk.Image:
                          src.GetDirection(), -1024, src.GetPixelID())
 
 
+def reinflated(src: sitk.Image, factor: float) -> sitk.Image:
+    """The same chest at another inspiration: a lung voxel's tissue fraction (HU + 1000)
+    scales with ``factor`` (< 1 deeper inspiration, darker lung; > 1 shallower).
+    The change fades out between -300 and 0 HU so that vessels, walls and the chest
+    wall keep their values. Healthy lung ranges from about -900 to -750 HU between
+    scans and scanners; one real training CT alone covers one point of that range."""
+    import numpy as np
+    hu = sitk.GetArrayFromImage(src).astype(np.float32)
+    w = np.clip(-hu / 300.0, 0.0, 1.0)
+    out = hu + w * (factor - 1.0) * (hu + 1000.0)
+    img = sitk.GetImageFromArray(np.round(out).astype(np.int16))
+    img.CopyInformation(src)
+    return img
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -48,6 +63,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--crops-per-epoch", type=int, default=100)
+    ap.add_argument("--inflation", type=float, nargs="+", default=[1.0, 0.7],
+                    help="tissue-fraction factors applied to the real training CT (see reinflated)")
+    ap.add_argument("--init", type=Path, help="start training from this model's weights")
     ap.add_argument("--install", action="store_true", help="copy the model into ILDSegmentationLib/models")
     args = ap.parse_args()
     w = args.work
@@ -57,9 +75,11 @@ def main() -> None:
     train_cts = []
     dicom = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(args.data / "lung-pet-ct-dx-A0002")))
     for mm in (1.0, 1.4):
-        p = cts / f"lungpetctdx-A0002-{mm:g}mm.nrrd"
-        sitk.WriteImage(resampled(dicom, mm), str(p), True)
-        train_cts.append(p)
+        for factor in args.inflation:
+            tag = "" if factor == 1.0 else f"-x{factor:g}"
+            p = cts / f"lungpetctdx-A0002-{mm:g}mm{tag}.nrrd"
+            sitk.WriteImage(reinflated(resampled(dicom, mm), factor), str(p), True)
+            train_cts.append(p)
     from ILDSegmentationLib.phantom import make_chest_phantom
     for seed in range(1, args.phantoms + 1):
         ph = make_chest_phantom(seed=seed)
@@ -67,8 +87,10 @@ def main() -> None:
         img.SetSpacing(ph.geometry.spacing)
         img.SetOrigin(ph.geometry.origin)
         img.SetDirection(ph.geometry.direction)
-        p = cts / f"phantom-{seed}.nrrd"
-        sitk.WriteImage(img, str(p), True)
+        # The phantom's lung is darker than the real training CT's: brighten half of them.
+        factor = 1.0 if seed % 2 else 1.2
+        p = cts / f"phantom-{seed}{'' if factor == 1.0 else f'-x{factor:g}'}.nrrd"
+        sitk.WriteImage(reinflated(img, factor), str(p), True)
         train_cts.append(p)
 
     ildseg("simulate", "--ct", *map(str, train_cts), "--out", str(w / "train"),
@@ -79,7 +101,7 @@ def main() -> None:
     ildseg("train", "--manifest", str(w / "train" / "manifest.csv"), "--out", str(run), "--val-fraction", "0.2",
            "--epochs", str(args.epochs), "--patience", str(args.patience), "--lr", str(args.lr),
            "--batch-size", str(args.batch_size), "--crops-per-epoch", str(args.crops_per_epoch), "--intensity", "hu1000", "--device", "auto", "--seed", "0",
-           "--resume")
+           "--resume", *(["--init", str(args.init)] if args.init else []))
     ildseg("evaluate", "--manifest", str(w / "heldout" / "manifest.csv"), "--model", str(run / "model.safetensors"),
            "--report", str(w / "heldout_eval.json"), "--confusion", str(w / "heldout_confusion.png"))
     report = json.loads((w / "heldout_eval.json").read_text())

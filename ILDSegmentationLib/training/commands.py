@@ -39,6 +39,8 @@ def add_parsers(sub, common) -> None:
     t.add_argument("--no-augment", action="store_true", help="no flips/rotations")
     t.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
+    t.add_argument("--init", metavar="MODEL", help="start from this model file's weights (fine-tuning; same "
+                   "preset and --intensity) instead of a random init")
     t.add_argument("--seed", type=int, default=0)
     common(t)
 
@@ -141,6 +143,13 @@ def cmd_train(args) -> int:
                   "command": "ildseg " + " ".join(args.argv),
                   "validation_cases": sorted(val_ids), "folds": n_folds, "fold": fold}
     trainer = Trainer(config, train, val, Path(args.out), provenance=provenance, progress=say)
+    if args.init:
+        from ..modelfile import load_model
+        init = load_model(args.init)
+        trainer.initialize_from(init)
+        provenance["initialized_from"] = {"file": init.path.name, "sha256": init.sha256,
+                                          "trained": init.info.trained}
+        say(f"starting from the weights of {init.path.name}")
     if args.resume and trainer.resume():
         say(f"resumed from {trainer.checkpoint_path} at epoch {trainer.start_epoch + 1}")
     try:

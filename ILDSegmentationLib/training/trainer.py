@@ -31,7 +31,7 @@ from ..atomicfile import atomic_path
 from ..classes import NUM_CLASSES
 from ..device import select_device
 from ..errors import InputError
-from ..modelfile import ModelInfo, save_model
+from ..modelfile import LoadedModel, ModelInfo, save_model
 from ..network import PRESETS, DilatedFCN
 from ..preprocessing import INTENSITY_PRESETS
 from .dataset import Crop, class_pixel_counts, dihedral
@@ -58,6 +58,9 @@ class TrainConfig:
     intensity: str = "hu"
     seed: int = 0
     device: str = "auto"
+    #: SHA-256 of the model file whose weights start the run ("" = He-normal init, as
+    #: in the paper); part of the config so a resumed fine-tuning run must name it again.
+    init_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -167,6 +170,20 @@ class Trainer:
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
         self.start_epoch = 0
 
+    def initialize_from(self, model: LoadedModel) -> None:
+        """Start from a trained model's weights (fine-tuning) instead of a random init.
+
+        The model must have this run's architecture and intensity handling: weights
+        learned on other inputs would start the run from a meaningless point.
+        """
+        if model.info.network != self.network.config:
+            raise InputError(f"--init model {model.path.name} is not the '{self.config.preset}' architecture")
+        if model.info.intensity.name != self.config.intensity:
+            raise InputError(f"--init model {model.path.name} uses intensity '{model.info.intensity.name}', "
+                             f"this run '{self.config.intensity}' (pass --intensity {model.info.intensity.name})")
+        self.network.load_state_dict(model.network.state_dict())
+        self.config.init_sha256 = model.sha256
+
     # -- files ----------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
@@ -203,7 +220,9 @@ class Trainer:
         # The epoch limit may grow and the device change; every other setting shapes
         # the run and must match.
         resumable = lambda d: {k: v for k, v in d.items() if k not in ("epochs", "device")}  # noqa: E731
-        if resumable(meta["config"]) != resumable(asdict(self.config)):
+        # Settings added since the checkpoint was written take their defaults.
+        saved = {**asdict(TrainConfig()), **meta["config"]}
+        if resumable(saved) != resumable(asdict(self.config)):
             raise InputError("the checkpoint in the run folder was made with other settings; "
                              "use a new --out folder or the same options")
         self.network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -72,3 +72,30 @@ def test_simulate_writes_a_case_and_a_one_row_manifest(tmp_path):
     ann = sitk.ReadImage(str(tmp_path / "case" / rows[1][3]))
     assert ann.GetSize() == img.GetSize()
     assert sitk.GetArrayFromImage(ann).max() > 1, "patterns are annotated"
+
+
+def test_train_init_starts_from_a_model_and_checks_it_fits(manifest, tmp_path, capsys):
+    from synthetic import random_model
+    start = random_model(tmp_path)  # intensity hu1000
+    run = tmp_path / "finetune"
+    # A learning rate this small leaves the weights where --init put them.
+    assert main(["train", "--manifest", str(manifest), "--out", str(run), "--folds", "2", "--epochs", "1",
+                 "--lr", "1e-12", "--intensity", "hu1000", "--device", "cpu", "--init", str(start.path),
+                 "--quiet"]) == 0
+    tuned = load_model(run / "model.safetensors")
+    assert tuned.info.provenance["initialized_from"]["sha256"] == start.sha256
+    for name, value in start.network.state_dict().items():
+        np.testing.assert_allclose(tuned.network.state_dict()[name].numpy(), value.numpy(), atol=1e-6, err_msg=name)
+
+    # Resuming must name the same starting model: the checkpoint records it.
+    assert main(["train", "--manifest", str(manifest), "--out", str(run), "--folds", "2", "--epochs", "2",
+                 "--lr", "1e-12", "--intensity", "hu1000", "--device", "cpu", "--resume", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+    # A model that reads its input otherwise is refused, in one line, before training.
+    capsys.readouterr()
+    assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "bad"), "--folds", "2",
+                 "--epochs", "1", "--intensity", "hu", "--device", "cpu", "--init", str(start.path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--init" in err and "hu1000" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
