@@ -243,6 +243,16 @@ def output_kind(path: PathLike) -> str:
     raise InputError(f"unsupported output format for {Path(path).name}: use .nrrd, .nii.gz, .mha or .seg.nrrd")
 
 
+def probability_output_kind(path: PathLike) -> str:
+    """The format of a probabilities output: a plain 6-component image. A ``.seg.nrrd``
+    name would promise a Slicer segmentation, which a probability image is not."""
+    kind = output_kind(path)
+    if kind == "seg.nrrd":
+        raise InputError(f"probabilities are a 6-component image, not a segmentation: name "
+                         f"{Path(path).name} .nrrd, .nii.gz or .mha")
+    return kind
+
+
 def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
     """Write through a temporary file and a rename: never a half-written output."""
     with atomic_path(path) as tmp:
@@ -283,5 +293,5 @@ def write_label_map(labels: np.ndarray, reference: sitk.Image, path: PathLike) -
 
 def write_probabilities(probabilities: np.ndarray, reference: sitk.Image, path: PathLike) -> Path:
     """float32 per-class probabilities (K,J,I,C) as a vector image on the reference grid."""
-    output_kind(path)
+    probability_output_kind(path)
     return write_image(image_like(probabilities, reference, is_vector=True), path)

@@ -21,7 +21,7 @@ from . import __version__
 from .atomicfile import atomic_path, check_writable
 from .errors import InputError
 from .inference import CancelCheck, Inferer, ProgressCallback
-from .io import output_kind, read_ct, read_lung_mask, write_label_map, write_probabilities
+from .io import output_kind, probability_output_kind, read_ct, read_lung_mask, write_label_map, write_probabilities
 from .modelfile import load_model
 from .report import class_volumes
 
@@ -54,7 +54,7 @@ def segment_file(
     t0 = time.perf_counter()
     output_kind(output)
     if probabilities is not None:
-        output_kind(probabilities)
+        probability_output_kind(probabilities)
     outputs = [Path(p) for p in (output, probabilities, report, overlay) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise InputError("two outputs have the same file name")

@@ -37,8 +37,14 @@ class Intensity:
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
         """float32 network input from HU of any dtype (always a new array)."""
-        x = np.asarray(hu).astype(np.float32)
-        np.clip(x, self.clip_min, self.clip_max, out=x)
+        x = np.asarray(hu)
+        if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+            # Clip before narrowing: a float64 value beyond float32's range would
+            # become inf (with an overflow warning) on the way.
+            x = np.clip(x, self.clip_min, self.clip_max).astype(np.float32)
+        else:
+            x = x.astype(np.float32)
+            np.clip(x, self.clip_min, self.clip_max, out=x)
         if self.offset:
             x -= np.float32(self.offset)
         if self.scale != 1:

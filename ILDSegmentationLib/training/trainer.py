@@ -209,10 +209,21 @@ class Trainer:
         with atomic_path(self.checkpoint_path) as tmp:
             save_file(tensors, tmp, metadata={"ildseg_checkpoint": json.dumps(meta)})
 
+    def _remove_stale_temporaries(self) -> None:
+        """A run killed outright (SIGKILL, power loss) while writing can leave the
+        temporary file of a write-then-rename beside its target; the target itself is
+        intact. Resuming removes them, so the run folder holds only real outputs."""
+        for name in (self.checkpoint_path.name, self.model_path.name, "log.csv", "summary.json",
+                     "learning_curves.png", "confusion.png"):
+            for leftover in self.out.glob(f".{name}.*.part*"):
+                leftover.unlink(missing_ok=True)
+
     def resume(self) -> bool:
         """Continue from the checkpoint in the run folder; False when there is none."""
         if not self.checkpoint_path.exists():
             return False
+        if self.rank == 0:
+            self._remove_stale_temporaries()
         from safetensors import safe_open
         with safe_open(str(self.checkpoint_path), framework="pt") as f:
             meta = json.loads(f.metadata()["ildseg_checkpoint"])

@@ -68,7 +68,7 @@ def test_python_m_and_entry_point_agree():
 
 
 @pytest.mark.parametrize("case", ["missing_ct", "bad_model", "pickle_model", "bad_folder", "bad_ext", "empty_mask",
-                                  "bad_device"])
+                                  "bad_device", "seg_nrrd_probabilities"])
 def test_bad_input_one_line_exit_2_no_output(small_case, tmp_path, case):
     d, mask, model = small_case
     out = tmp_path / "out.nrrd"
@@ -92,6 +92,8 @@ def test_bad_input_one_line_exit_2_no_output(small_case, tmp_path, case):
         empty.CopyInformation(sitk.ReadImage(str(d / "ct.nrrd")))
         sitk.WriteImage(empty, str(tmp_path / "empty.nrrd"))
         args[3] = tmp_path / "empty.nrrd"
+    elif case == "seg_nrrd_probabilities":  # a probability image is no segmentation
+        args += ["--probabilities", tmp_path / "out_probs.seg.nrrd"]
     elif case == "bad_device":
         import torch
         if torch.cuda.is_available():

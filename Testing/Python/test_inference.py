@@ -192,3 +192,20 @@ def test_out_of_gpu_memory_halves_the_batch_then_falls_back_to_cpu(model, case, 
     out = none.segment(hu2, mask2, geo)
     np.testing.assert_array_equal(out.labels, reference.labels)
     assert none.device.type == "cpu" and "continuing on the CPU" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint16", "int32", "float32", "float64"])
+def test_intensity_clips_any_storage_type_without_overflow(dtype):
+    """Values beyond the clip range, even float64 ones float32 cannot hold, become
+    the clip limits, with no overflow on the way."""
+    import warnings
+    from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
+    hu = np.array([info.min, -3024, -1000, 0, 40, info.max]).astype(dtype)
+    for name, intensity in INTENSITY_PRESETS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            x = intensity.apply(hu)
+        assert x.dtype == np.float32 and np.isfinite(x).all(), name
+        clipped = np.clip(hu.astype(np.float64), intensity.clip_min, intensity.clip_max)
+        np.testing.assert_allclose(x, (clipped - intensity.offset) * intensity.scale, rtol=1e-6, err_msg=name)

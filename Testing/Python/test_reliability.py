@@ -241,9 +241,13 @@ def test_training_killed_then_resumed_ends_with_the_same_weights(training_manife
     checkpoint_meta = json.loads(_safetensors_metadata(out / "checkpoint.safetensors")["ildseg_checkpoint"])
     assert 1 <= checkpoint_meta["epoch"] <= 3, "killed during epoch 3: at most that epoch is lost"
 
+    if sig == signal.SIGKILL:
+        # What a kill in the middle of a checkpoint write leaves: resuming clears it.
+        (out / ".checkpoint.safetensors.x1y2z3.part.safetensors").write_bytes(b"half a checkpoint")
     r = _train(training_manifest, out, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
+    assert [p for p in _leftovers(out) if ".part" in p] == [], "resuming leaves no temporary file"
     for name in ("model.safetensors", "checkpoint.safetensors"):
         expected, got = _tensors(uninterrupted_run / name), _tensors(out / name)
         assert expected.keys() == got.keys()
