@@ -24,6 +24,15 @@ UNTRAINED_WARNING = ("WARNING: the model '{name}' is UNTRAINED (random weights):
                      "Give a trained model with --model.")
 
 
+def model_notice(model: dict) -> Optional[str]:
+    """What a user must know about the weights before reading the labels: that they
+    are untrained, or the model file's own warning (e.g. trained on simulated data)."""
+    if not model["trained"]:
+        return UNTRAINED_WARNING.format(name=model["name"])
+    warning = (model.get("provenance") or {}).get("warning")
+    return f"note on the model: {warning}" if warning else None
+
+
 class _Progress:
     """tqdm on a terminal; silent when stderr is not a TTY or with --quiet."""
 
@@ -115,8 +124,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                max_memory_mb=args.max_memory, progress=bar)
     finally:
         bar.close()
-    if not summary["model"]["trained"]:
-        print(UNTRAINED_WARNING.format(name=summary["model"]["name"]), file=sys.stderr)
+    notice = model_notice(summary["model"])
+    if notice:
+        print(notice, file=sys.stderr)
     _print_summary(summary, args.quiet)
     if not args.quiet:
         print(f"labels written to {args.output}")
@@ -137,8 +147,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     m = summary["model"]
     out = Path(args.out).resolve()
     print(f"weights: {m['name']} ({m['file']}, sha256 {m['sha256'][:12]})")
-    if not m["trained"]:
-        print(UNTRAINED_WARNING.format(name=m["name"]))
+    notice = model_notice(m)
+    if notice:
+        print(notice)
     print(f"balanced accuracy against the known truth: {summary['demo_balanced_accuracy']:.3f} "
           f"(see {out / 'overlay.png'})")
     print(f"outputs in {out}: demo_ct.nrrd (input), demo_truth.seg.nrrd (truth), "

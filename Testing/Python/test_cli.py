@@ -104,3 +104,34 @@ def test_bad_input_one_line_exit_2_no_output(small_case, tmp_path, case):
     lines = [line for line in r.stderr.strip().splitlines() if line.startswith("ildseg: error")]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert list(tmp_path.glob("out*")) == [] and not (tmp_path / "r.json").exists()
+
+
+def test_model_notice_says_what_the_weights_are():
+    from ILDSegmentationLib.cli import model_notice
+    assert "UNTRAINED" in model_notice({"name": "m", "trained": False, "provenance": {}})
+    note = model_notice({"name": "m", "trained": True, "provenance": {"warning": "simulated data only"}})
+    assert note.endswith("simulated data only") and "UNTRAINED" not in note
+    assert model_notice({"name": "m", "trained": True, "provenance": {}}) is None
+
+
+def test_demo_runs_on_its_built_in_case_and_scores_against_the_truth(tmp_path):
+    """`ildseg demo` needs no input: it writes its case, the truth and the result, and
+    prints the bundled model's balanced accuracy against the known truth, with what
+    the user must know about the weights."""
+    from ILDSegmentationLib.modelfile import default_model_path, read_info
+    r = ildseg("demo", "--out", tmp_path / "demo", "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("demo_ct.nrrd", "demo_truth.seg.nrrd", "segmentation.seg.nrrd", "report.json", "overlay.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0, name
+    line = [s for s in r.stdout.splitlines() if s.startswith("balanced accuracy against the known truth:")]
+    assert len(line) == 1, r.stdout
+    bacc = float(line[0].split(":")[1].split()[0])
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "demo" / "demo_truth.seg.nrrd")))
+    assert len(set(np.unique(truth)) - {0}) == 6, "the demo case shows every class"
+    info = read_info(default_model_path())
+    if info.trained:
+        # Chance is 1/6; a model that recognizes the patterns it was trained on is far above it.
+        assert bacc >= 0.5, r.stdout
+        assert "not for clinical use" in r.stdout.lower()
+    else:
+        assert 0 <= bacc <= 1 and "UNTRAINED" in r.stdout
