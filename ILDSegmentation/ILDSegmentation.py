@@ -94,7 +94,7 @@ class ILDSegmentation(ScriptedLoadableModule):
             "Segments interstitial lung disease (ILD) patterns in chest CT into six classes: healthy tissue, "
             "ground glass opacity, micronodules, consolidation, reticulation and honeycombing, with a table of "
             "their volumes. <b>Research use only: not for clinical use.</b> The bundled model's provenance is "
-            "shown in the panel; an untrained placeholder gives meaningless labels, use a trained model file."
+            "shown in the panel: it was trained on simulated patterns only (see its model card)."
             "<br>Method: M. Anthimopoulos, S. Christodoulidis, L. Ebner, T. Geiser, A. Christe, "
             "S. Mougiakakou, \"Semantic Segmentation of Pathological Lung Tissue with Dilated Fully "
             "Convolutional Networks\", IEEE Journal of Biomedical and Health Informatics, 2018 "

@@ -28,13 +28,14 @@ def two_lungs(n_slices: int = 5, rows: int = 80, cols: int = 112, seed: int = 0)
     return hu.astype(np.int16), mask
 
 
-def random_model(tmp_path, seed: int = 7):
+def random_model(tmp_path, seed: int = 7, intensity: str = "hu1000"):
     """A random-weight model whose outputs vary across classes (inputs scaled by
-    1/1000 keep the logits moderate), to make label comparisons meaningful."""
+    1/1000 keep the logits moderate), to make label comparisons meaningful.
+    intensity="hu" feeds raw HU instead (large logits: the hardest case for rounding)."""
     torch.manual_seed(seed)
     net = DilatedFCN(NetworkConfig())
-    info = ModelInfo(name="random test model", network=net.config, intensity=INTENSITY_PRESETS["hu1000"])
-    return load_model(save_model(tmp_path / f"random{seed}.safetensors", net, info))
+    info = ModelInfo(name="random test model", network=net.config, intensity=INTENSITY_PRESETS[intensity])
+    return load_model(save_model(tmp_path / f"random{seed}-{intensity}.safetensors", net, info))
 
 
 def sitk_volume(hu: np.ndarray, spacing=(0.8, 0.8, 2.5), origin=(0.0, 0.0, 0.0)) -> sitk.Image:

@@ -186,9 +186,10 @@ CORNER_CASES = [
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A random-weight model fed HU/1000 and the bundled one (raw HU, the default
-    intensity), so both intensity paths meet extreme values."""
-    return {"hu1000": random_model(tmp_path_factory.mktemp("fuzz-model")), "hu": load_model()}
+    """Random-weight models fed HU/1000 and raw HU (the paper-faithful default), so
+    both intensity paths meet extreme values."""
+    folder = tmp_path_factory.mktemp("fuzz-model")
+    return {"hu1000": random_model(folder), "hu": random_model(folder, intensity="hu")}
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e300 -> float32 inf, clipped

@@ -34,11 +34,22 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
     assert not list(tmp_path.glob(".*part*")), "no temporary file left behind"
 
 
-def test_bundled_model_loads_and_says_it_is_untrained():
+def test_bundled_model_says_what_it_is_and_agrees_with_its_model_card():
+    """The bundled weights carry their warning and held-out result, and the model card
+    beside them states the same numbers."""
     info = read_info(default_model_path())
-    assert info.network == PRESETS["proposed"]
-    assert info.trained is False
-    assert "UNTRAINED" in info.provenance["warning"]
+    assert info.network == PRESETS["proposed"] and info.intensity.name == "hu1000"
+    assert info.trained is True
+    assert "SIMULATED" in info.provenance["warning"] and "not for clinical use" in info.provenance["warning"]
+    held = info.provenance["heldout_evaluation"]
+    card = (default_model_path().parent / "README.md").read_text()
+    assert f"{held['balanced_accuracy']:.3f}" in card
+    for name, acc in held["per_class_accuracy"].items():
+        assert f"| {name} | {acc:.3f} |" in card, name
+    for row in held["confusion_matrix"]:
+        assert " | ".join(str(v) for v in row) in card
+    assert all(c.startswith("ricord") for c in held["cases"]), "held out: a CT never used in training"
+    assert not any("ricord" in c for c in info.provenance["validation_cases"])
 
 
 class _Payload:

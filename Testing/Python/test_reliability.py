@@ -674,7 +674,7 @@ def test_out_of_field_padding_disturbs_neither_mask_nor_labels(ricord_path):
     roi_c = np.zeros(hu_c.shape, np.uint8)
     roi_c[[30, 45]] = 1
     roi = view.from_canonical(roi_c)
-    inferer = Inferer(load_model(), device="cpu")  # the bundled model feeds raw HU
+    inferer = Inferer(load_model(), device="cpu")  # the bundled model: -3024 must clip like -1024
     labels = inferer.segment(hu, mask, ct.geometry, only_slices_of=roi).labels
     on = roi > 0
     assert (labels[padding] == 0).all() and labels[on].any()
