@@ -30,7 +30,6 @@ from ILDSegmentationLib.classes import NUM_CLASSES
 from ILDSegmentationLib.errors import ILDSegError, InputError, LungMaskError
 from ILDSegmentationLib.geometry import Geometry, as_volume, canonical_view
 from ILDSegmentationLib.inference import Inferer
-from ILDSegmentationLib.modelfile import load_model
 from ILDSegmentationLib.pipeline import segment_file
 
 from synthetic import random_model
