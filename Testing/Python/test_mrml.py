@@ -382,14 +382,20 @@ def test_results_table_is_voxel_count_times_voxel_volume(env, model):
 
 
 def test_segments_survive_seg_nrrd_save_and_reload(env, model, tmp_path):
+    import copy
+    import torch
+    # Reticulation and honeycombing made impossible, so two segments are surely empty.
+    never = copy.deepcopy(model)
+    with torch.no_grad():
+        never.network.classifier.bias[4:] = -1e4
     ct = add_ct(env.scene)
     mask_node = add_volume(env.scene, lungs_at(lps_points(CT_GEOMETRY, CT_SHAPE)), CT_GEOMETRY, "lungs",
                            "vtkMRMLLabelMapVolumeNode")
-    result = mrml.process(env.scene, ct, mask_node, None, model=model, device="cpu")
+    result = mrml.process(env.scene, ct, mask_node, None, model=never, device="cpu")
     seg = result.segmentation_node
     labels = export_labels(env, seg, ct)
     present = set(np.unique(labels)) - {0}
-    assert len(present) < 6, "the synthetic case should leave some classes empty"
+    assert present and present.isdisjoint({5, 6}), "two classes left empty"
     path = str(tmp_path / "ild.seg.nrrd")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(path)
