@@ -230,3 +230,12 @@ def test_training_throughput_worker():
     out = bench._worker_training({"device": "cpu", "train_shapes": [[40, 36]], "train_steps": 1})
     assert set(out["variants"]) >= {"float32 NCHW", "float32 channels-last"}
     assert all(v["crops_per_second"] > 0 for v in out["variants"].values())
+
+
+def test_bench_refuses_a_missing_or_unreadable_ct_in_one_line(tmp_path, capsys):
+    (tmp_path / "bad.nrrd").write_text("not an image")
+    for ct in (tmp_path / "missing.nrrd", tmp_path / "bad.nrrd"):
+        assert main(["bench", "--ct", str(ct), "--quick", "--quiet", "--json", str(tmp_path / "b.json")]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ildseg: error")]
+        assert len(err) == 1 and ct.name in err[0], err
+    assert not (tmp_path / "b.json").exists()
