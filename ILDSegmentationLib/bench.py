@@ -436,11 +436,7 @@ def _load_source(ct: Optional[str], quick: bool, tmp: Path, say: Callable[[str],
         spacing, origin, direction = list(image.GetSpacing()), image.GetOrigin(), image.GetDirection()
         description = f"{path.name} ({'DICOM series' if path.is_dir() else 'file'})"
     else:
-        try:
-            from .phantom import make_chest_phantom
-        except ImportError:
-            raise InputError("no CT given (--ct), no ../shared/data, and the built-in phantom is not "
-                             "available in this version") from None
+        from .phantom import make_chest_phantom
         say("no real CT found: using the built-in synthetic chest phantom")
         size, spacing_xy = (256, 1.4) if quick else (512, 0.7)
         phantom = make_chest_phantom(size=size, spacing=(spacing_xy, spacing_xy, 5.0))
@@ -466,38 +462,31 @@ def _load_source(ct: Optional[str], quick: bool, tmp: Path, say: Callable[[str],
 # ---------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------
-def _add(parser: argparse.ArgumentParser, *flags: str, **kw: Any) -> None:
-    """Add an option unless the parser has it already (the CLI may share --device,
-    --model, --max-memory between commands)."""
-    if any(f in parser._option_string_actions for f in flags):  # noqa: SLF001 - stable argparse attribute
-        return
-    parser.add_argument(*flags, **kw)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ildseg bench``."""
-    _add(parser, "--ct", metavar="PATH",
-         help="CT to measure on (file or DICOM folder); default: the DICOM series in ../shared/data, "
-              "else the built-in synthetic phantom")
-    _add(parser, "--json", metavar="OUT", help="write every figure to this JSON file")
-    _add(parser, "--quick", action="store_true",
-         help="small settings (8 slices at half resolution, short long volume): ~2 minutes on a 2-core CPU")
-    _add(parser, "--long-slices", type=int, default=None, metavar="N",
-         help="slices of the long synthetic volume (default 300; 24 with --quick)")
-    _add(parser, "--scaling", default="1,2,4", metavar="F,F,...",
-         help="multiples of the CT's slice count for the scaling cases (default 1,2,4)")
-    _add(parser, "--repeat", type=int, default=1, metavar="N",
-         help="run the real-CT cases N times, interleaved, and keep the fastest of each (default 1)")
-    _add(parser, "--skip", action="append", default=[], choices=SKIPPABLE,
-         help="leave a case out (repeatable)")
-    _add(parser, "--threads", type=int, default=None, metavar="N",
-         help="torch threads in every case (default: torch's default, the physical cores)")
-    _add(parser, "--train-steps", type=int, default=None, metavar="N",
-         help="timed training steps per crop shape (default 3; 1 with --quick)")
-    _add(parser, "--model", metavar="FILE", help="model file (.safetensors); default: the bundled model")
-    _add(parser, "--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    _add(parser, "--max-memory", type=float, default=1024, metavar="MB",
-         help="activation memory one batch of lung crops may use (default: 1024)")
+    parser.add_argument("--ct", metavar="PATH",
+                        help="CT to measure on (file or DICOM folder); default: the DICOM series in ../shared/data, "
+                             "else the built-in synthetic phantom")
+    parser.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="small settings (8 slices at half resolution, short long volume): "
+                             "~2 minutes on a 2-core CPU")
+    parser.add_argument("--long-slices", type=int, default=None, metavar="N",
+                        help="slices of the long synthetic volume (default 300; 24 with --quick)")
+    parser.add_argument("--scaling", default="1,2,4", metavar="F,F,...",
+                        help="multiples of the CT's slice count for the scaling cases (default 1,2,4)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run the real-CT cases N times, interleaved, and keep the fastest of each (default 1)")
+    parser.add_argument("--skip", action="append", default=[], choices=SKIPPABLE,
+                        help="leave a case out (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads in every case (default: torch's default, the physical cores)")
+    parser.add_argument("--train-steps", type=int, default=None, metavar="N",
+                        help="timed training steps per crop shape (default 3; 1 with --quick)")
+    parser.add_argument("--model", metavar="FILE", help="model file (.safetensors); default: the bundled model")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--max-memory", type=float, default=1024, metavar="MB",
+                        help="activation memory one batch of lung crops may use (default: 1024)")
 
 
 def _best(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
