@@ -158,7 +158,7 @@ def cmd_train(args) -> int:
         if trainer.world > 1:
             import torch.distributed as dist
             dist.destroy_process_group()
-    say(f"best validation BACC {summary['validation']['balanced_accuracy']:.4f} at epoch {summary['best_epoch'] + 1}; "
+    say(f"best validation BACC {summary['validation']['balanced_accuracy']:.4f} at epoch {summary['best_epoch']}; "
         f"model written to {trainer.model_path}")
     return 0
 

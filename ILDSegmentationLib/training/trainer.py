@@ -256,7 +256,9 @@ class Trainer:
                 w = csv.writer(f)
                 w.writerow(list(asdict(self.history[0]).keys()) if self.history else [])
                 for r in self.history:
-                    w.writerow(list(asdict(r).values()))
+                    # Epochs count from 1 wherever a user reads them (log, summary, model
+                    # file, messages); the loop and the checkpoint count from 0.
+                    w.writerow(list({**asdict(r), "epoch": r.epoch + 1}.values()))
 
     # -- loop -------------------------------------------------------------------------
     def _epoch(self, epoch: int) -> float:
@@ -327,7 +329,7 @@ class Trainer:
             self.network.load_state_dict(self.best_state)
         metrics = validation_metrics(self.network, self.val, self.device)
         summary = {
-            "best_epoch": self.best_epoch, "epochs_run": len(self.history),
+            "best_epoch": self.best_epoch + 1, "epochs_run": len(self.history),
             "validation": metrics, "class_pixel_counts_train": self.class_counts.tolist(),
             "entropy_alpha": self.alpha,
         }
@@ -336,7 +338,7 @@ class Trainer:
                 name=f"ILD dilated FCN ({self.config.preset})", network=self.network.config,
                 intensity=INTENSITY_PRESETS[self.config.intensity], trained=True,
                 provenance={**self.provenance, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "training": asdict(self.config), "best_epoch": self.best_epoch,
+                            "training": asdict(self.config), "best_epoch": self.best_epoch + 1,
                             "epochs_run": len(self.history),
                             "validation_balanced_accuracy": metrics["balanced_accuracy"],
                             "validation_per_class_accuracy": metrics["per_class_accuracy"],

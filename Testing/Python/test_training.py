@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -229,6 +230,12 @@ def test_short_training_lowers_the_loss_and_beats_chance(crops, tmp_path):
         assert (tmp_path / "run" / name).exists()
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.info.trained and model.info.provenance["best_epoch"] == summary["best_epoch"]
+    # One epoch numbering for users: counted from 1 in the log, the summary and the file.
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    improved = [int(r["epoch"]) for r in rows if r["best"] == "True"]
+    assert summary["best_epoch"] == improved[-1]
 
 
 def test_resume_ends_with_the_same_weights(crops, tmp_path):
