@@ -55,7 +55,11 @@ def reinflated(src: sitk.Image, factor: float) -> sitk.Image:
     return img
 
 
-def noisier(src: sitk.Image, sd_hu: float, seed: int, grain_px: float = 0.7) -> sitk.Image:
+#: Noise grain (Gaussian sigma, px) of the first variants; file names mention only others.
+GRAIN_PX = 0.7
+
+
+def noisier(src: sitk.Image, sd_hu: float, seed: int, grain_px: float = GRAIN_PX) -> sitk.Image:
     """The same chest on a noisier scan (lower dose or a sharper kernel): adds
     in-plane correlated Gaussian noise of ``sd_hu`` HU whose grain is a Gaussian of
     ``grain_px`` pixels (sigma): larger for softer kernels and for scans resampled
@@ -131,7 +135,8 @@ def main() -> None:
     train_cts = []
     dicom = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(args.data / "lung-pet-ct-dx-A0002")))
     for n, (mm, factor, sd, grain) in enumerate(REAL_VARIANTS):
-        p = cts / (f"lungpetctdx-A0002-{mm:g}mm-x{factor:g}-n{sd:g}" + ("" if grain == 0.7 else f"g{grain:g}") + ".nrrd")
+        grain_tag = "" if grain == GRAIN_PX else f"g{grain:g}"
+        p = cts / f"lungpetctdx-A0002-{mm:g}mm-x{factor:g}-n{sd:g}{grain_tag}.nrrd"
         img = reinflated(resampled(dicom, mm), factor)
         sitk.WriteImage(noisier(img, sd, n, grain) if sd else img, str(p), True)
         train_cts.append(p)
