@@ -4,8 +4,9 @@ on simulated cases from a CT never used in training, and write the model card.
     python scripts/train_bundled_model.py --data ../shared/data --work /tmp/ildseg-train [--init MODEL]
 
 Training CTs: variants of the Lung-PET-CT-Dx series (REAL_VARIANTS: resampled to 1.0
-and 1.4 mm in-plane, lung density as at deeper inspiration, added noise as on a
-noisier scanner) and synthetic phantoms (PHANTOM_VARIANTS). One real CT is all the
+and 1.4 mm in-plane, lung density as at deeper or shallower inspiration, added noise of
+finer or coarser grain as on noisier scanners and softer kernels) and synthetic
+phantoms (PHANTOM_VARIANTS). One real CT is all the
 training data this project may use; the variants spread it over the range of pixel
 sizes, lung densities and noise levels that scans differ by.
 Held-out CT: RICORD 000082, never used in training (its own GGO is real disease: the
