@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--crops-per-epoch", type=int, default=100)
     ap.add_argument("--init", type=Path, help="start training from this model's weights")
+    ap.add_argument("--intensity-augmentation", default="none", help="none or scanner (see ildseg train --help)")
     ap.add_argument("--run", default="run", help="run folder name inside --work (a new one per stage)")
     ap.add_argument("--install", action="store_true", help="copy the model into ILDSegmentationLib/models")
     args = ap.parse_args()
@@ -164,6 +165,7 @@ def main() -> None:
     ildseg("train", "--manifest", str(w / "train" / "manifest.csv"), "--out", str(run), "--val-fraction", "0.2",
            "--epochs", str(args.epochs), "--patience", str(args.patience), "--lr", str(args.lr),
            "--batch-size", str(args.batch_size), "--crops-per-epoch", str(args.crops_per_epoch), "--intensity", "hu1000", "--device", "auto", "--seed", "0",
+           "--intensity-augmentation", args.intensity_augmentation,
            "--resume", *(["--init", str(args.init)] if args.init else []))
     ildseg("evaluate", "--manifest", str(w / "heldout" / "manifest.csv"), "--model", str(run / "model.safetensors"),
            "--report", str(run / "heldout_eval.json"), "--confusion", str(run / "heldout_confusion.png"))

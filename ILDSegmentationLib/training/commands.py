@@ -13,6 +13,7 @@ from ..device import DEVICE_CHOICES
 from ..errors import InputError
 from ..network import PRESETS
 from ..preprocessing import INTENSITY_PRESETS
+from .augment import INTENSITY_AUGMENTATIONS
 from .loss import ENTROPY_SCALINGS
 
 
@@ -37,6 +38,8 @@ def add_parsers(sub, common) -> None:
                    help="0 (paper): every crop once per epoch; N: a seeded random N crops per epoch")
     t.add_argument("--intensity", default="hu", choices=list(INTENSITY_PRESETS), help="input intensity handling")
     t.add_argument("--no-augment", action="store_true", help="no flips/rotations")
+    t.add_argument("--intensity-augmentation", default="none", choices=INTENSITY_AUGMENTATIONS,
+                   help="none (paper) or scanner: a random kernel and noise per crop, for data from few scanners")
     t.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.safetensors")
     t.add_argument("--init", metavar="MODEL", help="start from this model file's weights (fine-tuning; same "
@@ -115,6 +118,7 @@ def cmd_train(args) -> int:
                          unsupervised_weight=args.unsupervised_weight, entropy_scaling=args.entropy_scaling,
                          batch_size=args.batch_size, crops_per_epoch=args.crops_per_epoch,
                          augment=not args.no_augment, intensity=args.intensity,
+                         intensity_augmentation=args.intensity_augmentation,
                          seed=args.seed, device=args.device)
     cases = read_manifest(args.manifest)
     if args.val_fraction is not None:

@@ -15,6 +15,7 @@ DistributedDataParallel, and only rank 0 writes files.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import json
 import logging
@@ -34,6 +35,7 @@ from ..errors import InputError
 from ..modelfile import LoadedModel, ModelInfo, save_model
 from ..network import PRESETS, DilatedFCN
 from ..preprocessing import INTENSITY_PRESETS
+from .augment import INTENSITY_AUGMENTATIONS, scanner_variation
 from .dataset import Crop, class_pixel_counts, dihedral
 from .loss import class_weights, entropy_scale, ild_loss
 from .metrics import confusion_matrix, summarize
@@ -55,6 +57,9 @@ class TrainConfig:
     batch_size: int = 1
     crops_per_epoch: int = 0  # 0: every crop once per epoch (paper); N: a seeded random N per epoch
     augment: bool = True
+    #: "none" (paper: flips/rotations only) or "scanner": a random kernel and noise per
+    #: crop and epoch (training/augment.py), for training data from few scanners.
+    intensity_augmentation: str = "none"
     intensity: str = "hu"
     seed: int = 0
     device: str = "auto"
@@ -67,6 +72,9 @@ class TrainConfig:
             raise InputError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
         if self.intensity not in INTENSITY_PRESETS:
             raise InputError(f"unknown intensity '{self.intensity}' (choose from {', '.join(INTENSITY_PRESETS)})")
+        if self.intensity_augmentation not in INTENSITY_AUGMENTATIONS:
+            raise InputError(f"unknown intensity augmentation '{self.intensity_augmentation}' "
+                             f"(choose from {', '.join(INTENSITY_AUGMENTATIONS)})")
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.lr <= 0 or self.crops_per_epoch < 0:
             raise InputError("epochs, patience and batch size must be positive, lr above 0")
         if self.preset == "purely-supervised":
@@ -143,6 +151,12 @@ class Trainer:
             raise InputError("training needs at least one annotated crop in the training and validation sets")
         self.config = config
         self.train, self.val = list(train), list(val)
+        if config.intensity_augmentation != "none":
+            # Validation sees one fixed variation per crop, so that choosing the best
+            # epoch rewards what the augmentation is for: robustness to the scanner.
+            intensity = INTENSITY_PRESETS[config.intensity]
+            self.val = [dataclasses.replace(c, image=scanner_variation(
+                c.image, intensity, np.random.default_rng([config.seed, 2, j]))[0]) for j, c in enumerate(self.val)]
         self.out = Path(out_dir)
         self.provenance = provenance or {}
         self.progress = progress or (lambda msg: None)
@@ -281,7 +295,8 @@ class Trainer:
         losses = []
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            x, t, lung, valid = _pad_batch([self.train[j] for j in idx], [int(ks[j]) for j in idx])
+            x, t, lung, valid = _pad_batch([self._training_crop(epoch, int(j)) for j in idx],
+                                           [int(ks[j]) for j in idx])
             x, t, lung = x.to(self.device), t.to(self.device), lung.to(self.device)
             valid = None if valid is None else valid.to(self.device)
             logits = self.model(x, valid) if valid is not None else self.model(x)
@@ -292,6 +307,17 @@ class Trainer:
             self.optimizer.step()
             losses.append(float(loss.detach()))
         return float(np.mean(losses)) if losses else float("nan")
+
+    def _training_crop(self, epoch: int, j: int) -> Crop:
+        """Training crop j as this epoch sees it (before the flip/rotation)."""
+        crop = self.train[j]
+        if self.config.intensity_augmentation == "none":
+            return crop
+        # Drawn per (seed, epoch, crop), not from the epoch's stream, so the result
+        # does not depend on how crops are shared among processes.
+        rng = np.random.default_rng([self.config.seed, epoch, 1, j])
+        image, _ = scanner_variation(crop.image, INTENSITY_PRESETS[self.config.intensity], rng)
+        return dataclasses.replace(crop, image=image)
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.config

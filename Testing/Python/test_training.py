@@ -276,3 +276,66 @@ def test_distributed_training_with_gloo_two_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     model = load_model(tmp_path / "run" / "model.safetensors")
     assert model.info.trained and model.info.provenance["epochs_run"] == 2
+
+
+# -- the optional scanner augmentation ---------------------------------------------------
+
+def test_scanner_variation_adds_the_drawn_noise_and_keeps_the_attenuation():
+    from ILDSegmentationLib.training.augment import scanner_variation
+    intensity = INTENSITY_PRESETS["hu1000"]
+    flat = intensity.apply(np.full((128, 128), -800.0))
+    seen, means = set(), []
+    for seed in range(30):
+        out, p = scanner_variation(flat, intensity, np.random.default_rng(seed))
+        seen.add(p["kernel"])
+        assert out.dtype == np.float32 and out.shape == flat.shape
+        hu = out / intensity.scale
+        # A kernel leaves a flat region flat: what remains is exactly the drawn noise.
+        assert hu.std() == pytest.approx(p["noise_sd_hu"], rel=1e-3, abs=1e-3), p
+        means.append(float(hu.mean()))
+    # The mean attenuation (what tells GGO from healthy lung) stays: a crop's mean moves
+    # only by its noise's sample mean (standard error under 1 HU here), and not on average.
+    assert max(abs(m + 800) for m in means) < 4.0
+    assert abs(np.mean(means) + 800) < 0.5
+    again, _ = scanner_variation(flat, intensity, np.random.default_rng(29))
+    assert np.array_equal(out, again)  # seeded
+    assert seen == {"smooth", "sharpen", "as is"}
+    assert np.all(flat == np.float32(-0.8))  # the input is never modified
+
+
+def test_scanner_variation_kernels_smooth_and_sharpen_and_stay_in_range():
+    from ILDSegmentationLib.training.augment import scanner_variation
+    intensity = INTENSITY_PRESETS["hu"]
+    texture = np.random.default_rng(0).normal(-700, 100, (96, 96)).astype(np.float32)
+    texture[:, :4] = -1024  # at the clip limit: sharpening overshoots must be clipped back
+    contrast = {}
+    for seed in range(40):
+        out, p = scanner_variation(texture, intensity, np.random.default_rng(seed))
+        assert out.min() >= -1024 and out.max() <= 3071
+        if p["noise_sd_hu"] < 5:  # judge the kernel where little noise was added
+            contrast.setdefault(p["kernel"], []).append(float(np.abs(np.diff(out[:, 8:], axis=1)).mean()))
+    base = float(np.abs(np.diff(texture[:, 8:], axis=1)).mean())
+    assert max(contrast["smooth"]) < base < min(contrast["sharpen"])
+
+
+def test_scanner_augmentation_varies_training_crops_per_epoch_not_labels(crops, tmp_path):
+    train, val = crops
+    with pytest.raises(InputError, match="unknown intensity augmentation 'gamma'"):
+        _config(intensity_augmentation="gamma")
+    plain = Trainer(_config(), train, val, tmp_path / "plain")
+    assert plain._training_crop(0, 1) is train[1]
+    assert all(a.image is b.image for a, b in zip(plain.val, val))
+    aug = Trainer(_config(intensity_augmentation="scanner"), train, val, tmp_path / "aug")
+    e0, e1 = aug._training_crop(0, 1), aug._training_crop(1, 1)
+    assert not np.array_equal(e0.image, train[1].image) and not np.array_equal(e0.image, e1.image)
+    assert np.array_equal(e0.image, aug._training_crop(0, 1).image)  # seeded: resumable
+    assert e0.target is train[1].target and e0.lung is train[1].lung
+    # Validation crops carry one fixed variation, the same for every epoch and run.
+    again = Trainer(_config(intensity_augmentation="scanner"), train, val, tmp_path / "aug2")
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(aug.val, again.val))
+    assert not all(np.array_equal(a.image, b.image) for a, b in zip(aug.val, val))
+    summary = aug.fit()
+    assert np.isfinite(aug.history[-1].train_loss)
+    assert load_model(tmp_path / "aug" / "model.safetensors").info.provenance["training"][
+        "intensity_augmentation"] == "scanner"
+    assert summary["epochs_run"] == 4
