@@ -60,7 +60,18 @@ anatomy:
 7. **Holes.** Holes of each lung are filled per axial slice: vessels, bronchi walls,
    nodules and dense disease enclosed by aerated lung are lung for the engine. Per
    lung again, because the mediastinum is a hole of the union of both lungs.
-8. **Check.** A total below ``MIN_LUNG_ML`` (200 mL; adult lungs hold 2-8 L at CT)
+8. **Dense disease at the pleura.** Consolidation or fibrosis that touches the chest
+   wall is not enclosed by aerated lung, so steps 6-7 cannot take it in: it dents
+   the aerated lung's outline instead. Per axial slice with both lungs, each lung's
+   convex hull bridges such dents. A connected piece of hull that is neither lung
+   nor bone (below ``DENSE_MAX_HU``, 150 HU) is taken in when it lies no deeper
+   than ``DENSE_MAX_DEPTH_MM`` (15 mm) from the aerated lung and does not touch
+   the mediastinum (the part of both lungs' joint hull outside either lung's own
+   hull): the heart's impression on the left lung and the hilum reach the
+   mediastinum, a subpleural dent does not. Slices with one lung only (apex,
+   bases) are left as they are: without the mediastinum for reference, the liver
+   or spleen dome inside a basal crescent of lung would look like a dent.
+9. **Check.** A total below ``MIN_LUNG_ML`` (200 mL; adult lungs hold 2-8 L at CT)
    means no lung was found: :class:`~ILDSegmentationLib.errors.LungMaskError` asks
    for a lung mask instead of returning a wrong one.
 
@@ -69,9 +80,10 @@ scale the volume thresholds (``MIN_COMPONENT_ML``, ``MIN_LUNG_ML``) by the cover
 height over ``FULL_COVERAGE_MM`` (150 mm), so they act as area thresholds per slice
 instead of rejecting every partial scan.
 
-Known limits: dense disease touching the chest wall (subpleural consolidation or
-honeycombing walls at more than -400 HU, which the pleura does not enclose) is left
-out, and so is a dense tumour at the hilum; a lung cut by the field of view is not
+Known limits: dense disease at the chest wall deeper than 15 mm, on slices with one
+lung, or next to the mediastinum (paravertebral, at the heart) is left out, and so is
+a dense tumour at the hilum; where the lung's base curves around the diaphragm, a
+thin sliver of diaphragm or liver can be taken in by step 8; a lung cut by the field of view is not
 enclosed by the body in those slices and is lost there; padding stored as tissue
 values (0 HU instead of -3024) would enclose the outside air; a patient with one
 lung gets that lung split at its own middle by :func:`split_left_right`; a single
@@ -118,6 +130,11 @@ TRACHEA_FOLLOW_MAX_AREA_MM2 = 800.0
 MIN_COMPONENT_ML = 30.0
 #: Radius of the per-slice closing of each lung, mm.
 CLOSING_RADIUS_MM = 3.0
+#: Dense disease is taken in up to this depth (mm) from the aerated lung (step 8);
+#: deeper hull regions are more often diaphragm domes than subpleural disease.
+DENSE_MAX_DEPTH_MM = 15.0
+#: Denser than this (HU) is bone, never lung disease (step 8).
+DENSE_MAX_HU = 150.0
 #: Less lung than this (mL) means none was found.
 MIN_LUNG_ML = 200.0
 #: Height (mm) from which a scan counts as covering the lungs for the mL thresholds.
@@ -302,6 +319,57 @@ def _close_and_fill(
     return box, _fill_holes_per_slice(closed)
 
 
+def _convex_hull_2d(mask: np.ndarray) -> np.ndarray:
+    """Convex hull of a 2D mask, as a mask (the mask itself when it is degenerate)."""
+    from PIL import Image, ImageDraw
+    from scipy.spatial import ConvexHull, QhullError
+    points = np.argwhere(mask & ~ndimage.binary_erosion(mask))  # the edge is enough
+    if len(points) < 3:
+        return mask.copy()
+    try:
+        hull = ConvexHull(points)
+    except QhullError:  # all points on a line
+        return mask.copy()
+    # Rasterizing the polygon (fast, in C) also takes pixels its edges only touch.
+    # Pixels of its one-pixel rim are kept only when their centre is inside every
+    # facet; the pixels within the rim are inside.
+    canvas = Image.new("1", (mask.shape[1], mask.shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon([(float(c), float(r)) for r, c in points[hull.vertices]], fill=1)
+    filled = np.asarray(canvas, dtype=bool)
+    interior = ndimage.binary_erosion(filled, np.ones((3, 3), bool))
+    rim = np.argwhere(filled & ~interior & ~mask)
+    inside = np.all(rim @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-6, axis=1)
+    out = interior | mask
+    out[tuple(rim[inside].T)] = True
+    return out
+
+
+def _add_dense_pleural_disease(sides: np.ndarray, ct: np.ndarray, spacing: Tuple[float, float, float]) -> None:
+    """Step 8 of the module docstring, in place on ``sides`` (canonical view)."""
+    _, row_mm, col_mm = spacing
+    for z in np.flatnonzero(sides.any(axis=(1, 2))):
+        right, left = sides[z] == RIGHT_LUNG, sides[z] == LEFT_LUNG
+        if not (right.any() and left.any()):
+            continue
+        box = _bounding_box(sides[z] > 0, (1, 1))
+        right, left = right[box], left[box]
+        hulls = {RIGHT_LUNG: _convex_hull_2d(right), LEFT_LUNG: _convex_hull_2d(left)}
+        mediastinum = _convex_hull_2d(right | left) & ~hulls[RIGHT_LUNG] & ~hulls[LEFT_LUNG]
+        near_mediastinum = ndimage.binary_dilation(mediastinum, iterations=2)
+        not_bone = ct[z][box] < DENSE_MAX_HU
+        target = sides[z][box]  # a view: writes go into sides
+        for side, own in ((RIGHT_LUNG, right), (LEFT_LUNG, left)):
+            labels, n = ndimage.label(hulls[side] & ~(right | left) & not_bone)
+            if n == 0:
+                continue
+            depth = ndimage.distance_transform_edt(~own, sampling=(row_mm, col_mm))
+            ok = np.zeros(n + 1, bool)
+            ok[1:] = np.asarray(ndimage.maximum(depth, labels, np.arange(1, n + 1))) <= DENSE_MAX_DEPTH_MM
+            ok[np.unique(labels[near_mediastinum])] = False
+            ok[0] = False
+            target[ok[labels]] = side
+
+
 def compute_lung_mask(
     hu: np.ndarray,
     geometry: Geometry,
@@ -389,6 +457,9 @@ def compute_lung_mask(
         if claimed_by_right is not None:
             part[claimed_by_right] = 0
     del added
+
+    report(0.9, "Lung mask: taking in dense disease at the pleura")
+    _add_dense_pleural_disease(out, ct, spacing)
 
     total_ml = np.count_nonzero(out) * voxel_ml
     if total_ml < MIN_LUNG_ML * coverage:

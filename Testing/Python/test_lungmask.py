@@ -327,3 +327,27 @@ def test_body_with_small_air_pockets_only_raises():
 def test_one_slice_of_soft_tissue_raises_lung_mask_error():
     with pytest.raises(LungMaskError):
         compute_lung_mask(np.full((1, 64, 64), 40, np.int16), Geometry((0.7, 0.7, 1.0)))
+
+
+def test_phantom_dense_disease_at_the_pleura_is_lung_and_the_heart_is_not():
+    hu, geometry, parts = _phantom(with_trachea=False, with_bubble=False)
+    k, j, i = np.meshgrid(*(np.arange(n) * 2.0 for n in hu.shape), indexing="ij")
+    # Subpleural consolidation: the lateral 8 mm of the right lung over 30 mm, soft
+    # tissue like the chest wall it touches, so no aerated lung encloses it.
+    plaque = parts["right"] & (i < 50) & (np.abs(j - 95) < 15) & (np.abs(k - 60) < 20)
+    hu[plaque] = 40
+    # The heart's impression: a soft-tissue dent 16 mm into the left lung's medial
+    # side, continuous with the mediastinum.
+    heart = parts["left"] & ((k - 60) ** 2 + (j - 95) ** 2 + (i - 118) ** 2 <= 20 ** 2)
+    hu[heart] = 40
+    mask = compute_lung_mask(hu, geometry)
+    # The part of the plaque inside the chord between the aerated lung's edges
+    # (i >= 45 mm here) is bridged by the right lung's hull; beyond it, the lateral
+    # 1-3 mm against the curved chest wall cannot be told from the wall.
+    assert np.all(mask[plaque & (i >= 45)] == 1)
+    assert np.mean(mask[plaque] == 1) > 0.7
+    assert np.mean(mask[heart] > 0) < 0.02  # at most the rim that step 6's 3 mm closing takes
+    # Elsewhere the lungs are what they were.
+    rest = (parts["right"] | parts["left"]) & ~plaque & ~heart
+    assert np.mean(mask[rest] > 0) > 0.97
+    assert np.count_nonzero((mask > 0) & ~parts["right"] & ~parts["left"]) < 0.03 * np.count_nonzero(rest)
