@@ -146,6 +146,9 @@ def cmd_train(args) -> int:
     provenance = {"trained_on": f"manifest {Path(args.manifest).name}", "manifest_sha256": manifest_sha256(args.manifest),
                   "command": "ildseg " + " ".join(args.argv),
                   "validation_cases": sorted(val_ids), "folds": n_folds, "fold": fold}
+    if args.val_fraction is not None:
+        # --val-fraction F is carried out as fold 0 of round(1/F) folds; say what was asked.
+        provenance["val_fraction"] = args.val_fraction
     trainer = Trainer(config, train, val, Path(args.out), provenance=provenance, progress=say)
     if args.init:
         from ..modelfile import load_model

@@ -99,3 +99,16 @@ def test_train_init_starts_from_a_model_and_checks_it_fits(manifest, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "--init" in err and "hu1000" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_train_records_what_was_asked_val_fraction_and_intensity_augmentation(manifest, tmp_path, capsys):
+    run = tmp_path / "vf"
+    assert main(["train", "--manifest", str(manifest), "--out", str(run), "--val-fraction", "0.5", "--epochs", "1",
+                 "--intensity", "hu1000", "--intensity-augmentation", "scanner", "--device", "cpu", "--quiet"]) == 0
+    prov = load_model(run / "model.safetensors").info.provenance
+    assert prov["val_fraction"] == 0.5 and prov["folds"] == 2 and prov["fold"] == 0
+    assert prov["training"]["intensity_augmentation"] == "scanner"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "x"), "--intensity-augmentation", "gamma"])
+    assert e.value.code == 2 and "gamma" in capsys.readouterr().err
