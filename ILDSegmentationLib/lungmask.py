@@ -25,7 +25,8 @@ anatomy:
    -400 HU is halfway between aerated lung (-850) and soft tissue (+40), so the
    boundary falls on the pleura, and ground-glass opacity (-750 to -300 HU), which is
    exactly what the engine must see, stays in. Consolidation and fibrosis denser than
-   that are recovered by steps 6-7 when the lung surrounds them. Air outside the
+   that are recovered by steps 6-7 when the lung surrounds them, and by step 8 when
+   they dent it at the chest wall. Air outside the
    patient, and the padding values (-3024, -2048) outside the scanner's field of view,
    are not inside the body, so they never count.
 3. **Trachea and main bronchi.** In the top-most slices that hold air inside the body
@@ -83,8 +84,8 @@ instead of rejecting every partial scan.
 Known limits: dense disease at the chest wall deeper than 15 mm, on slices with one
 lung, or next to the mediastinum (paravertebral, at the heart) is left out, and so is
 a dense tumour at the hilum; where the lung's base curves around the diaphragm, a
-thin sliver of diaphragm or liver can be taken in by step 8; a lung cut by the field of view is not
-enclosed by the body in those slices and is lost there; padding stored as tissue
+thin sliver of diaphragm or liver can be taken in by step 8; a lung cut by the field
+of view is not enclosed by the body in those slices and is lost there; padding stored as tissue
 values (0 HU instead of -3024) would enclose the outside air; a patient with one
 lung gets that lung split at its own middle by :func:`split_left_right`; a single
 abdominal slice may report bowel gas as lung (no 3D context). A user's own lung mask
