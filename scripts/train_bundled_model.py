@@ -92,6 +92,52 @@ REAL_VARIANTS = ((1.0, 1.0, 0.0, 0.7), (1.0, 0.7, 18.0, 0.7), (1.4, 1.0, 18.0, 0
 PHANTOM_VARIANTS = ((1, 1.0, 0.0), (2, 1.2, 0.0), (3, 1.0, 15.0), (4, 1.2, 15.0))
 
 
+CARD = REPO / "ILDSegmentationLib" / "models" / "README.md"
+HELDOUT_BEGIN = "<!-- held-out result: written by scripts/train_bundled_model.py --install -->"
+HELDOUT_END = "<!-- end of held-out result -->"
+
+
+def heldout_section(provenance: dict) -> str:
+    """The model card's held-out section, from the bundled model's provenance, so the
+    card states exactly what the file carries."""
+    from ILDSegmentationLib.classes import CLASSES
+    from ILDSegmentationLib.training.metrics import summarize
+    held = provenance["heldout_evaluation"]
+    cm = held["confusion_matrix"]
+    per_case = ", ".join(f"{v:.3f}" for _, v in sorted(held["per_case_balanced_accuracy"].items()))
+    augmented = provenance["training"].get("intensity_augmentation", "none") != "none"
+    lines = [
+        HELDOUT_BEGIN,
+        f"## Held-out result (RICORD 000082, {held['annotated_pixels']:,} annotated pixels)",
+        "",
+        f"Balanced accuracy **{held['balanced_accuracy']:.3f}** (per case {per_case}). "
+        f"Validation (other simulated cases in the training CT"
+        f"{', each crop with one fixed scanner variation' if augmented else ''}): "
+        f"{provenance['validation_balanced_accuracy']:.3f}.",
+        "",
+        "| class | accuracy | Dice |",
+        "| --- | --- | --- |",
+    ]
+    dice = summarize(cm)["dice"]
+    for c in CLASSES:
+        acc, d = held["per_class_accuracy"][c.name], dice[c.name]
+        lines.append(f"| {c.name} | {'-' if acc is None else f'{acc:.3f}'} | {'-' if d is None else f'{d:.3f}'} |")
+    abbr = ", ".join(c.abbreviation for c in CLASSES)
+    lines += ["", f"Confusion matrix (rows: truth, columns: prediction; {abbr}):", "",
+              "| truth \\ predicted | " + " | ".join(c.abbreviation for c in CLASSES) + " |",
+              "| --- " * (len(CLASSES) + 1) + "|"]
+    lines += [f"| {c.abbreviation} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(CLASSES, cm)]
+    lines.append(HELDOUT_END)
+    return "\n".join(lines)
+
+
+def write_card_section(provenance: dict) -> None:
+    """Replace the held-out section of the model card (between its markers)."""
+    card = CARD.read_text()
+    begin, end = card.index(HELDOUT_BEGIN), card.index(HELDOUT_END) + len(HELDOUT_END)
+    CARD.write_text(card[:begin] + heldout_section(provenance) + card[end:])
+
+
 def install(model_path: Path, heldout: dict) -> Path:
     """Write the trained model as the bundled one: the same weights, with the
     held-out result and a plain warning added to its provenance, so that every run
@@ -107,7 +153,9 @@ def install(model_path: Path, heldout: dict) -> Path:
                       "phantoms; see ILDSegmentationLib/models/README.md",
         "heldout_evaluation": {"cases": sorted(heldout["per_case_balanced_accuracy"]),
                                "balanced_accuracy": bacc, "per_class_accuracy": heldout["per_class_accuracy"],
-                               "confusion_matrix": heldout["confusion_matrix"], "trained_model_sha256": model.sha256},
+                               "confusion_matrix": heldout["confusion_matrix"], "trained_model_sha256": model.sha256,
+                               "per_case_balanced_accuracy": heldout["per_case_balanced_accuracy"],
+                               "annotated_pixels": heldout["annotated_pixels"]},
         "metrics": f"balanced accuracy {bacc:.3f} on simulated patterns in a real CT never used in training",
         "warning": "Trained on SIMULATED patterns only (no real ILD annotations exist to share); "
                    f"held-out balanced accuracy {bacc:.2f}. For demonstration and research, not for clinical use.",
@@ -172,11 +220,12 @@ def main() -> None:
     report = json.loads((run / "heldout_eval.json").read_text())
     print(f"held-out balanced accuracy: {report['balanced_accuracy']:.4f}")
     if args.install:
-        install(run / "model.safetensors", report)
+        from ILDSegmentationLib.modelfile import read_info
+        write_card_section(read_info(install(run / "model.safetensors", report)).provenance)
         shutil.copy(run / "heldout_confusion.png", REPO / "docs" / "img" / "default-model-heldout-confusion.png")
         shutil.copy(run / "learning_curves.png", REPO / "docs" / "img" / "default-model-learning-curves.png")
         print("installed as", REPO / "ILDSegmentationLib" / "models" / "default.safetensors",
-              "- now update its model card (models/README.md)")
+              "- its model card's held-out section is rewritten; update the rest (stages, weaknesses) by hand")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,11 +45,14 @@ def test_bundled_model_says_what_it_is_and_agrees_with_its_model_card():
     assert "SIMULATED" in info.provenance["warning"] and "not for clinical use" in info.provenance["warning"]
     held = info.provenance["heldout_evaluation"]
     card = (default_model_path().parent / "README.md").read_text()
-    assert f"{held['balanced_accuracy']:.3f}" in card
-    for name, acc in held["per_class_accuracy"].items():
-        assert f"| {name} | {acc:.3f} |" in card, name
-    for row in held["confusion_matrix"]:
-        assert " | ".join(str(v) for v in row) in card
+    # The card's held-out section is exactly what `train_bundled_model.py --install`
+    # writes from this file's metadata.
+    spec = importlib.util.spec_from_file_location(
+        "train_bundled_model", Path(__file__).resolve().parents[2] / "scripts" / "train_bundled_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.heldout_section(info.provenance) in card
+    assert f"{held['balanced_accuracy']:.2f}" in info.provenance["warning"]
     assert all(c.startswith("ricord") for c in held["cases"]), "held out: a CT never used in training"
     assert not any("ricord" in c for c in info.provenance["validation_cases"])
 
