@@ -91,7 +91,8 @@ lung gets that lung split at its own middle by :func:`split_left_right`; a singl
 abdominal slice may report bowel gas as lung (no 3D context). A user's own lung mask
 avoids all of these.
 
-Cost, measured for a 512 x 512 x 300 CT on 2 cores: about 8 s, and at the peak
+Cost, measured for a 512 x 512 x 300 CT on 2 cores: 5-8 s (step 8 about 0.7 s of it,
+see BENCHMARKS.md), and at the peak
 about 6 bytes a voxel besides the input (a few bool volumes, one label volume of
 uint16 when there are fewer than 65,535 components, and the int32 labels inside
 :func:`split_left_right`); the right/left split and the per-lung steps work inside
