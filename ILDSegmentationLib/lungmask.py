@@ -64,8 +64,8 @@ anatomy:
 8. **Dense disease at the pleura.** Consolidation or fibrosis that touches the chest
    wall is not enclosed by aerated lung, so steps 6-7 cannot take it in: it dents
    the aerated lung's outline instead. Per axial slice with both lungs, each lung's
-   convex hull bridges such dents. A connected piece of hull that is neither lung
-   nor bone (below ``DENSE_MAX_HU``, 150 HU) is taken in when it lies no deeper
+   convex hull bridges such dents. A connected piece of hull outside the lungs is
+   taken in, less its bone (above ``DENSE_MAX_HU``, 150 HU), when it lies no deeper
    than ``DENSE_MAX_DEPTH_MM`` (15 mm) from the aerated lung and does not touch
    the mediastinum (the part of both lungs' joint hull outside either lung's own
    hull): the heart's impression on the left lung and the hilum reach the
@@ -361,7 +361,10 @@ def _add_dense_pleural_disease(sides: np.ndarray, ct: np.ndarray, spacing: Tuple
         not_bone = ct[z][box] < DENSE_MAX_HU
         target = sides[z][box]  # a view: writes go into sides
         for side, own in ((RIGHT_LUNG, right), (LEFT_LUNG, left)):
-            labels, n = ndimage.label(hulls[side] & ~(right | left) & not_bone)
+            # Pieces are judged whole, bone and contrast-filled vessels included: cut
+            # out first, an enhanced vessel would split a deep region (liver dome,
+            # heart) into pieces that each pass the depth test.
+            labels, n = ndimage.label(hulls[side] & ~(right | left))
             if n == 0:
                 continue
             depth = ndimage.distance_transform_edt(~own, sampling=(row_mm, col_mm))
@@ -369,7 +372,7 @@ def _add_dense_pleural_disease(sides: np.ndarray, ct: np.ndarray, spacing: Tuple
             ok[1:] = np.asarray(ndimage.maximum(depth, labels, np.arange(1, n + 1))) <= DENSE_MAX_DEPTH_MM
             ok[np.unique(labels[near_mediastinum])] = False
             ok[0] = False
-            target[ok[labels]] = side
+            target[ok[labels] & not_bone] = side
 
 
 def compute_lung_mask(

@@ -351,3 +351,19 @@ def test_phantom_dense_disease_at_the_pleura_is_lung_and_the_heart_is_not():
     rest = (parts["right"] | parts["left"]) & ~plaque & ~heart
     assert np.mean(mask[rest] > 0) > 0.97
     assert np.count_nonzero((mask > 0) & ~parts["right"] & ~parts["left"]) < 0.03 * np.count_nonzero(rest)
+
+
+@pytest.mark.parametrize("enhanced_vessel", [False, True])
+def test_phantom_dense_region_deeper_than_the_limit_stays_out(enhanced_vessel):
+    hu, geometry, parts = _phantom(with_trachea=False, with_bubble=False)
+    k, j, i = np.meshgrid(*(np.arange(n) * 2.0 for n in hu.shape), indexing="ij")
+    # Soft tissue filling the right lung's lateral half over 64 mm (rows) and 20 mm
+    # (slices), about 23 mm deep from the aerated lung left on its three sides:
+    # deeper than DENSE_MAX_DEPTH_MM, like a liver dome inside a crescent of lung.
+    deep = parts["right"] & (i < 74) & (np.abs(j - 95) < 32) & (np.abs(k - 60) < 10)
+    hu[deep] = 40
+    if enhanced_vessel:
+        # A contrast-filled vessel across it must not cut it into shallow pieces.
+        hu[deep & (np.abs(i - 60) < 1.5)] = 250
+    mask = compute_lung_mask(hu, geometry)
+    assert np.mean(mask[deep] > 0) < 0.1  # at most the rim of step 6's closing
