@@ -111,7 +111,7 @@ def heldout_section(provenance: dict) -> str:
         f"## Held-out result (RICORD 000082, {held['annotated_pixels']:,} annotated pixels)",
         "",
         f"Balanced accuracy **{held['balanced_accuracy']:.3f}** (per case {per_case}). "
-        f"Validation (other simulated cases in the training CT"
+        f"Validation (other simulated cases: training-CT variants and phantoms"
         f"{', each crop with one fixed scanner variation' if augmented else ''}): "
         f"{provenance['validation_balanced_accuracy']:.3f}.",
         "",

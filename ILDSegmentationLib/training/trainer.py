@@ -156,7 +156,7 @@ class Trainer:
             # epoch rewards what the augmentation is for: robustness to the scanner.
             intensity = INTENSITY_PRESETS[config.intensity]
             self.val = [dataclasses.replace(c, image=scanner_variation(
-                c.image, intensity, np.random.default_rng([config.seed, 2, j]))[0]) for j, c in enumerate(self.val)]
+                c.image, intensity, np.random.default_rng([config.seed, j, 2]))[0]) for j, c in enumerate(self.val)]
         self.out = Path(out_dir)
         self.provenance = provenance or {}
         self.progress = progress or (lambda msg: None)
@@ -314,8 +314,10 @@ class Trainer:
         if self.config.intensity_augmentation == "none":
             return crop
         # Drawn per (seed, epoch, crop), not from the epoch's stream, so the result
-        # does not depend on how crops are shared among processes.
-        rng = np.random.default_rng([self.config.seed, epoch, 1, j])
+        # does not depend on how crops are shared among processes. Keys end in a
+        # non-zero tag: numpy reads [a, b, 0] as [a, b], which would make this stream
+        # the epoch's shuffle or a validation crop's.
+        rng = np.random.default_rng([self.config.seed, epoch, j, 1])
         image, _ = scanner_variation(crop.image, INTENSITY_PRESETS[self.config.intensity], rng)
         return dataclasses.replace(crop, image=image)
 

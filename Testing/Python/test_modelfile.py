@@ -53,6 +53,7 @@ def test_bundled_model_says_what_it_is_and_agrees_with_its_model_card():
     spec.loader.exec_module(script)
     assert script.heldout_section(info.provenance) in card
     assert f"{held['balanced_accuracy']:.2f}" in info.provenance["warning"]
+    assert f"Held-out balanced accuracy {held['balanced_accuracy']:.3f}" in card  # the card's headline
     assert all(c.startswith("ricord") for c in held["cases"]), "held out: a CT never used in training"
     assert not any("ricord" in c for c in info.provenance["validation_cases"])
 

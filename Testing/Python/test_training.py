@@ -316,6 +316,13 @@ def test_scanner_variation_kernels_smooth_and_sharpen_and_stay_in_range():
             contrast.setdefault(p["kernel"], []).append(float(np.abs(np.diff(out[:, 8:], axis=1)).mean()))
     base = float(np.abs(np.diff(texture[:, 8:], axis=1)).mean())
     assert max(contrast["smooth"]) < base < min(contrast["sharpen"])
+    # The clip is in the network's units: with hu1000, -1024 HU is -1.024.
+    scaled = INTENSITY_PRESETS["hu1000"]
+    edge = scaled.apply(texture)
+    for seed in range(10):
+        out, _ = scanner_variation(edge, scaled, np.random.default_rng(seed))
+        assert out.min() >= np.float32(-1.024) and out.max() <= np.float32(3.071)
+        assert (out[:, :4] == np.float32(-1.024)).mean() > 0.2  # noise pushed below the floor is clipped to it
 
 
 def test_scanner_augmentation_varies_training_crops_per_epoch_not_labels(crops, tmp_path):
