@@ -238,19 +238,21 @@ def test_short_training_lowers_the_loss_and_beats_chance(crops, tmp_path):
     assert summary["best_epoch"] == improved[-1]
 
 
-def test_resume_ends_with_the_same_weights(crops, tmp_path):
+@pytest.mark.parametrize("augmentation", ["none", "scanner"])
+def test_resume_ends_with_the_same_weights(crops, tmp_path, augmentation):
     train, val = crops
-    straight = Trainer(_config(), train, val, tmp_path / "a")
+    straight = Trainer(_config(intensity_augmentation=augmentation), train, val, tmp_path / "a")
     straight.fit()
-    Trainer(_config(epochs=2), train, val, tmp_path / "b").fit()  # "interrupted" after epoch 2
-    resumed = Trainer(_config(), train, val, tmp_path / "b")
+    # "interrupted" after epoch 2
+    Trainer(_config(epochs=2, intensity_augmentation=augmentation), train, val, tmp_path / "b").fit()
+    resumed = Trainer(_config(intensity_augmentation=augmentation), train, val, tmp_path / "b")
     assert resumed.resume() and resumed.start_epoch == 2
     resumed.fit()
     for k, v in straight.network.state_dict().items():
         assert torch.equal(v, resumed.network.state_dict()[k]), k
     assert [r.val_bacc for r in resumed.history] == [r.val_bacc for r in straight.history]
     with pytest.raises(InputError, match="other settings"):
-        Trainer(_config(lr=1e-3), train, val, tmp_path / "b").resume()
+        Trainer(_config(lr=1e-3, intensity_augmentation=augmentation), train, val, tmp_path / "b").resume()
 
 
 def test_every_table_ii_preset_trains_one_step(crops, tmp_path):
