@@ -85,8 +85,8 @@ Known limits: dense disease at the chest wall deeper than 15 mm, on slices with 
 lung, or next to the mediastinum (paravertebral, at the heart) is left out, and so is
 a dense tumour at the hilum; where the lung's base curves around the diaphragm, a
 thin sliver of diaphragm or liver can be taken in by step 8; a lung cut by the field
-of view is not enclosed by the body in those slices and is lost there; padding stored as tissue
-values (0 HU instead of -3024) would enclose the outside air; a patient with one
+of view is not enclosed by the body in those slices and is lost there; padding stored
+as tissue values (0 HU instead of -3024) would enclose the outside air; a patient with one
 lung gets that lung split at its own middle by :func:`split_left_right`; a single
 abdominal slice may report bowel gas as lung (no 3D context). A user's own lung mask
 avoids all of these.

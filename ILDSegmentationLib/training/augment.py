@@ -58,7 +58,7 @@ def scanner_variation(image: np.ndarray, intensity: Intensity, rng: np.random.Ge
     sd = float(noise.std())
     if sd > 0:
         x += noise * np.float32(params["noise_sd_hu"] / sd * intensity.scale)
-    lo, hi = sorted(((intensity.clip_min - intensity.offset) * intensity.scale,
-                     (intensity.clip_max - intensity.offset) * intensity.scale))
+    # The intensity's own range, in the network's units (its mapping may reverse order).
+    lo, hi = np.sort(intensity.apply(np.array([intensity.clip_min, intensity.clip_max])))
     np.clip(x, lo, hi, out=x)
     return x.astype(np.float32, copy=False), params
