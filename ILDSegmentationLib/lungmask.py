@@ -53,7 +53,7 @@ anatomy:
    largest component's height (a lung's apex does; gas under the diaphragm does not).
 5. **Right and left.** :func:`ILDSegmentationLib.cropping.split_left_right` labels
    the kept components, cutting lungs that touch at the anterior junction at the
-   mediastinal midline.
+   mediastinal midline (a single lung is labelled whole).
 6. **Smoothing.** Per axial slice and per lung, a closing with a disk of
    ``CLOSING_RADIUS_MM`` (3 mm) takes in vessels and small nodules at the lung's
    border and bridges partial-volume gaps; it is done per lung so the two lungs are
@@ -87,9 +87,9 @@ a dense tumour at the hilum; where the lung's base curves around the diaphragm, 
 thin sliver of diaphragm or liver can be taken in by step 8; a lung cut by the field
 of view is not enclosed by the body in those slices and is lost there; padding stored
 as tissue values (0 HU instead of -3024) would enclose the outside air; a patient with one
-lung gets that lung split at its own middle by :func:`split_left_right`; a single
-abdominal slice may report bowel gas as lung (no 3D context). A user's own lung mask
-avoids all of these.
+lung keeps it whole (:func:`split_left_right` finds no mediastinum to cut at) but gets
+no step 8, which needs both lungs on a slice; a single abdominal slice may report
+bowel gas as lung (no 3D context). A user's own lung mask avoids all of these.
 
 Cost, measured for a 512 x 512 x 300 CT on 2 cores: 5-8 s (step 8 about 0.7 s of it,
 see BENCHMARKS.md), and at the peak

@@ -73,6 +73,35 @@ def test_split_left_right_separate_and_touching_lungs():
     assert ((sides > 0) == (mask > 0)).all()
 
 
+def _ellipsoid(shape, centre, radii):
+    grid = np.indices(shape, dtype=np.float64)
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1
+
+
+def test_a_mask_of_one_lung_is_never_cut_and_keeps_its_side():
+    """After a pneumonectomy, or when a user's mask holds one lung, there is no
+    mediastinum to cut at: the lung must be cropped whole, as in training."""
+    right = _ellipsoid((20, 60, 120), (10, 30, 30), (9, 25, 22))
+    for one, side in ((right, RIGHT_LUNG), (right[:, :, ::-1], LEFT_LUNG)):
+        sides = split_left_right(one.astype(np.uint8))
+        assert set(np.unique(sides[one])) == {side}
+        assert (sides[~one] == 0).all()
+    # The same lung with a deep notch (the heart's impression) is still one lung.
+    notched = right & ~_ellipsoid(right.shape, (10, 30, 52), (12, 20, 10))
+    assert set(np.unique(split_left_right(notched)[notched])) == {RIGHT_LUNG}
+
+
+def test_two_lungs_are_split_however_unequal_their_sizes():
+    """A small left lung (collapse, resection) holding under a fifth of the mask: the
+    split is at the gap between the lungs, not inside the larger one."""
+    right = _ellipsoid((20, 60, 120), (10, 30, 30), (9, 25, 22))
+    left = _ellipsoid((20, 60, 120), (10, 30, 80), (4, 8, 8))
+    assert left.sum() < 0.1 * right.sum()
+    sides = split_left_right((right | left).astype(np.uint8))
+    assert set(np.unique(sides[right])) == {RIGHT_LUNG}
+    assert set(np.unique(sides[left])) == {LEFT_LUNG}
+
+
 def test_crop_boxes_add_the_margin_and_clip_to_the_image():
     sides = np.zeros((200, 300), np.uint8)
     sides[50:150, 10:100] = RIGHT_LUNG

@@ -101,6 +101,19 @@ def test_same_labels_whatever_the_storage_order(model, case, result):
         np.testing.assert_array_equal(restored, result.labels)
 
 
+def test_a_mask_of_one_lung_gives_that_lung_the_same_labels(model, case, result):
+    """A user who segments one lung (or a patient with one) gets, in that lung, what
+    the mask of both lungs gives: the lung is cropped whole, not cut at its middle."""
+    hu, mask, geo = case
+    cols = mask.shape[2]
+    for half in (slice(0, cols // 2), slice(cols // 2, cols)):
+        one = np.zeros_like(mask)
+        one[:, :, half] = mask[:, :, half]
+        out = Inferer(model, device="cpu").segment(hu, one, geo)
+        np.testing.assert_array_equal(out.labels[one > 0], result.labels[one > 0])
+        assert (out.labels[one == 0] == 0).all()
+
+
 def test_inputs_are_not_modified(model, case):
     hu, mask, geo = case
     hu0, mask0 = hu.copy(), mask.copy()

@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ILDSegmentationLib.cropping import split_left_right
 from ILDSegmentationLib.errors import LungMaskError
 from ILDSegmentationLib.geometry import Geometry, canonical_view
 from ILDSegmentationLib.lungmask import compute_lung_mask
@@ -199,6 +200,21 @@ def test_mask_does_not_depend_on_index_order(ricord_ct, ricord_mask, perm, flips
     got = compute_lung_mask(moved, moved_geometry)
     assert got.shape == moved.shape
     np.testing.assert_array_equal(_undo_reorient(got, perm, flips), expected)
+
+
+@pytest.mark.parametrize("which", [pytest.param("dicom", marks=needs_dicom), pytest.param("ricord", marks=needs_ricord)])
+def test_right_left_split_of_real_lungs_and_of_each_lung_alone(which, request):
+    """On real lungs (touching at the anterior junction in the DICOM series), the
+    split of the mask's union gives back its two lungs, and each lung alone, as a
+    user's one-lung mask would be, stays whole with its own side."""
+    ct = request.getfixturevalue(f"{which}_ct")
+    mask = canonical_view(ct[1]).to_canonical(request.getfixturevalue(f"{which}_mask"))
+    assert set(np.unique(mask)) == {0, 1, 2}
+    np.testing.assert_array_equal(split_left_right(mask != 0), mask)
+    for side in (1, 2):
+        alone = split_left_right(mask == side)
+        assert set(np.unique(alone[mask == side])) == {side}
+        assert (alone[mask != side] == 0).all()
 
 
 @needs_dicom
