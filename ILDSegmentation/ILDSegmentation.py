@@ -138,7 +138,9 @@ class ILDSegmentationParameterNode:
     "compute automatically". lungSegmentIDs: the lung segments when lungMask is a
     segmentation. useBundledModel / modelPath: the model. device: Auto, GPU or CPU.
     outputSegmentation: None creates a new segmentation. probabilities: also create
-    per-class probability maps.
+    per-class probability maps. atModelPixelSpacing: run the network at a pixel size
+    within the model's training range (a CT outside it is resampled in-plane and the
+    labels brought back); off runs at the CT's own pixel size, as the paper did.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -149,6 +151,7 @@ class ILDSegmentationParameterNode:
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "Auto"
     outputSegmentation: vtkMRMLSegmentationNode
     probabilities: bool = False
+    atModelPixelSpacing: bool = True
 
 
 #
@@ -390,6 +393,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 lungSegmentIDs=list(p.lungSegmentIDs) if maskIsSegmentation else None,
                 modelPath=self.logic.resolveModelPath(p.useBundledModel, p.modelPath),
                 device=device, probabilities=p.probabilities,
+                pixelSpacing="model" if p.atModelPixelSpacing else "native",
                 progress=self._onProgress, cancel=self._isCancelRequested,
                 cpuFallback=False)  # ask the user instead (below)
         except Cancelled:
@@ -427,6 +431,9 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsCollapsibleButton.collapsed = False
         self.ui.editSegmentationButton.enabled = True
         note = "" if result.model_trained else _(" WARNING: untrained model, the labels are meaningless.")
+        if result.resampled:
+            note = _(" Run at {row:.2f} x {column:.2f} mm pixels, the model's training range.").format(
+                row=result.network_pixel_spacing_mm[0], column=result.network_pixel_spacing_mm[1]) + note
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}; lung {volume:.0f} mL.{note}").format(
             seconds=result.seconds, device=result.device, volume=result.volumes["lung_volume_ml"], note=note)
 
@@ -567,7 +574,8 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, lungMaskNode=None, outputSegmentationNode=None, lungSegmentIDs=None,
                 modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
                 progress: Optional[Callable[[float, str], None]] = None,
-                cancel: Optional[Callable[[], bool]] = None, cpuFallback: bool = True):
+                cancel: Optional[Callable[[], bool]] = None, cpuFallback: bool = True,
+                pixelSpacing: str = "model"):
         """Segment ILD patterns of ``inputVolume`` into a segmentation node.
 
         lungMaskNode: None (computed automatically), a label map or a segmentation
@@ -576,7 +584,9 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         maps. device: Auto, GPU or CPU (or a library name such as "cuda:1").
         progress(fraction, message) is called between slice batches; cancel() -> True
         stops the run and leaves the scene as it was. Out of GPU memory, batches are
-        halved, then the run finishes on the CPU (cpuFallback) or raises DeviceError. Returns
+        halved, then the run finishes on the CPU (cpuFallback) or raises DeviceError.
+        pixelSpacing: "model" (a CT outside the model's training range of pixel sizes is
+        resampled in-plane into it) or "native". Returns
         ILDSegmentationLib.mrml.ProcessResult (segmentation_node, table_node, ...).
         """
         from ILDSegmentationLib import mrml
@@ -591,7 +601,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, model=model, device=torchDevice,
             segment_ids=lungSegmentIDs, progress=progress, cancel=cancel, probabilities=probabilities,
             max_memory_mb=CPU_BATCH_MEMORY_MB if deviceType == "cpu" else GPU_BATCH_MEMORY_MB,
-            cpu_fallback=cpuFallback)
+            cpu_fallback=cpuFallback, pixel_spacing=pixelSpacing)
         logging.info(f"ILD segmentation completed in {time.time() - startTime:.1f} s on {result.device}")
         return result
 

@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 from . import __version__
 from .device import DEVICE_CHOICES
 from .errors import ILDSegError
+from .resolution import PIXEL_SPACING_CHOICES
 
 log = logging.getLogger("ILDSegmentationLib")
 
@@ -60,6 +61,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="auto = CUDA, then Apple MPS, then CPU (default: auto)")
     p.add_argument("--max-memory", type=float, default=1024, metavar="MB",
                    help="activation memory one batch of lung crops may use (default: 1024)")
+    p.add_argument("--pixel-spacing", default="model", choices=PIXEL_SPACING_CHOICES,
+                   help="model = run the network at a pixel size within the range the model was trained at, "
+                        "resampling CTs outside it in-plane (labels come back on the CT's grid); "
+                        "native = at the CT's own pixel size, as in the paper (default: model)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +118,15 @@ def _print_summary(summary: dict, quiet: bool) -> None:
           f"({', '.join(f'{k} {v:.1f}' for k, v in summary['timings_s'].items() if k != 'total')})")
 
 
+def _say_resampled(summary: dict, quiet: bool) -> None:
+    sp = summary.get("pixel_spacing_mm") or {}
+    if sp.get("resampled") and not quiet:
+        ct, net = sp["ct"], sp["network"]
+        print(f"the CT's {ct[0]:.2f} x {ct[1]:.2f} mm pixels were resampled to {net[0]:.2f} x {net[1]:.2f} mm, "
+              f"within the model's training range, and the labels brought back to the CT's grid "
+              f"(--pixel-spacing native turns this off)", file=sys.stderr)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from .pipeline import segment_file
     if args.lung_mask is None and not args.quiet:
@@ -121,12 +135,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         summary = segment_file(args.ct, args.output, lung_mask=args.lung_mask, model=args.model, device=args.device,
                                probabilities=args.probabilities, report=args.report, overlay=args.overlay,
-                               max_memory_mb=args.max_memory, progress=bar)
+                               max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing, progress=bar)
     finally:
         bar.close()
     notice = model_notice(summary["model"])
     if notice:
         print(notice, file=sys.stderr)
+    _say_resampled(summary, args.quiet)
     _print_summary(summary, args.quiet)
     if not args.quiet:
         print(f"labels written to {args.output}")
@@ -140,7 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bar = _Progress(args.quiet)
     try:
         summary = run_demo(args.out, model=args.model, device=args.device, max_memory_mb=args.max_memory,
-                           progress=bar)
+                           pixel_spacing=args.pixel_spacing, progress=bar)
     finally:
         bar.close()
     _print_summary(summary, args.quiet)

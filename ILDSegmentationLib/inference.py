@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from .cropping import CropBox, crop_boxes, split_left_right
 from .device import describe_device, select_device
 from .errors import CancelCheck, Cancelled, DeviceError, InputError, LungMaskError, is_cancelled
 from .fastpath import FastCPUForward, supports as fast_cpu_supported, trim_heap
-from .geometry import Geometry, as_volume, canonical_view
+from .geometry import CanonicalView, Geometry, as_volume, canonical_view
 from .modelfile import LoadedModel
+from .resolution import PIXEL_SPACING_CHOICES, InPlaneGrid, network_pixel_spacing, resample_ct
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,15 @@ BYTES_PER_PIXEL = 3000
 #: memory of CPU batches grew by 4.2-4.9 kB per pixel (VmHWM, torch 2.x, oneDNN), so
 #: 3000 let a batch overrun --max-memory by ~60 % (Testing/Python/test_reliability.py).
 BYTES_PER_PIXEL_FLOAT32 = 5000
+#: LPS direction whose canonical view is the array itself: I to patient left, J to
+#: posterior, K to inferior (resampled volumes are made in canonical order).
+_CANONICAL_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def _pixels(shape, view: CanonicalView, spacing, new_spacing) -> int:
+    """Pixels of an axial slice of a volume of ``shape`` (K,J,I) at ``new_spacing``."""
+    rows, cols = (shape[a] for a in view.axes[1:])
+    return int(np.prod([max(1, int(round(n * s / t))) for n, s, t in zip((rows, cols), spacing, new_spacing)]))
 
 
 @dataclass
@@ -57,6 +67,13 @@ class SegmentationResult:
     crops: int
     seconds: float
     timings: Dict[str, float] = field(default_factory=dict)
+    #: (row, column) pixel spacing in mm the network ran at, and the CT's own.
+    network_pixel_spacing_mm: Optional[Tuple[float, float]] = None
+    ct_pixel_spacing_mm: Optional[Tuple[float, float]] = None
+
+    @property
+    def resampled(self) -> bool:
+        return self.network_pixel_spacing_mm != self.ct_pixel_spacing_mm
 
 
 class Inferer:
@@ -69,10 +86,18 @@ class Inferer:
     fast_cpu: on the CPU, run the network through :class:`FastCPUForward`
         (channels-last, no concatenation copy, fused norm; same results up to float
         rounding, 1.6-2x faster). False runs ``network.forward`` (the reference).
+    pixel_spacing: "model" runs the network at a pixel size within the range the
+        model was trained at, resampling CTs outside it in-plane and bringing the
+        labels back (:mod:`.resolution`); "native" runs at the CT's own pixel size,
+        as the paper did. Models that do not record their range run natively.
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", max_memory_mb: float = 1024,
-                 mixed_precision: bool = True, cpu_fallback: bool = True, fast_cpu: bool = True) -> None:
+                 mixed_precision: bool = True, cpu_fallback: bool = True, fast_cpu: bool = True,
+                 pixel_spacing: str = "model") -> None:
+        if pixel_spacing not in PIXEL_SPACING_CHOICES:
+            raise ValueError(f"pixel_spacing must be one of {PIXEL_SPACING_CHOICES}, not {pixel_spacing!r}")
+        self.pixel_spacing = pixel_spacing
         self.cpu_fallback = cpu_fallback
         self.model = model
         self.device = select_device(device)
@@ -106,12 +131,57 @@ class Inferer:
             raise InputError("the CT contains NaN or infinite values")
 
         view = canonical_view(geometry)
-        hu_c = view.to_canonical(hu)
-        sides = split_left_right(view.to_canonical(mask))
-        wanted = np.ones(sides.shape[0], bool)
+        wanted = None
         if only_slices_of is not None:
             roi = view.to_canonical(as_volume(np.asarray(only_slices_of)))
             wanted = roi.reshape(roi.shape[0], -1).any(axis=1)
+        spacing = view.canonical_spacing(geometry)[1:]
+        target = spacing if self.pixel_spacing == "native" else \
+            network_pixel_spacing(spacing, self.model.info.pixel_spacing_mm)
+        if _pixels(hu.shape, view, spacing, target) < 2 <= _pixels(hu.shape, view, spacing, spacing):
+            target = spacing  # resampled to one pixel, a slice would leave nothing to normalize
+        if target != spacing:
+            return self._segment_resampled(hu, mask, view, spacing, target, wanted, probabilities, progress,
+                                           cancel, t_start)
+        result = self._segment_canonical(hu, mask, view, wanted, probabilities, progress, cancel, t_start)
+        result.network_pixel_spacing_mm = result.ct_pixel_spacing_mm = spacing
+        return result
+
+    def _segment_resampled(self, hu: np.ndarray, mask: np.ndarray, view: CanonicalView, spacing, target,
+                           wanted: Optional[np.ndarray], probabilities: bool, progress, cancel,
+                           t_start: float) -> SegmentationResult:
+        """Resample in-plane to ``target`` (row, column mm), segment there, bring the
+        labels (and probabilities) back to the CT's grid, inside its lung mask."""
+        hu_c, lung_c = view.to_canonical(hu), view.to_canonical(mask) != 0
+        grid = InPlaneGrid(hu_c.shape, spacing, target)
+        intensity = self.model.info.intensity
+        hu_r = resample_ct(hu_c, spacing, target, clip=(intensity.clip_min, intensity.clip_max))
+        lung_r = grid.lung(lung_c).view(np.uint8)
+        t_resampled = time.perf_counter()
+        identity = canonical_view(Geometry(spacing=(1.0, 1.0, 1.0), direction=_CANONICAL_DIRECTION))
+        r = self._segment_canonical(hu_r, lung_r, identity, wanted, probabilities, progress, cancel, t_resampled)
+        del hu_r
+        t_back = time.perf_counter()
+        labels = np.ascontiguousarray(view.from_canonical(grid.back(r.labels, lung_c)))
+        probs = None
+        if r.probabilities is not None:
+            probs_c = grid.back(r.probabilities, lung_c)
+            probs = np.ascontiguousarray(np.stack([view.from_canonical(probs_c[..., c]) for c in range(probs_c.shape[-1])], axis=-1))
+        t_end = time.perf_counter()
+        timings = {"resample": (t_resampled - t_start) + (t_end - t_back), **r.timings}
+        return SegmentationResult(
+            labels=labels, probabilities=probs, device=r.device, slices_total=r.slices_total,
+            slices_with_lung=r.slices_with_lung, crops=r.crops, seconds=t_end - t_start, timings=timings,
+            network_pixel_spacing_mm=target, ct_pixel_spacing_mm=spacing)
+
+    def _segment_canonical(self, hu: np.ndarray, mask: np.ndarray, view: CanonicalView,
+                           wanted: Optional[np.ndarray], probabilities: bool, progress, cancel,
+                           t_start: float) -> SegmentationResult:
+        """The engine proper: per-lung crops of the wanted slices, in ``view``."""
+        hu_c = view.to_canonical(hu)
+        sides = split_left_right(view.to_canonical(mask))
+        if wanted is None:
+            wanted = np.ones(sides.shape[0], bool)
         boxes: List[CropBox] = []
         for z in range(sides.shape[0]):
             if wanted[z] and sides[z].any():

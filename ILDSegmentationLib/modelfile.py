@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -58,13 +58,21 @@ class ModelInfo:
         {"label": c.label, "name": c.name, "color": list(c.color)} for c in CLASSES])
     trained: bool = False
     provenance: Dict[str, Any] = field(default_factory=dict)
+    #: Smallest and largest in-plane pixel spacing (mm) of the training crops, or None
+    #: where unknown. The network's dilations are in pixels, so its receptive field in
+    #: millimetres, and what a pattern looks like to it, depend on the pixel size;
+    #: inference resamples CTs outside this range into it (see inference.py).
+    pixel_spacing_mm: Optional[Tuple[float, float]] = None
 
     def to_json(self) -> str:
-        return json.dumps({
+        d = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name,
             "network": self.network.to_dict(), "intensity": self.intensity.to_dict(),
             "classes": self.classes, "trained": self.trained, "provenance": self.provenance,
-        }, sort_keys=True)
+        }
+        if self.pixel_spacing_mm is not None:
+            d["pixel_spacing_mm"] = list(self.pixel_spacing_mm)
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelInfo":
@@ -99,7 +107,16 @@ class ModelInfo:
             raise ModelFileError("model metadata 'classes' must be a list of {label, name, color}") from None
         if found != expected:
             raise ModelFileError(f"model classes {found} differ from the six ILD classes {expected}")
-        return cls(d["name"], network, intensity, d["classes"], d["trained"], d["provenance"])
+        spacing = d.get("pixel_spacing_mm")
+        if spacing is not None:
+            try:
+                lo, hi = (float(v) for v in spacing)
+            except (TypeError, ValueError):
+                raise ModelFileError("model metadata 'pixel_spacing_mm' must be [smallest, largest] in mm") from None
+            if not (0 < lo <= hi < 100):
+                raise ModelFileError(f"model metadata 'pixel_spacing_mm' {spacing} is not a range of pixel sizes in mm")
+            spacing = (lo, hi)
+        return cls(d["name"], network, intensity, d["classes"], d["trained"], d["provenance"], spacing)
 
 
 @dataclass

@@ -503,6 +503,10 @@ class ProcessResult:
     seconds: float
     created_node_ids: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
+    #: (row, column) pixel spacing in mm the network ran at; differs from the CT's
+    #: when the CT was resampled into the model's training range.
+    network_pixel_spacing_mm: Optional[Tuple[float, float]] = None
+    resampled: bool = False
 
 
 def _stage(progress: Optional[ProgressCallback], cancel: CancelCheck, start: float, span: float) -> ProgressCallback:
@@ -591,6 +595,7 @@ def process(
     probabilities: bool = False,
     max_memory_mb: float = 1024.0,
     cpu_fallback: bool = True,
+    pixel_spacing: str = "model",
 ) -> ProcessResult:
     """Segment the ILD patterns of ``ct_node`` into a segmentation node.
 
@@ -603,7 +608,9 @@ def process(
     between slice batches (the Slicer panel processes GUI events there); cancel is a
     threading.Event or a callable returning True to stop. max_memory_mb bounds one
     batch; out of GPU memory the engine halves its batches, then finishes on the CPU
-    (``cpu_fallback``) or raises DeviceError.
+    (``cpu_fallback``) or raises DeviceError. pixel_spacing: "model" runs the network
+    at a pixel size within the model's training range (resampling the CT in-plane
+    when outside it), "native" at the CT's own (see :class:`~.inference.Inferer`).
 
     Nothing in the scene changes until everything is computed; on cancel
     (:class:`Cancelled`) or any error the scene is left exactly as it was. Input
@@ -661,7 +668,8 @@ def process(
 
     # Out of GPU memory the engine halves its batches, then finishes on the CPU or,
     # without cpu_fallback, raises DeviceError so that the caller can ask the user.
-    inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, cpu_fallback=cpu_fallback)
+    inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, cpu_fallback=cpu_fallback,
+                      pixel_spacing=pixel_spacing)
     result = inferer.segment(hu, mask, geometry, probabilities=probabilities,
                              progress=_stage(progress, cancel, 0.10, 0.85), cancel=cancel)
     timings["network"] = time.perf_counter() - t
@@ -735,7 +743,8 @@ def process(
         info = loaded.info
         for key, value in (("Model", info.name), ("ModelTrained", str(bool(info.trained)).lower()),
                            ("ModelSHA256", getattr(loaded, "sha256", "")), ("Device", result.device),
-                           ("LungMask", source), ("InputVolume", ct_node.GetName())):
+                           ("LungMask", source), ("InputVolume", ct_node.GetName()),
+                           ("NetworkPixelSpacingMm", " x ".join(f"{v:.4g}" for v in result.network_pixel_spacing_mm))):
             seg_node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
         _place_in_hierarchy(scene, ct_node, commit.created)
     except BaseException:
@@ -748,7 +757,8 @@ def process(
         segmentation_node=seg_node, table_node=table_node, probability_nodes=probability_nodes, volumes=volumes,
         lung_mask_source=source, model_name=loaded.info.name, model_trained=bool(loaded.info.trained),
         device=result.device, seconds=time.perf_counter() - t_start,
-        created_node_ids=[n.GetID() for n in commit.created], timings=timings)
+        created_node_ids=[n.GetID() for n in commit.created], timings=timings,
+        network_pixel_spacing_mm=result.network_pixel_spacing_mm, resampled=result.resampled)
 
 
 def segment_ids_of(segmentation_node: Any) -> List[str]:

@@ -20,9 +20,9 @@ import numpy as np
 from . import __version__
 from .atomicfile import atomic_path, check_writable
 from .errors import InputError
-from .inference import CancelCheck, Inferer, ProgressCallback
+from .inference import CancelCheck, Inferer, ProgressCallback, SegmentationResult
 from .io import output_kind, probability_output_kind, read_ct, read_lung_mask, write_label_map, write_probabilities
-from .modelfile import load_model
+from .modelfile import ModelInfo, load_model
 from .report import class_volumes
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,14 @@ def _stage_progress(progress: Optional[ProgressCallback], start: float, span: fl
     if progress is None:
         return None
     return lambda f, msg: progress(start + span * f, msg)
+
+
+def pixel_spacing_summary(result: SegmentationResult, info: ModelInfo, choice: str) -> Dict[str, Any]:
+    """In-plane (row, column) pixel spacing of the CT and of what the network saw."""
+    return {"ct": [round(v, 4) for v in result.ct_pixel_spacing_mm],
+            "network": [round(v, 4) for v in result.network_pixel_spacing_mm],
+            "resampled": result.resampled, "choice": choice,
+            "model_range": None if info.pixel_spacing_mm is None else list(info.pixel_spacing_mm)}
 
 
 def segment_file(
@@ -46,11 +54,14 @@ def segment_file(
     report: Optional[PathLike] = None,
     overlay: Optional[PathLike] = None,
     max_memory_mb: float = 1024,
+    pixel_spacing: str = "model",
     progress: Optional[ProgressCallback] = None,
     cancel: CancelCheck = None,
 ) -> Dict[str, Any]:
     """Segment one CT file. ``lung_mask``: a label map file (non-zero = lung), or
-    None / "auto" to compute one. Returns the report (also written to ``report``)."""
+    None / "auto" to compute one. ``pixel_spacing``: "model" or "native", see
+    :class:`~ILDSegmentationLib.inference.Inferer`. Returns the report (also written
+    to ``report``)."""
     t0 = time.perf_counter()
     output_kind(output)
     if probabilities is not None:
@@ -64,7 +75,7 @@ def segment_file(
         raise InputError("an output would overwrite the input CT")
 
     loaded = load_model(model)
-    inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb)
+    inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, pixel_spacing=pixel_spacing)
     timings: Dict[str, float] = {}
 
     t = time.perf_counter()
@@ -102,6 +113,7 @@ def segment_file(
         "model": {"file": str(loaded.path), "sha256": loaded.sha256, "name": info.name, "trained": info.trained,
                   "provenance": info.provenance},
         "device": result.device,
+        "pixel_spacing_mm": pixel_spacing_summary(result, info, pixel_spacing),
         "slices": {"total": result.slices_total, "with_lung": result.slices_with_lung, "lung_crops": result.crops},
         "outputs": {"labels": str(output)},
     }

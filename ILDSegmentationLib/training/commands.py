@@ -13,6 +13,7 @@ from ..device import DEVICE_CHOICES
 from ..errors import InputError
 from ..network import PRESETS
 from ..preprocessing import INTENSITY_PRESETS
+from ..resolution import PIXEL_SPACING_CHOICES
 from .augment import INTENSITY_AUGMENTATIONS
 from .loss import ENTROPY_SCALINGS
 
@@ -53,6 +54,9 @@ def add_parsers(sub, common) -> None:
     e.add_argument("--report", metavar="eval.json")
     e.add_argument("--confusion", metavar="confusion.png")
     e.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    e.add_argument("--pixel-spacing", default="model", choices=PIXEL_SPACING_CHOICES,
+                   help="as in 'ildseg segment': model (default) resamples CTs outside the model's training "
+                        "range of pixel sizes into it; native runs at each CT's own")
     common(e)
 
     s = sub.add_parser("split", help="per-scan folds balanced by hill climbing on class-distribution entropy")
@@ -178,7 +182,8 @@ def cmd_evaluate(args) -> int:
     from ..modelfile import load_model
     cases = read_manifest(args.manifest)
     model = load_model(args.model)
-    report = evaluate_cases(cases, model, args.device, progress=None if args.quiet else print)
+    report = evaluate_cases(cases, model, args.device, progress=None if args.quiet else print,
+                            pixel_spacing=args.pixel_spacing)
     if not args.quiet:
         print(f"balanced accuracy {report['balanced_accuracy']:.4f} over {report['annotated_pixels']} annotated pixels")
         for name, acc in report["per_class_accuracy"].items():

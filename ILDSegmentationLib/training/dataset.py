@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,6 +38,7 @@ class Crop:
     image: np.ndarray
     target: np.ndarray
     lung: np.ndarray
+    pixel_spacing_mm: Optional[Tuple[float, float]] = None  # (row, column) of the slice
 
 
 def crops_from_arrays(case_id: str, hu: np.ndarray, lung_mask: np.ndarray, annotation: np.ndarray, geometry,
@@ -47,6 +48,7 @@ def crops_from_arrays(case_id: str, hu: np.ndarray, lung_mask: np.ndarray, annot
     hu_c = view.to_canonical(hu)
     ann_c = view.to_canonical(annotation)
     sides = split_left_right(view.to_canonical(lung_mask))
+    spacing = tuple(view.canonical_spacing(geometry)[1:])
     crops: List[Crop] = []
     annotated = np.flatnonzero(ann_c.reshape(ann_c.shape[0], -1).any(axis=1))
     for z in annotated:
@@ -57,7 +59,7 @@ def crops_from_arrays(case_id: str, hu: np.ndarray, lung_mask: np.ndarray, annot
             if not (ann[lung] > 0).any():
                 continue  # this lung has no annotation on this slice
             target = np.where(lung & (ann > 0), ann.astype(np.int64) - 1, -1)
-            crops.append(Crop(case_id, int(z), b.side, intensity.apply(hu_c[window]), target, lung))
+            crops.append(Crop(case_id, int(z), b.side, intensity.apply(hu_c[window]), target, lung, spacing))
     return crops
 
 

@@ -23,8 +23,8 @@ def evaluate_arrays(inferer: Inferer, hu, lung_mask, annotation, geometry) -> np
 
 
 def evaluate_cases(cases: Sequence[Case], model: LoadedModel, device: str = "auto",
-                   progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    inferer = Inferer(model, device=device)
+                   progress: Optional[Callable[[str], None]] = None, pixel_spacing: str = "model") -> Dict[str, Any]:
+    inferer = Inferer(model, device=device, pixel_spacing=pixel_spacing)
     total = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     per_case = {}
     for case in cases:
@@ -38,4 +38,6 @@ def evaluate_cases(cases: Sequence[Case], model: LoadedModel, device: str = "aut
     report["per_case_balanced_accuracy"] = per_case
     report["model"] = {"file": str(model.path), "sha256": model.sha256, "name": model.info.name}
     report["device"] = inferer.device_name
+    report["pixel_spacing"] = {"choice": pixel_spacing, "model_range":
+                               None if model.info.pixel_spacing_mm is None else list(model.info.pixel_spacing_mm)}
     return report

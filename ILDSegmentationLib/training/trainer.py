@@ -362,9 +362,11 @@ class Trainer:
             "entropy_alpha": self.alpha,
         }
         if self.rank == 0:
+            spacings = [v for c in self.train if c.pixel_spacing_mm is not None for v in c.pixel_spacing_mm]
             info = ModelInfo(
                 name=f"ILD dilated FCN ({self.config.preset})", network=self.network.config,
                 intensity=INTENSITY_PRESETS[self.config.intensity], trained=True,
+                pixel_spacing_mm=(min(spacings), max(spacings)) if spacings else None,
                 provenance={**self.provenance, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                             "training": asdict(self.config), "best_epoch": self.best_epoch + 1,
                             "epochs_run": len(self.history),

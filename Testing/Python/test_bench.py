@@ -98,7 +98,8 @@ def test_bundled_model_on_the_phantom_matches_the_reference(default_model):
     net = default_model.network.eval()
     ref_labels, ref_probs = bench.reference_segment(net, default_model.info.intensity, p.hu, mask, p.geometry,
                                                     probabilities=True)
-    result = Inferer(default_model, device="cpu").segment(p.hu, mask, p.geometry, probabilities=True)
+    result = Inferer(default_model, device="cpu", pixel_spacing="native").segment(p.hu, mask, p.geometry,
+                                                                               probabilities=True)
     _check_against_reference(result, ref_labels, ref_probs, mask)
 
 
@@ -113,7 +114,8 @@ def test_real_ct_matches_the_reference(default_model, dicom_dir):
     net = default_model.network.eval()
     ref_labels, ref_probs = bench.reference_segment(net, default_model.info.intensity, hu, mask, ct.geometry,
                                                     probabilities=True)
-    result = Inferer(default_model, device="cpu").segment(hu, mask, ct.geometry, probabilities=True)
+    result = Inferer(default_model, device="cpu", pixel_spacing="native").segment(hu, mask, ct.geometry,
+                                                                               probabilities=True)
     _check_against_reference(result, ref_labels, ref_probs, mask)
 
 

@@ -186,14 +186,17 @@ CORNER_CASES = [
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Random-weight models fed HU/1000 and raw HU (the paper-faithful default), so
-    both intensity paths meet extreme values."""
+    both intensity paths meet extreme values; "range" knows its training pixel sizes,
+    so that CTs outside 1.0-1.4 mm go through the resampled path."""
     folder = tmp_path_factory.mktemp("fuzz-model")
-    return {"hu1000": random_model(folder), "hu": random_model(folder, intensity="hu")}
+    ranged = random_model(folder, seed=8)
+    ranged.info.pixel_spacing_mm = (1.0, 1.4)
+    return {"hu1000": random_model(folder), "hu": random_model(folder, intensity="hu"), "range": ranged}
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e300 -> float32 inf, clipped
 @fuzz_settings(30)
-@given(case=cases(), which=st.sampled_from(("hu1000", "hu")), want_probabilities=st.booleans(),
+@given(case=cases(), which=st.sampled_from(("hu1000", "hu", "range")), want_probabilities=st.booleans(),
        max_memory_mb=st.sampled_from((0.001, 1.0, 1024.0)))
 @example(case=CORNER_CASES[0], which="hu", want_probabilities=True, max_memory_mb=1024.0)
 @example(case=CORNER_CASES[1], which="hu", want_probabilities=False, max_memory_mb=0.001)

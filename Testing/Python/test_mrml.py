@@ -554,7 +554,8 @@ def test_out_of_gpu_memory_error_changes_nothing(env, model, monkeypatch):
     seen = {}
 
     class OutOfMemoryInferer(inference.Inferer):
-        def __init__(self, loaded, device="auto", max_memory_mb=1024, mixed_precision=True, cpu_fallback=True):
+        def __init__(self, loaded, device="auto", max_memory_mb=1024, mixed_precision=True, cpu_fallback=True,
+                     pixel_spacing="model"):
             seen.update(device=device, max_memory_mb=max_memory_mb, cpu_fallback=cpu_fallback)
             super().__init__(loaded, device="cpu", max_memory_mb=max_memory_mb)
 

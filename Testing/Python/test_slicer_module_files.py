@@ -172,7 +172,7 @@ def test_parameter_node_is_bound_to_the_ui(ui, tree):
     assert "pathlib.Path" in fields["modelPath"] and bound["modelPath"] == "ctkPathLineEdit"
     assert "Choice" in fields["device"] and bound["device"] == "QComboBox"
     for expected in ("inputVolume", "lungMask", "lungSegmentIDs", "useBundledModel", "modelPath", "device",
-                     "outputSegmentation", "probabilities"):
+                     "outputSegmentation", "probabilities", "atModelPixelSpacing"):
         assert expected in fields
 
 

@@ -104,6 +104,9 @@ def test_crops_only_from_annotated_slices_with_inference_cropping(tmp_path):
     for c in crops:
         assert c.image.shape == c.target.shape == c.lung.shape
         assert ((c.target >= 0) <= c.lung).all(), "targets only inside the lung"
+    # Each crop knows its pixel size, (row, column) of the canonical slice: J, I here.
+    crops = crops_from_arrays("c", hu, mask, ann, Geometry((0.9, 0.7, 2.5)), INTENSITY_PRESETS["hu"])
+    assert {c.pixel_spacing_mm for c in crops} == {(0.7, 0.9)}
 
 
 # -- split ------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def test_train_then_segment_and_evaluate_with_the_trained_model(manifest, tmp_pa
     prov = model.info.provenance
     assert len(prov["manifest_sha256"]) == 64 and "train" in prov["command"]
     assert "validation_balanced_accuracy" in prov
+    assert model.info.pixel_spacing_mm == (0.8, 0.8)  # the training cases' pixels, for inference
 
     case = manifest.parent / "case0"
     assert main(["segment", str(case / "ct.nrrd"), "--lung-mask", str(case / "mask.nrrd"), "--model",
