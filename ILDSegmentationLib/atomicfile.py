@@ -13,12 +13,19 @@ from .errors import InputError
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+#: Extensions a temporary name keeps, lower case, so that writers (ITK picks its writer by
+#: the extension, case-sensitively) write the right format under any spelling: ".MHA" made
+#: ITK write a header and a raw file elsewhere and leave the named file empty.
+_KNOWN_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".json",
+                     ".csv", ".safetensors")
+
+
 def _suffixes(name: str) -> str:
-    # Keep compound extensions (.nii.gz, .seg.nrrd) so writers pick the right format.
-    for ext in (".seg.nrrd", ".nii.gz"):
-        if name.lower().endswith(ext):
-            return name[-len(ext):]
-    return Path(name).suffix
+    lower = name.lower()
+    for ext in _KNOWN_EXTENSIONS:  # compound ones first
+        if lower.endswith(ext):
+            return ext
+    return Path(name).suffix.lower()
 
 
 def check_writable(path: PathLike) -> Path:

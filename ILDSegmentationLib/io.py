@@ -234,13 +234,16 @@ def image_like(array: np.ndarray, reference: sitk.Image, is_vector: bool = False
 
 
 def output_kind(path: PathLike) -> str:
-    name = str(path).lower()
-    if name.endswith(".seg.nrrd"):
-        return "seg.nrrd"
-    for ext in (".nii.gz", ".nrrd", ".nii", ".mha"):
-        if name.endswith(ext):
+    name = Path(path).name
+    for ext in (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha"):
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            if not name.endswith(ext):
+                # ITK chooses its reader by a case-sensitive extension: Slicer and
+                # SimpleITK cannot open 'labels.MHA' or 'labels.Nii'.
+                raise InputError(f"output name {name}: write its extension in lower case ({ext}), "
+                                 "as ITK-based tools (3D Slicer included) read only that")
             return ext[1:]
-    raise InputError(f"unsupported output format for {Path(path).name}: use .nrrd, .nii.gz, .mha or .seg.nrrd")
+    raise InputError(f"unsupported output format for {name}: use .nrrd, .nii.gz, .mha or .seg.nrrd")
 
 
 def probability_output_kind(path: PathLike) -> str:

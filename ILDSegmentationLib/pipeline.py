@@ -71,8 +71,9 @@ def segment_file(
         raise InputError("two outputs have the same file name")
     for p in outputs:
         check_writable(p)
-    if Path(ct_path).resolve() in {p.resolve() for p in outputs}:
-        raise InputError("an output would overwrite the input CT")
+    for name, given in (("CT", ct_path), ("lung mask", None if lung_mask in (None, "auto") else lung_mask)):
+        if given is not None and Path(given).resolve() in {p.resolve() for p in outputs}:
+            raise InputError(f"an output would overwrite the input {name}: {given}")
 
     loaded = load_model(model)
     inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, pixel_spacing=pixel_spacing)

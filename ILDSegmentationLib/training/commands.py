@@ -1,6 +1,7 @@
 """``ildseg train | evaluate | split | simulate``: thin shells over the training package."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -198,33 +199,69 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+SIMULATED_FILES = ("ct.nrrd", "lung_mask.nrrd", "annotation.nrrd", "truth.nrrd")
+
+
 def cmd_simulate(args) -> int:
     from .manifest import write_manifest
+    from ..atomicfile import check_writable
     from ..io import image_like, read_ct, read_lung_mask, write_image
     from ..simulate import simulate_case
     if args.lung_mask and len(args.lung_mask) != len(args.ct):
         raise InputError("give one --lung-mask per --ct (or none)")
+    if args.cases_per_ct < 1:
+        raise InputError(f"--cases-per-ct must be at least 1, not {args.cases_per_ct}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a folder, and {out} is a file")
+    several = len(args.ct) * args.cases_per_ct > 1
+    plan = []
     for n, ct_path in enumerate(args.ct):
-        ct = read_ct(ct_path)
-        mask = read_lung_mask(args.lung_mask[n], ct) if args.lung_mask else None
+        stem = re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd)$", "", Path(str(ct_path).rstrip("/")).name)
         for r in range(args.cases_per_ct):
             seed = args.seed + 1000 * n + r
-            stem = re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd)$", "", Path(str(ct_path).rstrip("/")).name)
-            case_id = f"{stem}-s{seed}" if (args.cases_per_ct > 1 or len(args.ct) > 1) else stem
+            case_id = f"{stem}-s{seed}" if several else stem
+            plan.append((n, seed, case_id, out / case_id if several else out))
+    # Nothing an input is read from may be written over (simulating into the CT's own
+    # folder used to replace its ct.nrrd).
+    inputs = {Path(p).resolve() for p in list(args.ct) + list(args.lung_mask or [])}
+    for target in [folder / name for *_, folder in plan for name in SIMULATED_FILES] + [out / "manifest.csv"]:
+        if target.resolve() in inputs:
+            raise InputError(f"an output would overwrite the input {target}: choose another --out")
+    created = [] if out.is_dir() else [out]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    check_writable(out / "manifest.csv")
+    written: list = []
+    try:
+        rows = []
+        ct = mask = None
+        ct_index = -1
+        for n, seed, case_id, folder in plan:
+            if ct_index != n:
+                ct_index, ct = n, read_ct(args.ct[n])
+                mask = read_lung_mask(args.lung_mask[n], ct) if args.lung_mask else None
             sim = simulate_case(np.asarray(ct.array), ct.geometry, lung_mask=mask, seed=seed)
-            folder = out / case_id if len(args.ct) * args.cases_per_ct > 1 else out
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, arr in (("ct.nrrd", sim.hu), ("lung_mask.nrrd", sim.lung_mask),
-                              ("annotation.nrrd", sim.annotation), ("truth.nrrd", sim.truth)):
-                write_image(image_like(arr.reshape(np.shape(ct.array)), ct.image), folder / name)
+            if not folder.is_dir():
+                folder.mkdir(parents=True)
+                created.append(folder)
+            for name, arr in zip(SIMULATED_FILES, (sim.hu, sim.lung_mask, sim.annotation, sim.truth)):
+                written.append(write_image(image_like(arr.reshape(np.shape(ct.array)), ct.image), folder / name))
             rel = folder.relative_to(out)
             rows.append([case_id, str(rel / "ct.nrrd"), str(rel / "lung_mask.nrrd"), str(rel / "annotation.nrrd")])
             if not args.quiet:
                 print(f"{case_id}: {len(sim.regions)} pattern regions -> {folder}")
-    write_manifest(out / "manifest.csv", rows)
+        write_manifest(out / "manifest.csv", rows)
+    except BaseException:
+        # A failed or interrupted run leaves no half set of cases behind.
+        for path in written:
+            Path(path).unlink(missing_ok=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     if not args.quiet:
         print(f"manifest: {out / 'manifest.csv'}")
     return 0

@@ -106,6 +106,35 @@ def test_bad_input_one_line_exit_2_no_output(small_case, tmp_path, case):
     assert list(tmp_path.glob("out*")) == [] and not (tmp_path / "r.json").exists()
 
 
+def test_outputs_never_overwrite_the_lung_mask(small_case, tmp_path):
+    import shutil
+    d, _, model = small_case
+    mask = tmp_path / "mask.nii.gz"
+    shutil.copy(d / "mask.nii.gz", mask)
+    before = mask.read_bytes()
+    common = ["segment", d / "ct.nrrd", "--lung-mask", mask, "--model", model, "--device", "cpu"]
+    for outputs in (["-o", mask], ["-o", tmp_path / "labels.nrrd", "--report", mask]):
+        r = ildseg(*common, *outputs)
+        assert r.returncode == 2 and "overwrite the input lung mask" in r.stderr, r.stderr
+        assert mask.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
+
+
+@pytest.mark.parametrize("name", ["L.MHA", "L.Nii", "L.NII.GZ", "L.Seg.Nrrd", ".nrrd"])
+def test_output_names_itk_cannot_read_back_are_refused_before_any_work(small_case, tmp_path, name):
+    """ITK picks its writer and reader by a case-sensitive extension: 'L.MHA' used to
+    leave an empty file (exit 0) and hidden .part.mhd/.zraw files beside it, and
+    'L.NII.GZ' failed only after the whole run."""
+    d, _, model = small_case
+    for option in ("-o", "--probabilities"):
+        outputs = ["-o", tmp_path / "ok.nrrd", option, tmp_path / name] if option != "-o" else ["-o", tmp_path / name]
+        r = ildseg("segment", d / "ct.nrrd", "--lung-mask", d / "mask.nii.gz", "--model", model, "--device", "cpu",
+                   *outputs)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "lower case" in r.stderr or "unsupported output format" in r.stderr or "segmentation" in r.stderr
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_model_notice_says_what_the_weights_are():
     from ILDSegmentationLib.cli import model_notice
     assert "UNTRAINED" in model_notice({"name": "m", "trained": False, "provenance": {}})

@@ -75,6 +75,32 @@ def test_simulate_writes_a_case_and_a_one_row_manifest(tmp_path):
     assert sitk.GetArrayFromImage(ann).max() > 1, "patterns are annotated"
 
 
+def test_simulate_never_writes_over_its_input_and_leaves_nothing_half_done(tmp_path, capsys):
+    from ILDSegmentationLib.phantom import make_chest_phantom
+    ph = make_chest_phantom(size=64, spacing=(5.6, 5.6, 20.0), n_slices=14)
+    img = sitk.GetImageFromArray(ph.hu)
+    img.SetSpacing(ph.geometry.spacing)
+    ct = tmp_path / "in" / "ct.nrrd"
+    ct.parent.mkdir()
+    sitk.WriteImage(img, str(ct))
+    before = ct.read_bytes()
+    # Into the CT's own folder: its ct.nrrd would be replaced by the simulated one.
+    assert main(["simulate", "--ct", str(ct), "--out", str(ct.parent), "--quiet"]) == 2
+    assert "overwrite the input" in capsys.readouterr().err and ct.read_bytes() == before
+    assert sorted(p.name for p in ct.parent.iterdir()) == ["ct.nrrd"]
+    # A second CT that cannot be read: the first one's cases are removed again.
+    (tmp_path / "broken.nrrd").write_bytes(b"NRRD0004\ntype: short\n")
+    out = tmp_path / "cases"
+    assert main(["simulate", "--ct", str(ct), str(tmp_path / "broken.nrrd"), "--out", str(out), "--quiet"]) == 2
+    assert not out.exists()
+    for bad, what in (([str(ct), "--out", str(ct)], "is a file"), ([str(ct), "--out", str(out), "--cases-per-ct", "0"],
+                                                                   "at least 1")):
+        capsys.readouterr()
+        assert main(["simulate", "--ct", *bad, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert what in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_train_init_starts_from_a_model_and_checks_it_fits(manifest, tmp_path, capsys):
     from synthetic import random_model
     start = random_model(tmp_path)  # intensity hu1000
