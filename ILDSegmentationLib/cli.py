@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from . import __version__
-from .device import DEVICE_CHOICES
 from .errors import ILDSegError
-from .resolution import PIXEL_SPACING_CHOICES
 
 log = logging.getLogger("ILDSegmentationLib")
 
@@ -56,6 +54,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    # Imported here, inside main()'s handlers: torch takes a second or two to import,
+    # and a Ctrl-C meanwhile must give one line, not a traceback.
+    from .device import DEVICE_CHOICES
+    from .resolution import PIXEL_SPACING_CHOICES
     p.add_argument("--model", metavar="FILE", help="model file (.safetensors); default: the bundled model")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                    help="auto = CUDA, then Apple MPS, then CPU (default: auto)")
@@ -138,6 +140,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing, progress=bar)
     finally:
         bar.close()
+    args.outputs_complete = True
     notice = model_notice(summary["model"])
     if notice:
         print(notice, file=sys.stderr)
@@ -225,11 +228,21 @@ def _sigterm(signum, frame):  # pragma: no cover - exercised through a subproces
     raise _Terminated
 
 
-#: What an interruption leaves behind, per command (the default: nothing said).
-_INTERRUPTED = {
-    "segment": "; no output was written",
-    "train": "; finished epochs are kept in RUN_DIR/checkpoint.safetensors: rerun with --resume to continue",
-}
+def _interrupted_note(args: Optional[argparse.Namespace]) -> str:
+    """What an interruption leaves behind, per command (the default: nothing said)."""
+    command = getattr(args, "command", None)
+    if command == "segment":
+        if getattr(args, "outputs_complete", False):  # Ctrl-C while the summary printed
+            return "; the outputs had been written completely"
+        return "; no output was written"
+    if command == "train":
+        checkpoint = Path(args.out) / "checkpoint.safetensors"
+        if checkpoint.exists():
+            return f"; finished epochs are kept in {checkpoint}: rerun with --resume to continue"
+        return "; no epoch had finished, nothing to resume"
+    if command == "simulate":
+        return "; no case was written"
+    return ""
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -252,8 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"ildseg: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        what = _INTERRUPTED.get(args.command, "") if args is not None else ""
-        print(f"ildseg: interrupted{what}", file=sys.stderr)
+        print(f"ildseg: interrupted{_interrupted_note(args)}", file=sys.stderr)
         # The shell's convention: 128 + the signal number.
         return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     except Exception as e:  # a bug, not a user error: still one line unless --debug

@@ -5,16 +5,19 @@ temporary file and a rename. Arrays are K, J, I; geometry is LPS (see geometry.p
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import logging
 import os
 import shutil
 import struct
+import sys
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -62,12 +65,43 @@ def _unreadable_dicom_files(folder: Path, listed: List[str]) -> List[Path]:
             if p.is_file() and os.path.realpath(p) not in known and _looks_like_dicom(p)]
 
 
+@contextlib.contextmanager
+def itk_silenced() -> Iterator[None]:
+    """ITK, GDCM, MetaIO and HDF5 print warnings and error stacks straight to the
+    process's stderr (file descriptor 2), around the exception that says the same in a
+    line: a truncated .mha gave 3 lines, a folder read as an image 27. Within this block
+    ITK's warnings are off and fd 2 goes to a scratch file; nothing of Python's own is
+    logged inside it."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): warnings off only
+        saved = None
+    try:
+        if saved is None:
+            yield
+            return
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        if saved is not None:
+            os.close(saved)
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str]:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder)) or ()
+    with itk_silenced():
+        series = reader.GetGDCMSeriesIDs(str(folder)) or ()
+        files_per_series = {s: reader.GetGDCMSeriesFileNames(str(folder), s) for s in series}
     if not series:
         raise InputError(f"no DICOM series found in folder {folder}")
-    files_per_series = {s: reader.GetGDCMSeriesFileNames(str(folder), s) for s in series}
     bad = _unreadable_dicom_files(folder, [f for files in files_per_series.values() for f in files])
     if bad:
         # Refused rather than read without it: the missing slice would misplace every
@@ -84,7 +118,8 @@ def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str]:
     reader.SetFileNames(files_per_series[chosen])
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        image = reader.Execute()
+        with itk_silenced():  # its own uneven-spacing warning: ours below says it in a line
+            image = reader.Execute()
     except RuntimeError as e:
         raise InputError(f"cannot read the DICOM series in {folder}: {_itk_reason(e)}") from None
     _warn_uneven_spacing(files_per_series[chosen], image)
@@ -117,7 +152,8 @@ def read_image(path: PathLike) -> Tuple[sitk.Image, str]:
     if p.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_complete(p)
     try:
-        return sitk.ReadImage(str(p)), ""
+        with itk_silenced():
+            return sitk.ReadImage(str(p)), ""
     except RuntimeError as e:
         raise InputError(f"cannot read image {p.name}: unreadable, truncated or unsupported file "
                          f"({_itk_reason(e)})") from None

@@ -139,11 +139,13 @@ def segment_file(
             with atomic_path(report) as tmp:
                 Path(tmp).write_text(json.dumps(summary, indent=2))
             written.append(Path(report))
+        # Inside the clean-up: a Ctrl-C seen by this last callback removes the outputs,
+        # so that "interrupted; no output was written" stays true.
+        if progress:
+            progress(1.0, "done")
     except BaseException:
         for p in written:
             with contextlib.suppress(OSError):
                 p.unlink()
         raise
-    if progress:
-        progress(1.0, "done")
     return summary

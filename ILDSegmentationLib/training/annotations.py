@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from ..classes import CLASSES, TissueClass
 from ..errors import InputError
 from ..geometry import Geometry, as_volume, same_grid
+from ..io import read_image
 from ..terminology import parse_terminology_entry
 
 
@@ -59,9 +60,9 @@ def class_of_segment(name: str, terminology: Optional[str]) -> Optional[TissueCl
 def read_annotation(path, ct_geometry: Geometry, ct_shape, where: str) -> np.ndarray:
     """uint8 K,J,I labels 0..6 on the CT's grid; InputError naming ``where`` otherwise."""
     try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise InputError(f"{where}: cannot read annotation {path}") from None
+        image, _ = read_image(path)
+    except InputError as e:
+        raise InputError(f"{where}: annotation: {e}") from None
     geometry = Geometry.from_sitk(image)
     keys = set(image.GetMetaDataKeys())
     is_seg = any(k.startswith("Segment0_") for k in keys)
@@ -102,7 +103,13 @@ def _from_segmentation(image, array, keys, where) -> np.ndarray:
             raise InputError(f"{where}: segment '{name}' matches none of the classes "
                              f"({', '.join(c.name for c in CLASSES)})")
         value = int(image.GetMetaData(f"Segment{i}_LabelValue")) if f"Segment{i}_LabelValue" in keys else 1
-        layer = int(image.GetMetaData(f"Segment{i}_Layer")) if f"Segment{i}_Layer" in keys else 0
+        # Without a Layer key (files from Slicer before shared labelmaps, one layer per
+        # segment) Slicer reads segment i from layer i; so do we.
+        layer = int(image.GetMetaData(f"Segment{i}_Layer")) if f"Segment{i}_Layer" in keys else i
+        layers = image.GetNumberOfComponentsPerPixel()
+        if not 0 <= layer < layers:
+            raise InputError(f"{where}: segment '{name}' is in layer {layer}, but the file has "
+                             f"{layers} layer{'s' if layers > 1 else ''}")
         voxels = (array[..., layer] if vector else array) == value
         out[voxels] = cls.label
         i += 1

@@ -118,6 +118,7 @@ def cmd_train(args) -> int:
     from .split import hill_climb_split
     from .manifest import manifest_sha256, read_manifest
     from .trainer import TrainConfig, Trainer
+    from ..atomicfile import check_writable
     config = TrainConfig(preset=args.preset, epochs=args.epochs, patience=args.patience,
                          min_rel_improvement=args.min_rel_improvement, lr=args.lr,
                          unsupervised_weight=args.unsupervised_weight, entropy_scaling=args.entropy_scaling,
@@ -125,6 +126,20 @@ def cmd_train(args) -> int:
                          augment=not args.no_augment, intensity=args.intensity,
                          intensity_augmentation=args.intensity_augmentation,
                          seed=args.seed, device=args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a run folder, and {out} is a file")
+    if not args.resume and (out / "checkpoint.safetensors").exists():
+        # Starting afresh would replace another run's checkpoint and mix its outputs with ours.
+        raise InputError(f"{out} holds the checkpoint of an earlier run: add --resume to continue it, "
+                         "or choose a new --out folder")
+    if args.folds < 2:
+        raise InputError(f"--folds must be 2 or more, not {args.folds}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the run folder {out}: {e.strerror or e}") from None
+    check_writable(out / "log.csv")
     cases = read_manifest(args.manifest)
     if args.val_fraction is not None:
         if not 0 < args.val_fraction < 1:
@@ -181,21 +196,37 @@ def cmd_evaluate(args) -> int:
     from .plots import plot_confusion
     from ..atomicfile import atomic_path
     from ..modelfile import load_model
+    from ..atomicfile import check_writable
+    for output in (args.report, args.confusion):
+        if output:  # before the work, not after it
+            check_writable(output)
     cases = read_manifest(args.manifest)
     model = load_model(args.model)
     report = evaluate_cases(cases, model, args.device, progress=None if args.quiet else print,
                             pixel_spacing=args.pixel_spacing)
+    if report["annotated_pixels"] == 0:
+        raise InputError(f"no annotated voxel of {Path(args.manifest).name} lies inside a lung mask: "
+                         "nothing to evaluate")
     if not args.quiet:
         print(f"balanced accuracy {report['balanced_accuracy']:.4f} over {report['annotated_pixels']} annotated pixels")
         for name, acc in report["per_class_accuracy"].items():
             dice = report["dice"][name]
             print(f"  {name:<22} accuracy {'-' if acc is None else f'{acc:.3f}':>6}  "
                   f"Dice {'-' if dice is None else f'{dice:.3f}':>6}")
-    if args.report:
-        with atomic_path(args.report) as tmp:
-            Path(tmp).write_text(json.dumps(report, indent=2))
-    if args.confusion:
-        plot_confusion(report, Path(args.confusion))
+    written = []
+    try:
+        if args.report:
+            with atomic_path(args.report) as tmp:
+                # allow_nan=False: a class absent from the annotations has no accuracy
+                # (None, JSON null); NaN would make the file unreadable to strict parsers.
+                Path(tmp).write_text(json.dumps(report, indent=2, allow_nan=False))
+            written.append(Path(args.report))
+        if args.confusion:
+            plot_confusion(report, Path(args.confusion))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return 0
 
 

@@ -30,10 +30,12 @@ def evaluate_cases(cases: Sequence[Case], model: LoadedModel, device: str = "aut
     for case in cases:
         ct, mask, annotation = read_case(case)
         cm = evaluate_arrays(inferer, ct.array, mask, annotation, ct.geometry)
-        per_case[case.case_id] = summarize(cm)["balanced_accuracy"]
+        bacc = summarize(cm)["balanced_accuracy"]
+        per_case[case.case_id] = None if np.isnan(bacc) else bacc  # None: no annotated voxel in its lung
         total += cm
         if progress:
-            progress(f"{case.case_id}: BACC {per_case[case.case_id]:.3f}")
+            progress(f"{case.case_id}: BACC " + ("- (no annotated voxel in the lung)" if np.isnan(bacc)
+                                                  else f"{bacc:.3f}"))
     report = summarize(total)
     report["per_case_balanced_accuracy"] = per_case
     report["model"] = {"file": str(model.path), "sha256": model.sha256, "name": model.info.name}

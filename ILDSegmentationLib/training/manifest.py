@@ -34,8 +34,13 @@ def read_manifest(path: PathLike) -> List[Case]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"manifest not found: {p}")
-    with open(p, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        # utf-8-sig: spreadsheet programs save "CSV UTF-8" with a byte-order mark.
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise InputError(f"manifest {p.name}, line {line}: not UTF-8 text; save it as CSV UTF-8") from None
     if not rows or [c.strip() for c in rows[0]] != HEADER:
         raise InputError(f"manifest {p.name}: first line must be '{','.join(HEADER)}'")
     base = p.parent

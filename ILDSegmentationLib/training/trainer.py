@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -75,8 +76,20 @@ class TrainConfig:
         if self.intensity_augmentation not in INTENSITY_AUGMENTATIONS:
             raise InputError(f"unknown intensity augmentation '{self.intensity_augmentation}' "
                              f"(choose from {', '.join(INTENSITY_AUGMENTATIONS)})")
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.lr <= 0 or self.crops_per_epoch < 0:
-            raise InputError("epochs, patience and batch size must be positive, lr above 0")
+        for name, value, ok in (("--epochs", self.epochs, self.epochs >= 1),
+                                ("--patience", self.patience, self.patience >= 1),
+                                ("--batch-size", self.batch_size, self.batch_size >= 1),
+                                ("--crops-per-epoch", self.crops_per_epoch, self.crops_per_epoch >= 0),
+                                ("--lr", self.lr, math.isfinite(self.lr) and self.lr > 0),
+                                ("--unsupervised-weight", self.unsupervised_weight,
+                                 math.isfinite(self.unsupervised_weight) and self.unsupervised_weight >= 0),
+                                ("--min-rel-improvement", self.min_rel_improvement,
+                                 math.isfinite(self.min_rel_improvement) and self.min_rel_improvement >= 0)):
+            if not ok:
+                rule = {"--crops-per-epoch": "0 (all crops) or more", "--lr": "a finite number above 0",
+                        "--unsupervised-weight": "a finite number, 0 or more",
+                        "--min-rel-improvement": "a finite number, 0 or more"}.get(name, "1 or more")
+                raise InputError(f"{name} must be {rule}, not {value}")
         if self.preset == "purely-supervised":
             self.unsupervised_weight = 0.0
 
@@ -218,10 +231,15 @@ class Trainer:
                 tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().float().reshape(-1) \
                     if name == "step" else value.detach().cpu().contiguous()
         meta = {"epoch": epoch, "best_bacc": self.best_bacc, "best_epoch": self.best_epoch,
-                "config": asdict(self.config), "history": [asdict(r) for r in self.history],
-                "param_groups": opt["param_groups"]}
+                "config": asdict(self.config), "data": self._data_identity(),
+                "history": [asdict(r) for r in self.history], "param_groups": opt["param_groups"]}
         with atomic_path(self.checkpoint_path) as tmp:
             save_file(tensors, tmp, metadata={"ildseg_checkpoint": json.dumps(meta)})
+
+    def _data_identity(self) -> Dict[str, Any]:
+        """What the run trains on, besides its settings: a resumed run must match it."""
+        keys = ("manifest_sha256", "validation_cases", "folds", "fold", "val_fraction", "initialized_from")
+        return {k: self.provenance.get(k) for k in keys}
 
     def _remove_stale_temporaries(self) -> None:
         """A run killed outright (SIGKILL, power loss) while writing can leave the
@@ -238,10 +256,14 @@ class Trainer:
             return False
         if self.rank == 0:
             self._remove_stale_temporaries()
-        from safetensors import safe_open
-        with safe_open(str(self.checkpoint_path), framework="pt") as f:
-            meta = json.loads(f.metadata()["ildseg_checkpoint"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(self.checkpoint_path), framework="pt") as f:
+                meta = json.loads(f.metadata()["ildseg_checkpoint"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+            raise InputError(f"the checkpoint {self.checkpoint_path} is damaged ({type(e).__name__}): "
+                             "remove it to start again, or use a new --out folder") from None
         # The epoch limit may grow and the device change; every other setting shapes
         # the run and must match.
         resumable = lambda d: {k: v for k, v in d.items() if k not in ("epochs", "device")}  # noqa: E731
@@ -250,6 +272,14 @@ class Trainer:
         if resumable(saved) != resumable(asdict(self.config)):
             raise InputError("the checkpoint in the run folder was made with other settings; "
                              "use a new --out folder or the same options")
+        # Checkpoints written before this check carry no "data" and are taken as they are.
+        data = meta.get("data")
+        if data is not None:
+            changed = [k for k, v in self._data_identity().items() if data.get(k) != v]
+            if changed:
+                raise InputError(f"the checkpoint in the run folder was made on other data or another split "
+                                 f"({', '.join(changed)} differ); use a new --out folder or the same manifest "
+                                 "and options")
         self.network.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         self.best_state = best or None

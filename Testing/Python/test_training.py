@@ -170,6 +170,32 @@ def test_seg_nrrd_annotation_maps_segments_to_classes(tmp_path):
     sitk.WriteImage(image, str(tmp_path / "bad.seg.nrrd"))
     with pytest.raises(InputError, match="'Emphysema' matches none"):
         read_annotation(tmp_path / "bad.seg.nrrd", Geometry.from_sitk(ct), hu.shape, "case 'x'")
+    # A file from Slicer before shared labelmaps: one layer per segment, no Layer keys,
+    # every segment's voxels 1 in its own layer (Slicer reads segment i from layer i).
+    layers = np.stack([(ann == 2), (ann == 4), (ann == 1)], axis=-1).astype(np.uint8)
+    old = sitk.GetImageFromArray(layers, isVector=True)
+    old.CopyInformation(ct)
+    for i, name in enumerate(("Ground glass opacity", "Consolidation", "Healthy")):
+        old.SetMetaData(f"Segment{i}_ID", f"Segment_{i}")
+        old.SetMetaData(f"Segment{i}_Name", name)
+    sitk.WriteImage(old, str(tmp_path / "old.seg.nrrd"))
+    back = read_annotation(tmp_path / "old.seg.nrrd", Geometry.from_sitk(ct), hu.shape, "case 'x'")
+    np.testing.assert_array_equal(back, np.where(np.isin(ann, (1, 2, 4)), ann, 0))
+    old.SetMetaData("Segment3_ID", "Segment_3")
+    old.SetMetaData("Segment3_Name", "Reticulation")
+    sitk.WriteImage(old, str(tmp_path / "short.seg.nrrd"))
+    with pytest.raises(InputError, match="'Reticulation' is in layer 3, but the file has 3 layers"):
+        read_annotation(tmp_path / "short.seg.nrrd", Geometry.from_sitk(ct), hu.shape, "case 'x'")
+
+
+def test_manifest_saved_by_a_spreadsheet_reads_and_other_encodings_are_named(tmp_path):
+    manifest = make_manifest(tmp_path, 2)
+    text = manifest.read_text()
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())  # Excel's "CSV UTF-8"
+    assert [c.case_id for c in read_manifest(tmp_path / "bom.csv")] == ["case0", "case1"]
+    (tmp_path / "latin1.csv").write_bytes(text.replace("case1,", "caf\u00e91,", 1).encode("latin-1"))
+    with pytest.raises(InputError, match="latin1.csv, line 3: not UTF-8"):
+        read_manifest(tmp_path / "latin1.csv")
 
 
 def test_bad_manifests_name_the_case_and_line(tmp_path):

@@ -128,6 +128,54 @@ def test_train_init_starts_from_a_model_and_checks_it_fits(manifest, tmp_path, c
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
+def test_evaluate_checks_its_outputs_first_and_writes_strict_json(manifest, tmp_path, capsys):
+    args = ["evaluate", "--manifest", str(manifest), "--device", "cpu", "--quiet"]
+    assert main(args + ["--report", str(tmp_path / "r.json"), "--confusion", str(tmp_path / "no" / "c.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+    # Annotations that miss the lung entirely: an error, not a report of NaN.
+    rows = list(csv.reader(open(manifest)))
+    case = manifest.parent / rows[1][0]
+    ann = sitk.ReadImage(str(manifest.parent / rows[1][3]))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / rows[1][2])))
+    outside = sitk.GetImageFromArray(np.where(mask == 0, 1, 0).astype(np.uint8))
+    outside.CopyInformation(ann)
+    sitk.WriteImage(outside, str(case / "outside.nrrd"))
+    one = tmp_path / "one.csv"
+    one.write_text(f"case_id,ct,lung_mask,annotation\nx,{case / 'ct.nrrd'},{case / 'mask.nrrd'},{case / 'outside.nrrd'}\n")
+    assert main(["evaluate", "--manifest", str(one), "--device", "cpu", "--report", str(tmp_path / "r.json"),
+                 "--quiet"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def test_a_run_folder_is_continued_only_with_its_own_data_and_split(manifest, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--manifest", str(manifest), "--out", str(run), "--epochs", "1", "--intensity", "hu1000",
+            "--device", "cpu", "--quiet"]
+    assert main(base + ["--folds", "2", "--fold", "0"]) == 0
+    before = (run / "checkpoint.safetensors").read_bytes()
+    for extra, message in ((["--folds", "2", "--fold", "1", "--resume"], "another split (validation_cases, fold"),
+                           (["--folds", "2", "--fold", "0"], "add --resume")):
+        capsys.readouterr()
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert (run / "checkpoint.safetensors").read_bytes() == before
+    (run / "checkpoint.safetensors").write_bytes(before[:100])
+    assert main(base + ["--folds", "2", "--fold", "0", "--resume"]) == 2
+    assert "damaged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "inf"), ("--unsupervised-weight", "-1"),
+                                           ("--min-rel-improvement", "nan"), ("--crops-per-epoch", "-3"),
+                                           ("--folds", "1"), ("--folds", "0")])
+def test_bad_training_options_name_themselves(manifest, tmp_path, capsys, option, value):
+    assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "x"), f"{option}={value}",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert option in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x" / "checkpoint.safetensors").exists()
+
+
 def test_train_records_what_was_asked_val_fraction_and_intensity_augmentation(manifest, tmp_path, capsys):
     run = tmp_path / "vf"
     assert main(["train", "--manifest", str(manifest), "--out", str(run), "--val-fraction", "0.5", "--epochs", "1",
