@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -95,6 +96,9 @@ class Inferer:
     def __init__(self, model: LoadedModel, device: str = "auto", max_memory_mb: float = 1024,
                  mixed_precision: bool = True, cpu_fallback: bool = True, fast_cpu: bool = True,
                  pixel_spacing: str = "model") -> None:
+        if not (isinstance(max_memory_mb, (int, float)) and math.isfinite(max_memory_mb) and max_memory_mb > 0):
+            raise InputError(f"the memory for a batch (--max-memory) must be a number of MB above 0, "
+                             f"not {max_memory_mb}")
         if pixel_spacing not in PIXEL_SPACING_CHOICES:
             raise ValueError(f"pixel_spacing must be one of {PIXEL_SPACING_CHOICES}, not {pixel_spacing!r}")
         self.pixel_spacing = pixel_spacing

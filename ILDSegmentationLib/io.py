@@ -122,13 +122,18 @@ def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str]:
             image = reader.Execute()
     except RuntimeError as e:
         raise InputError(f"cannot read the DICOM series in {folder}: {_itk_reason(e)}") from None
-    _warn_uneven_spacing(files_per_series[chosen], image)
+    uneven = _check_slice_spacing(files_per_series[chosen], image)
+    if uneven:
+        log.warning(uneven)
+        note = f"{note}; {uneven}" if note else uneven
     return image, note
 
 
-def _warn_uneven_spacing(files: List[str], image: sitk.Image) -> None:
+def _check_slice_spacing(files: List[str], image: sitk.Image) -> str:
+    """'' for evenly spaced slices, a note when they are not (a missing slice: the
+    volume assumes even spacing); two slices at one position are refused."""
     if image.GetDimension() != 3 or len(files) < 3:
-        return
+        return ""
     positions = []
     for f in files:
         r = sitk.ImageFileReader()
@@ -136,10 +141,22 @@ def _warn_uneven_spacing(files: List[str], image: sitk.Image) -> None:
         r.ReadImageInformation()
         positions.append(np.array(r.GetOrigin()))
     normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
-    steps = np.diff([p @ normal for p in positions])
-    if steps.size and np.ptp(steps) > 0.01 * max(abs(np.median(steps)), 1e-6):
-        log.warning("DICOM slices are unevenly spaced (%.3g to %.3g mm); volumes assume %.3g mm",
-                    steps.min(), steps.max(), image.GetSpacing()[2])
+    along = np.array([p @ normal for p in positions])
+    order = np.argsort(along, kind="stable")
+    gaps = np.diff(along[order])
+    typical = max(float(np.median(gaps)), 1e-6)
+    if (gaps < 0.01 * typical).any():
+        # GDCM keeps both copies of a slice, sorts one far from its place and ITK then
+        # assumes a wrong, averaged spacing for the whole volume.
+        k = int(np.flatnonzero(gaps < 0.01 * typical)[0])
+        first, second = sorted((Path(files[order[k]]).name, Path(files[order[k + 1]]).name))
+        raise InputError(f"DICOM files {first} and {second} are slices at the same position (a duplicate?): "
+                         "remove one of them")
+    steps = np.diff(along)
+    if np.ptp(steps) > 0.01 * typical:
+        return (f"DICOM slices are unevenly spaced ({steps.min():.3g} to {steps.max():.3g} mm, a missing slice?); "
+                f"volumes assume {image.GetSpacing()[2]:.3g} mm")
+    return ""
 
 
 def read_image(path: PathLike) -> Tuple[sitk.Image, str]:
@@ -164,7 +181,9 @@ def _check_nifti_complete(path: Path) -> None:
     fills the missing voxels with zeros: compare the data with what the header declares.
     A gzipped file is decompressed once more for this, in chunks (about a second for
     a large CT, small beside the segmentation)."""
-    gz = path.name.lower().endswith(".gz")
+    with open(path, "rb") as f:
+        # By content, not name: ITK reads an uncompressed NIfTI named .nii.gz.
+        gz = f.read(2) == b"\x1f\x8b"
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             header = f.read(352)
@@ -247,6 +266,14 @@ def read_lung_mask(path: PathLike, ct: Volume) -> np.ndarray:
                          f"{ct.image.GetDimension()}D")
     mask_geometry = Geometry.from_sitk(image)
     mask = sitk.GetArrayViewFromImage(image)
+    if mask.dtype.kind == "f" and not np.isfinite(mask).all():
+        # NaN != 0, so a NaN background would count as lung everywhere.
+        raise InputError(f"lung mask {Path(path).name} contains NaN or infinite values")
+    lowest = mask.min() if mask.size else 0
+    if lowest < 0:
+        # Label maps are 0 and up; values like -1024 mean a CT was given as the mask.
+        raise InputError(f"lung mask {Path(path).name} has negative values (down to {lowest:g}): "
+                         "is it a CT? Give a label map (0 outside the lung)")
     if not same_grid(mask_geometry, as_volume(mask).shape, ct.geometry, as_volume(ct.array).shape):
         resampled = sitk.Resample(sitk.Cast(image != 0, sitk.sitkUInt8), ct.image, sitk.Transform(),
                                   sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

@@ -66,6 +66,8 @@ def segment_file(
     output_kind(output)
     if probabilities is not None:
         probability_output_kind(probabilities)
+    if overlay is not None and not str(overlay).lower().endswith(".png"):
+        raise InputError(f"the overlay is a PNG picture: name it .png, not {Path(overlay).name}")
     outputs = [Path(p) for p in (output, probabilities, report, overlay) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise InputError("two outputs have the same file name")

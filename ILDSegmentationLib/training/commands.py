@@ -197,6 +197,8 @@ def cmd_evaluate(args) -> int:
     from ..atomicfile import atomic_path
     from ..modelfile import load_model
     from ..atomicfile import check_writable
+    if args.confusion and not args.confusion.lower().endswith(".png"):
+        raise InputError(f"the confusion matrix is a PNG picture: name it .png, not {Path(args.confusion).name}")
     for output in (args.report, args.confusion):
         if output:  # before the work, not after it
             check_writable(output)

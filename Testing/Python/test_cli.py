@@ -68,7 +68,8 @@ def test_python_m_and_entry_point_agree():
 
 
 @pytest.mark.parametrize("case", ["missing_ct", "bad_model", "pickle_model", "bad_folder", "bad_ext", "empty_mask",
-                                  "bad_device", "seg_nrrd_probabilities", "truncated_mha", "folder_without_dicom"])
+                                  "bad_device", "seg_nrrd_probabilities", "truncated_mha", "folder_without_dicom",
+                                  "ct_as_mask", "nan_mask", "max_memory_nan", "max_memory_zero", "overlay_jpg"])
 def test_bad_input_one_line_exit_2_no_output(small_case, tmp_path, case):
     d, mask, model = small_case
     out = tmp_path / "out.nrrd"
@@ -102,6 +103,18 @@ def test_bad_input_one_line_exit_2_no_output(small_case, tmp_path, case):
     elif case == "folder_without_dicom":  # GDCM used to print 3 lines of warnings
         (tmp_path / "empty").mkdir()
         args[1] = tmp_path / "empty"
+    elif case in ("ct_as_mask", "nan_mask"):  # both used to count as lung almost everywhere
+        if case == "ct_as_mask":
+            args[3] = d / "ct.nrrd"
+        else:
+            image = sitk.GetImageFromArray(np.where(mask > 0, 1.0, np.nan).astype(np.float32))
+            image.CopyInformation(sitk.ReadImage(str(d / "ct.nrrd")))
+            sitk.WriteImage(image, str(tmp_path / "nan.nrrd"))
+            args[3] = tmp_path / "nan.nrrd"
+    elif case in ("max_memory_nan", "max_memory_zero"):
+        args += ["--max-memory", "nan" if case == "max_memory_nan" else "0"]
+    elif case == "overlay_jpg":
+        args += ["--overlay", tmp_path / "out.jpg"]
     elif case == "bad_device":
         import torch
         if torch.cuda.is_available():

@@ -193,3 +193,12 @@ def test_unwritable_output_leaves_nothing(tmp_path):
         locked.chmod(0o700)
     with pytest.raises(InputError, match="unsupported output format"):
         write_label_map(mask, ct.image, tmp_path / "out.png")
+
+
+def test_uncompressed_nifti_named_nii_gz_is_read(tmp_path):
+    """ITK reads it; the completeness check used to take it for a broken gzip stream."""
+    image = sitk.GetImageFromArray(np.arange(2 * 8 * 9, dtype=np.int16).reshape(2, 8, 9))
+    sitk.WriteImage(image, str(tmp_path / "plain.nii"), False)
+    (tmp_path / "plain.nii").rename(tmp_path / "plain.nii.gz")
+    ct = read_ct(tmp_path / "plain.nii.gz")
+    np.testing.assert_array_equal(ct.array, sitk.GetArrayFromImage(image))

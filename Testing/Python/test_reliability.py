@@ -560,7 +560,17 @@ def test_missing_dicom_slice_warns_uneven_spacing(dicom_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ILDSegmentationLib"):
         ct = read_ct(folder)
     assert ct.array.shape[0] == 29
-    assert "unevenly spaced (8 to 16 mm)" in caplog.text
+    assert "unevenly spaced (8 to 16 mm" in caplog.text
+    assert "unevenly spaced" in ct.description, "the report's input note says so too"
+
+
+def test_duplicate_dicom_slice_is_refused_by_name(dicom_dir, tmp_path):
+    import shutil
+    folder = _dicom_copy(dicom_dir, tmp_path / "series")
+    original = sorted(folder.iterdir())[14]
+    shutil.copy(original, folder / "copy_of_slice.dcm")  # the same slice twice, as a copying slip does
+    with pytest.raises(InputError, match="same position"):
+        read_ct(folder)
 
 
 def _write_second_series(src_files: Sequence[Path], folder: Path, series_uid: str) -> None:
