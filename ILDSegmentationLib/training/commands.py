@@ -5,7 +5,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 
@@ -26,6 +26,8 @@ def add_parsers(sub, common) -> None:
     t.add_argument("--folds", type=int, default=5, help="per-scan folds, balanced by hill climbing (default 5)")
     t.add_argument("--fold", type=int, default=0, help="which fold validates (default 0)")
     t.add_argument("--val-fraction", type=float, help="instead of --folds/--fold: validate on ~this share of scans")
+    t.add_argument("--split", metavar="folds.json", help="the folds written by 'ildseg split' (instead of "
+                   "computing them); --fold picks the validation fold")
     t.add_argument("--preset", default="proposed", choices=list(PRESETS), help="a Table II configuration")
     t.add_argument("--epochs", type=int, default=1000, help="at most this many epochs (default 1000)")
     t.add_argument("--patience", type=int, default=50, help="early stopping patience in epochs (paper: 50)")
@@ -76,36 +78,31 @@ def add_parsers(sub, common) -> None:
     common(m)
 
 
-def _case_counts(cases, intensity) -> Dict[str, np.ndarray]:
-    from .annotations import read_annotation
-    from ..io import read_ct
-    from ..geometry import as_volume
-    counts = {}
-    for c in cases:
-        ct = read_ct(c.ct)
-        ann = read_annotation(c.annotation, ct.geometry, as_volume(ct.array).shape, c.where())
-        counts[c.case_id] = np.bincount(ann.ravel(), minlength=len(CLASSES) + 1)[1:]
-    return counts
-
-
 def cmd_split(args) -> int:
+    from .dataset import class_pixel_counts, load_case_crops
     from .manifest import read_manifest
-    from .split import distribution_entropy
-    from ..atomicfile import atomic_path
+    from .split import distribution_entropy, split_scans
+    from ..atomicfile import atomic_path, check_writable
+    from ..preprocessing import INTENSITY_PRESETS as PRESETS
+    check_writable(args.out)
     cases = read_manifest(args.manifest)
-    counts = _case_counts(cases, None)
-    from .split import hill_climb_split
+    # The very counts 'ildseg train' balances (annotated voxels inside the lung crops),
+    # so that 'train --folds N --seed S' makes these folds; 'train --split' reads them.
+    counts = {c.case_id: class_pixel_counts(load_case_crops(c, PRESETS["hu"])) for c in cases}
     try:
-        folds = hill_climb_split(counts, args.folds, args.seed)
+        folds = split_scans(cases, counts, args.folds, args.seed)
     except ValueError as e:
         raise InputError(str(e)) from None
+    scan_of = {c.case_id: c.scan_id for c in cases}
     rows = []
     for k, f in enumerate(folds):
         c = sum(counts[i] for i in f)
         share = c / max(c.sum(), 1)
-        rows.append({"fold": k, "cases": f, "class_pixels": c.tolist(), "entropy": distribution_entropy(c)})
+        scans = sorted({scan_of[i] for i in f})
+        rows.append({"fold": k, "cases": f, "scans": scans, "class_pixels": c.tolist(),
+                     "entropy": distribution_entropy(c)})
         if not args.quiet:
-            print(f"fold {k}: {len(f)} scans, entropy {distribution_entropy(c):.3f}, "
+            print(f"fold {k}: {len(scans)} scans, {len(f)} cases, entropy {distribution_entropy(c):.3f}, "
                   + ", ".join(f"{cl.abbreviation} {100 * s:.1f}%" for cl, s in zip(CLASSES, share)))
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text(json.dumps({"folds": rows, "seed": args.seed,
@@ -113,9 +110,22 @@ def cmd_split(args) -> int:
     return 0
 
 
+def _folds_from_file(path: str, case_ids: List[str]) -> List[List[str]]:
+    """The folds of an 'ildseg split' file, checked against the manifest's cases."""
+    try:
+        folds = [[str(c) for c in f["cases"]] for f in json.loads(Path(path).read_text())["folds"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"--split {path}: not a folds file written by 'ildseg split' ({type(e).__name__})") from None
+    listed = [c for f in folds for c in f]
+    if sorted(listed) != sorted(case_ids):
+        missing = sorted(set(case_ids) - set(listed)) or sorted(set(listed) - set(case_ids))
+        raise InputError(f"--split {path} does not list exactly the manifest's cases (e.g. '{missing[0]}')")
+    return folds
+
+
 def cmd_train(args) -> int:
     from .dataset import class_pixel_counts, load_case_crops
-    from .split import hill_climb_split
+    from .split import split_scans
     from .manifest import manifest_sha256, read_manifest
     from .trainer import TrainConfig, Trainer
     from ..atomicfile import check_writable
@@ -142,30 +152,42 @@ def cmd_train(args) -> int:
     check_writable(out / "log.csv")
     cases = read_manifest(args.manifest)
     if args.val_fraction is not None:
+        if args.split:
+            raise InputError("give --split or --val-fraction, not both")
         if not 0 < args.val_fraction < 1:
             raise InputError("--val-fraction must be between 0 and 1")
         # Folds of ~F each; never more folds than scans.
-        n_folds, fold = max(2, min(int(round(1 / args.val_fraction)), len(cases))), 0
+        n_scans = len({c.scan_id for c in cases})
+        n_folds, fold = max(2, min(int(round(1 / args.val_fraction)), n_scans)), 0
     else:
         n_folds, fold = args.folds, args.fold
-    if not 0 <= fold < n_folds:
+    if not args.split and not 0 <= fold < n_folds:
         raise InputError(f"--fold must be in 0..{n_folds - 1}")
     intensity = INTENSITY_PRESETS[config.intensity]
+    if args.split:  # checked before the cases are read
+        folds = _folds_from_file(args.split, [c.case_id for c in cases])
+        n_folds = len(folds)
+        if not 0 <= fold < n_folds:
+            raise InputError(f"--fold must be in 0..{n_folds - 1} for the {n_folds} folds of {args.split}")
     # Each case is read once: its crops also give the class counts that balance the folds.
     crops_by_case = {c.case_id: load_case_crops(c, intensity) for c in cases}
-    try:
-        folds = hill_climb_split({k: class_pixel_counts(v) for k, v in crops_by_case.items()}, n_folds, args.seed)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    if not args.split:
+        try:
+            folds = split_scans(cases, {k: class_pixel_counts(v) for k, v in crops_by_case.items()}, n_folds,
+                                args.seed)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     val_ids = {str(c) for c in folds[fold]}
     train = [crop for k, v in crops_by_case.items() if k not in val_ids for crop in v]
     val = [crop for k, v in crops_by_case.items() if k in val_ids for crop in v]
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    say(f"{len(cases) - len(val_ids)} training scans ({len(train)} lung crops), {len(val_ids)} validation scans "
+    say(f"{len(cases) - len(val_ids)} training cases ({len(train)} lung crops), {len(val_ids)} validation cases "
         f"({len(val)} crops): {sorted(val_ids)}")
     provenance = {"trained_on": f"manifest {Path(args.manifest).name}", "manifest_sha256": manifest_sha256(args.manifest),
                   "command": "ildseg " + " ".join(args.argv),
                   "validation_cases": sorted(val_ids), "folds": n_folds, "fold": fold}
+    if args.split:
+        provenance["split_file"] = Path(args.split).name
     if args.val_fraction is not None:
         # --val-fraction F is carried out as fold 0 of round(1/F) folds; say what was asked.
         provenance["val_fraction"] = args.val_fraction
@@ -248,9 +270,13 @@ def cmd_simulate(args) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a folder, and {out} is a file")
     several = len(args.ct) * args.cases_per_ct > 1
+    stems = [re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd)$", "", Path(str(p).rstrip("/")).name)
+             for p in args.ct]
+    # Cases simulated in one CT are one patient: they share a scan, so that a split never
+    # puts them on both sides. CTs of the same file name get their position appended.
+    scans = stems if len(set(stems)) == len(stems) else [f"{s}-{n + 1}" for n, s in enumerate(stems)]
     plan = []
-    for n, ct_path in enumerate(args.ct):
-        stem = re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd)$", "", Path(str(ct_path).rstrip("/")).name)
+    for n, stem in enumerate(stems):
         for r in range(args.cases_per_ct):
             seed = args.seed + 1000 * n + r
             case_id = f"{stem}-s{seed}" if several else stem
@@ -283,7 +309,8 @@ def cmd_simulate(args) -> int:
             for name, arr in zip(SIMULATED_FILES, (sim.hu, sim.lung_mask, sim.annotation, sim.truth)):
                 written.append(write_image(image_like(arr.reshape(np.shape(ct.array)), ct.image), folder / name))
             rel = folder.relative_to(out)
-            rows.append([case_id, str(rel / "ct.nrrd"), str(rel / "lung_mask.nrrd"), str(rel / "annotation.nrrd")])
+            rows.append([case_id, str(rel / "ct.nrrd"), str(rel / "lung_mask.nrrd"), str(rel / "annotation.nrrd"),
+                         scans[n]])
             if not args.quiet:
                 print(f"{case_id}: {len(sim.regions)} pattern regions -> {folder}")
         write_manifest(out / "manifest.csv", rows)

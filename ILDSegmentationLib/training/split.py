@@ -7,9 +7,12 @@ swaps keep the fold sizes.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .manifest import Case
 
 
 def distribution_entropy(counts: np.ndarray) -> float:
@@ -53,3 +56,19 @@ def hill_climb_split(case_counts: Dict[str, np.ndarray], n_folds: int = 5, seed:
                             ca = cb
                             improved = True
     return [sorted(str(c) for c in f) for f in folds]
+
+
+def split_scans(cases: Sequence[Case], case_counts: Dict[str, np.ndarray], n_folds: int = 5,
+                seed: int = 0) -> List[List[str]]:
+    """Folds of case ids, built per scan: the cases of one scan (``Case.scan_id``)
+    always land in one fold, and the hill climbing balances the scans' summed class
+    counts. ``ildseg split`` and ``ildseg train`` both call this, on the same counts."""
+    scans: Dict[str, List[str]] = {}
+    for c in cases:
+        scans.setdefault(c.scan_id, []).append(c.case_id)
+    scan_counts = {s: sum(case_counts[c] for c in ids) for s, ids in scans.items()}
+    try:
+        scan_folds = hill_climb_split(scan_counts, n_folds, seed)
+    except ValueError:
+        raise ValueError(f"{len(scans)} scans cannot make {n_folds} folds (need at least one scan per fold)") from None
+    return [sorted(c for s in f for c in scans[s]) for f in scan_folds]

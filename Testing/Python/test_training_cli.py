@@ -27,6 +27,42 @@ def test_split_writes_folds_and_prints_the_class_distribution(manifest, tmp_path
     assert main(["split", "--manifest", str(manifest), "--folds", "9", "--out", str(tmp_path / "f.json")]) == 2
 
 
+def test_split_keeps_a_scan_together_and_train_uses_the_same_folds(manifest, tmp_path, capsys):
+    """Cases of one scan (e.g. simulated in one CT) never sit on both sides; 'split' and
+    'train' with the same --folds and --seed make the same folds, and 'train --split'
+    takes them from the file."""
+    rows = list(csv.reader(open(manifest)))
+    grouped = tmp_path / "grouped.csv"
+    with open(grouped, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(rows[0] + ["scan"])
+        for r, scan in zip(rows[1:], ("A", "A", "B", "C")):
+            w.writerow([r[0], *(str(manifest.parent / v) for v in r[1:]), scan])
+    for seed in range(4):
+        assert main(["split", "--manifest", str(grouped), "--folds", "2", "--seed", str(seed),
+                     "--out", str(tmp_path / "folds.json"), "--quiet"]) == 0
+        folds = [f["cases"] for f in json.loads((tmp_path / "folds.json").read_text())["folds"]]
+        assert any({"case0", "case1"} <= set(f) for f in folds), folds
+        run = tmp_path / f"run{seed}"
+        assert main(["train", "--manifest", str(grouped), "--out", str(run), "--folds", "2", "--fold", "1",
+                     "--seed", str(seed), "--epochs", "1", "--intensity", "hu1000", "--device", "cpu", "--quiet"]) == 0
+        assert load_model(run / "model.safetensors").info.provenance["validation_cases"] == folds[1]
+    assert main(["split", "--manifest", str(grouped), "--folds", "4", "--out", str(tmp_path / "f4.json")]) == 2
+    assert "3 scans cannot make 4 folds" in capsys.readouterr().err
+    # --split: the file's folds, checked against the manifest
+    run = tmp_path / "from_file"
+    assert main(["train", "--manifest", str(grouped), "--out", str(run), "--split", str(tmp_path / "folds.json"),
+                 "--fold", "0", "--epochs", "1", "--intensity", "hu1000", "--device", "cpu", "--quiet"]) == 0
+    prov = load_model(run / "model.safetensors").info.provenance
+    assert prov["validation_cases"] == folds[0] and prov["split_file"] == "folds.json"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"folds": [{"cases": ["case0", "case1"]}, {"cases": ["case2"]}]}))
+    capsys.readouterr()
+    assert main(["train", "--manifest", str(grouped), "--out", str(tmp_path / "x"), "--split", str(other),
+                 "--quiet"]) == 2
+    assert "exactly the manifest's cases (e.g. 'case3')" in capsys.readouterr().err
+
+
 def test_train_then_segment_and_evaluate_with_the_trained_model(manifest, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--manifest", str(manifest), "--out", str(run), "--folds", "2", "--epochs", "2",
@@ -69,7 +105,8 @@ def test_simulate_writes_a_case_and_a_one_row_manifest(tmp_path):
                  "--quiet"]) == 0
     with open(tmp_path / "case" / "manifest.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["case_id", "ct", "lung_mask", "annotation"] and len(rows) == 2
+    assert rows[0] == ["case_id", "ct", "lung_mask", "annotation", "scan"] and len(rows) == 2
+    assert rows[1][4] == "ct", "the scan is the CT it was simulated in"
     ann = sitk.ReadImage(str(tmp_path / "case" / rows[1][3]))
     assert ann.GetSize() == img.GetSize()
     assert sitk.GetArrayFromImage(ann).max() > 1, "patterns are annotated"
