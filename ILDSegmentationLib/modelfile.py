@@ -37,6 +37,8 @@ METADATA_KEY = "ildseg"
 #: Anything far above is not one of ours and is refused before reading it.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
+#: safetensors metadata key of :func:`weights_checksum`, beside the model's own metadata.
+WEIGHTS_CHECKSUM_KEY = "ildseg_weights_sha256"
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -213,9 +215,26 @@ def load_model(path: Optional[PathLike] = None, device: Union[str, torch.device]
                                  f"('{k}' is {tuple(v.shape)}, expected {tuple(expected[k].shape)})")
         if not torch.isfinite(v).all():
             raise ModelFileError(f"weights in {p.name} contain NaN or infinite values ('{k}')")
+    recorded = (_read_header(p).get("__metadata__") or {}).get(WEIGHTS_CHECKSUM_KEY)
+    # Files written before the checksum existed carry none and are taken as they are.
+    if recorded is not None and recorded != weights_checksum(state):
+        raise ModelFileError(f"the weights in {p.name} do not match the checksum written with them: "
+                             "the file is damaged; download or copy it again")
     network.load_state_dict({k: v.float() for k, v in state.items()})
     network.eval().to(device)
     return LoadedModel(network, info, p.resolve(), sha256_of(p))
+
+
+def weights_checksum(state: Dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names, shapes and float32 bytes, in name order. A flipped
+    bit in the weights still loads as numbers (within range, finite) and gives other
+    labels; this catches it."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_model(path: PathLike, network: DilatedFCN, info: ModelInfo) -> Path:
@@ -226,5 +245,5 @@ def save_model(path: PathLike, network: DilatedFCN, info: ModelInfo) -> Path:
         raise ValueError("ModelInfo.network must equal the network's config")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={METADATA_KEY: info.to_json()})
+        save_file(state, tmp, metadata={METADATA_KEY: info.to_json(), WEIGHTS_CHECKSUM_KEY: weights_checksum(state)})
     return Path(path)

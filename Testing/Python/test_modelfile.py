@@ -157,3 +157,22 @@ def test_missing_file_and_plain_safetensors(tmp_path):
     save_file({"a": torch.zeros(3)}, str(plain))
     with pytest.raises(ModelFileError, match="without ILD model metadata"):
         load_model(plain)
+
+
+def test_a_damaged_weight_is_caught_by_the_checksum(tmp_path):
+    """One flipped byte in the weights still loads as finite numbers of the right shape,
+    and would give other labels: the checksum written with them refuses the file."""
+    from ILDSegmentationLib.modelfile import _read_header
+    from synthetic import random_model
+    good = random_model(tmp_path).path
+    data = bytearray(good.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    header = _read_header(good)
+    first = sorted(k for k in header if k != "__metadata__")[0]
+    offsets = header[first]["data_offsets"]
+    data[header_end + offsets[0] + 1] ^= 0x01  # a low mantissa bit: still a finite float
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(bad)
+    load_model(good)
