@@ -36,24 +36,22 @@ def _midline_column(lung: np.ndarray) -> Tuple[int, float]:
     """The column that separates the lungs and how clearly it does.
 
     Works on the mask's column occupancy (voxels per column, over slices and rows).
-    Each column between the 2nd and 98th percentile of the occupancy is scored by
-    its occupancy over the lesser of the fullest column on its left and on its right:
-    near 0 in the mediastinum between two lungs (0 where they do not touch), near 1
-    on the flank of a single lung, whose occupancy rises towards its middle. Returns
-    the lowest-scoring column and its score; of tied columns (all of a gap between
-    lungs scores 0, and so does a gap beside a small separate piece of lung), the one
+    Each column is scored by its occupancy over the lesser of the fullest column on
+    its left and on its right: near 0 in the mediastinum between two lungs (0 where
+    they do not touch), however small one of them is; near 1 or above on the flank of
+    a single lung, whose occupancy rises towards its middle. Returns the
+    lowest-scoring column and its score; of tied columns (all of a gap between lungs
+    scores 0, and so does a gap beside a small separate piece of lung), the one
     nearest the occupancy's median, which splits the mask most evenly."""
     occupancy = lung.sum(axis=(0, 1)).astype(np.float64)
     cumulative = np.cumsum(occupancy)
-    lo = int(np.searchsorted(cumulative, 0.02 * cumulative[-1]))
-    hi = int(np.searchsorted(cumulative, 0.98 * cumulative[-1]))
     fullest_left = np.concatenate([[0.0], np.maximum.accumulate(occupancy)[:-1]])
     fullest_right = np.concatenate([np.maximum.accumulate(occupancy[::-1])[::-1][1:], [0.0]])
-    lesser = np.minimum(fullest_left, fullest_right)[lo:hi + 1]
-    score = np.divide(occupancy[lo:hi + 1], lesser, out=np.full(lesser.shape, np.inf), where=lesser > 0)
-    if not np.isfinite(score).any():  # a mask one column wide
-        return lo + 1, float("inf")
-    tied = lo + np.flatnonzero(score == score.min())
+    lesser = np.minimum(fullest_left, fullest_right)
+    score = np.divide(occupancy, lesser, out=np.full(lesser.shape, np.inf), where=lesser > 0)
+    if not np.isfinite(score).any():  # a mask one or two columns wide
+        return 1, float("inf")
+    tied = np.flatnonzero(score == score.min())
     runs = np.split(tied, np.flatnonzero(np.diff(tied) > 1) + 1)
     median = int(np.searchsorted(cumulative, 0.5 * cumulative[-1]))
     run = min(runs, key=lambda r: max(r[0] - median, median - r[-1], 0))

@@ -166,11 +166,16 @@ class Inferer:
         r = self._segment_canonical(hu_r, lung_r, identity, wanted, probabilities, progress, cancel, t_resampled)
         del hu_r
         t_back = time.perf_counter()
-        labels = np.ascontiguousarray(view.from_canonical(grid.back(r.labels, lung_c)))
+        labels = np.zeros(hu.shape, np.uint8)
+        view.to_canonical(labels)[...] = grid.back(r.labels, lung_c)
         probs = None
         if r.probabilities is not None:
-            probs_c = grid.back(r.probabilities, lung_c)
-            probs = np.ascontiguousarray(np.stack([view.from_canonical(probs_c[..., c]) for c in range(probs_c.shape[-1])], axis=-1))
+            # Written class by class into the one output array, through views: a
+            # whole K,J,I,6 intermediate would triple the peak memory of this path.
+            probs = np.zeros(hu.shape + (NUM_CLASSES,), np.float32)
+            for c in range(NUM_CLASSES):
+                view.to_canonical(probs[..., c])[...] = grid.back(r.probabilities[..., c], lung_c)
+            r.probabilities = None
         t_end = time.perf_counter()
         timings = {"resample": (t_resampled - t_start) + (t_end - t_back), **r.timings}
         return SegmentationResult(

@@ -14,6 +14,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,34 +66,42 @@ def _unreadable_dicom_files(folder: Path, listed: List[str]) -> List[Path]:
             if p.is_file() and os.path.realpath(p) not in known and _looks_like_dicom(p)]
 
 
+_SILENCE_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def itk_silenced() -> Iterator[None]:
     """ITK, GDCM, MetaIO and HDF5 print warnings and error stacks straight to the
     process's stderr (file descriptor 2), around the exception that says the same in a
     line: a truncated .mha gave 3 lines, a folder read as an image 27. Within this block
     ITK's warnings are off and fd 2 goes to a scratch file; nothing of Python's own is
-    logged inside it."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): warnings off only
+    logged inside it. fd 2 belongs to the whole process, so callers on other threads
+    wait for each other (a read takes well under a second)."""
+    with _SILENCE_LOCK:
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
         saved = None
-    try:
-        if saved is None:
-            yield
-            return
-        with tempfile.TemporaryFile() as scratch:
-            os.dup2(scratch.fileno(), 2)
+        try:
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+            flush = getattr(sys.stderr, "flush", None)  # None under pythonw, or with fd 2 closed
+            if flush is not None:
+                flush()
             try:
+                saved = os.dup(2)
+            except OSError:  # no fd 2 at all: warnings off is all we can do
+                saved = None
+            if saved is None:
                 yield
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        if saved is not None:
-            os.close(saved)
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+                return
+            with tempfile.TemporaryFile() as scratch:
+                os.dup2(scratch.fileno(), 2)
+                try:
+                    yield
+                finally:
+                    os.dup2(saved, 2)
+        finally:
+            if saved is not None:
+                os.close(saved)
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str]:

@@ -124,8 +124,8 @@ class InPlaneGrid:
         return out
 
     def back(self, values_r: np.ndarray, lung_c: np.ndarray) -> np.ndarray:
-        """Values on the new grid (K,J',I' or K,J',I',C) on the old grid, zero outside
-        ``lung_c``."""
+        """Values on the new grid (K,J',I', or K,J',I',C) on the old grid, zero outside
+        ``lung_c``: a new array."""
         out = values_r[:, self.row_of[:, None], self.col_of[None, :]]
         out[~lung_c] = 0
         return out

@@ -103,9 +103,10 @@ def _from_segmentation(image, array, keys, where) -> np.ndarray:
             raise InputError(f"{where}: segment '{name}' matches none of the classes "
                              f"({', '.join(c.name for c in CLASSES)})")
         value = int(image.GetMetaData(f"Segment{i}_LabelValue")) if f"Segment{i}_LabelValue" in keys else 1
-        # Without a Layer key (files from Slicer before shared labelmaps, one layer per
-        # segment) Slicer reads segment i from layer i; so do we.
-        layer = int(image.GetMetaData(f"Segment{i}_Layer")) if f"Segment{i}_Layer" in keys else i
+        # Without a Layer key, a file of several layers is one from Slicer before shared
+        # labelmaps (one layer per segment), and Slicer reads segment i from layer i; so
+        # do we. A one-layer file (other tools write them) has every segment in it.
+        layer = int(image.GetMetaData(f"Segment{i}_Layer")) if f"Segment{i}_Layer" in keys else (i if vector else 0)
         layers = image.GetNumberOfComponentsPerPixel()
         if not 0 <= layer < layers:
             raise InputError(f"{where}: segment '{name}' is in layer {layer}, but the file has "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Dict, List
@@ -23,7 +24,7 @@ def add_parsers(sub, common) -> None:
     t = sub.add_parser("train", help="train a model on annotated cases with the paper's protocol")
     t.add_argument("--manifest", required=True, help="CSV: case_id,ct,lung_mask,annotation")
     t.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: model, checkpoint, log, plots")
-    t.add_argument("--folds", type=int, default=5, help="per-scan folds, balanced by hill climbing (default 5)")
+    t.add_argument("--folds", type=int, help="per-scan folds, balanced by hill climbing (default 5)")
     t.add_argument("--fold", type=int, default=0, help="which fold validates (default 0)")
     t.add_argument("--val-fraction", type=float, help="instead of --folds/--fold: validate on ~this share of scans")
     t.add_argument("--split", metavar="folds.json", help="the folds written by 'ildseg split' (instead of "
@@ -84,6 +85,8 @@ def cmd_split(args) -> int:
     from .split import distribution_entropy, split_scans
     from ..atomicfile import atomic_path, check_writable
     from ..preprocessing import INTENSITY_PRESETS as PRESETS
+    if args.folds < 2:
+        raise InputError(f"--folds must be 2 or more, not {args.folds}")
     check_writable(args.out)
     cases = read_manifest(args.manifest)
     # The very counts 'ildseg train' balances (annotated voxels inside the lung crops),
@@ -110,16 +113,29 @@ def cmd_split(args) -> int:
     return 0
 
 
-def _folds_from_file(path: str, case_ids: List[str]) -> List[List[str]]:
-    """The folds of an 'ildseg split' file, checked against the manifest's cases."""
+def _folds_from_file(path: str, cases) -> List[List[str]]:
+    """The folds of an 'ildseg split' file, checked against the manifest's cases and
+    scans: each case in exactly one fold, the cases of a scan in the same one."""
     try:
         folds = [[str(c) for c in f["cases"]] for f in json.loads(Path(path).read_text())["folds"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"--split {path}: not a folds file written by 'ildseg split' ({type(e).__name__})") from None
     listed = [c for f in folds for c in f]
-    if sorted(listed) != sorted(case_ids):
-        missing = sorted(set(case_ids) - set(listed)) or sorted(set(listed) - set(case_ids))
-        raise InputError(f"--split {path} does not list exactly the manifest's cases (e.g. '{missing[0]}')")
+    repeated = sorted({c for c in listed if listed.count(c) > 1})
+    if repeated:
+        raise InputError(f"--split {path} lists case '{repeated[0]}' more than once")
+    ids = {c.case_id for c in cases}
+    if set(listed) != ids:
+        odd = sorted(ids - set(listed)) or sorted(set(listed) - ids)
+        raise InputError(f"--split {path} does not list exactly the manifest's cases (e.g. '{odd[0]}')")
+    if len(folds) < 2:
+        raise InputError(f"--split {path} has {len(folds)} fold; training needs 2 or more")
+    fold_of = {c: k for k, f in enumerate(folds) for c in f}
+    for scan in {c.scan_key for c in cases}:
+        members = sorted(c.case_id for c in cases if c.scan_key == scan)
+        if len({fold_of[m] for m in members}) > 1:
+            raise InputError(f"--split {path} puts the cases of scan '{scan[1]}' ({', '.join(members)}) in "
+                             "different folds: one patient would be trained and validated on")
     return folds
 
 
@@ -143,17 +159,19 @@ def cmd_train(args) -> int:
         # Starting afresh would replace another run's checkpoint and mix its outputs with ours.
         raise InputError(f"{out} holds the checkpoint of an earlier run: add --resume to continue it, "
                          "or choose a new --out folder")
+    if args.split and (args.folds is not None or args.val_fraction is not None):
+        raise InputError("--split gives the folds: leave out --folds and --val-fraction")
+    if args.folds is None:
+        args.folds = 5
     if args.folds < 2:
         raise InputError(f"--folds must be 2 or more, not {args.folds}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create the run folder {out}: {e.strerror or e}") from None
-    check_writable(out / "log.csv")
+    # The folder itself is made when training starts, so that an early error leaves none.
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot make the run folder {out}: {existing} is a file")
+    check_writable(existing / ".ildseg-run-probe")
     cases = read_manifest(args.manifest)
     if args.val_fraction is not None:
-        if args.split:
-            raise InputError("give --split or --val-fraction, not both")
         if not 0 < args.val_fraction < 1:
             raise InputError("--val-fraction must be between 0 and 1")
         # Folds of ~F each; never more folds than scans.
@@ -165,7 +183,7 @@ def cmd_train(args) -> int:
         raise InputError(f"--fold must be in 0..{n_folds - 1}")
     intensity = INTENSITY_PRESETS[config.intensity]
     if args.split:  # checked before the cases are read
-        folds = _folds_from_file(args.split, [c.case_id for c in cases])
+        folds = _folds_from_file(args.split, cases)
         n_folds = len(folds)
         if not 0 <= fold < n_folds:
             raise InputError(f"--fold must be in 0..{n_folds - 1} for the {n_folds} folds of {args.split}")
@@ -293,7 +311,10 @@ def cmd_simulate(args) -> int:
     except OSError as e:
         raise InputError(f"cannot create the output folder {out}: {e.strerror or e}") from None
     check_writable(out / "manifest.csv")
-    written: list = []
+    # Every file is first written under a staging name beside its place and renamed
+    # only when all cases and the manifest are ready: a failure or Ctrl-C removes the
+    # staged files, and the cases of an earlier run in the same folder stay as they were.
+    staged: list = []
     try:
         rows = []
         ct = mask = None
@@ -307,17 +328,20 @@ def cmd_simulate(args) -> int:
                 folder.mkdir(parents=True)
                 created.append(folder)
             for name, arr in zip(SIMULATED_FILES, (sim.hu, sim.lung_mask, sim.annotation, sim.truth)):
-                written.append(write_image(image_like(arr.reshape(np.shape(ct.array)), ct.image), folder / name))
+                staged.append((write_image(image_like(arr.reshape(np.shape(ct.array)), ct.image),
+                                           folder / f".staged-{name}"), folder / name))
             rel = folder.relative_to(out)
             rows.append([case_id, str(rel / "ct.nrrd"), str(rel / "lung_mask.nrrd"), str(rel / "annotation.nrrd"),
                          scans[n]])
             if not args.quiet:
                 print(f"{case_id}: {len(sim.regions)} pattern regions -> {folder}")
-        write_manifest(out / "manifest.csv", rows)
+        write_manifest(out / ".staged-manifest.csv", rows)
+        staged.append((out / ".staged-manifest.csv", out / "manifest.csv"))
+        for temporary, final in staged:
+            os.replace(temporary, final)
     except BaseException:
-        # A failed or interrupted run leaves no half set of cases behind.
-        for path in written:
-            Path(path).unlink(missing_ok=True)
+        for temporary, _ in staged:
+            Path(temporary).unlink(missing_ok=True)
         for folder in reversed(created):
             with contextlib.suppress(OSError):
                 folder.rmdir()

@@ -34,7 +34,14 @@ class Case:
 
     @property
     def scan_id(self) -> str:
+        """The scan's name, for people: the scan column, or the case id."""
         return self.scan or self.case_id
+
+    @property
+    def scan_key(self) -> tuple:
+        """What groups cases: a case without a scan is its own scan, even when another
+        case names a scan of the same text as this case's id."""
+        return ("scan", self.scan) if self.scan else ("case", self.case_id)
 
     def where(self) -> str:
         return f"case '{self.case_id}' (manifest line {self.line})"

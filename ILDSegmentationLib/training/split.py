@@ -63,12 +63,14 @@ def split_scans(cases: Sequence[Case], case_counts: Dict[str, np.ndarray], n_fol
     """Folds of case ids, built per scan: the cases of one scan (``Case.scan_id``)
     always land in one fold, and the hill climbing balances the scans' summed class
     counts. ``ildseg split`` and ``ildseg train`` both call this, on the same counts."""
+    if n_folds < 2:
+        raise ValueError(f"a split needs 2 folds or more, not {n_folds}")
     scans: Dict[str, List[str]] = {}
     for c in cases:
-        scans.setdefault(c.scan_id, []).append(c.case_id)
+        # hill_climb_split sorts its keys: a string per scan key, unique and ordered.
+        scans.setdefault(repr(c.scan_key), []).append(c.case_id)
+    if len(scans) < n_folds:
+        raise ValueError(f"{len(scans)} scans cannot make {n_folds} folds (need at least one scan per fold)")
     scan_counts = {s: sum(case_counts[c] for c in ids) for s, ids in scans.items()}
-    try:
-        scan_folds = hill_climb_split(scan_counts, n_folds, seed)
-    except ValueError:
-        raise ValueError(f"{len(scans)} scans cannot make {n_folds} folds (need at least one scan per fold)") from None
+    scan_folds = hill_climb_split(scan_counts, n_folds, seed)
     return [sorted(c for s in f for c in scans[s]) for f in scan_folds]

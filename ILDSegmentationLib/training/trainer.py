@@ -195,6 +195,7 @@ class Trainer:
         self.best_bacc = -1.0
         self.best_epoch = -1
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
+        self.inherited_pixel_spacing: Optional[Tuple[float, float]] = None  # of an --init model
         self.start_epoch = 0
 
     def initialize_from(self, model: LoadedModel) -> None:
@@ -210,6 +211,8 @@ class Trainer:
                              f"this run '{self.config.intensity}' (pass --intensity {model.info.intensity.name})")
         self.network.load_state_dict(model.network.state_dict())
         self.config.init_sha256 = model.sha256
+        # Fine-tuned weights still know the pixel sizes they first learned at.
+        self.inherited_pixel_spacing = model.info.pixel_spacing_mm
 
     # -- files ----------------------------------------------------------------------
     @property
@@ -354,7 +357,10 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         cfg = self.config
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"cannot make the run folder {self.out}: {e.strerror or e}") from None
         since_best = len(self.history) - 1 - max([i for i, r in enumerate(self.history) if r.best], default=-1) \
             if self.history else 0
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -393,6 +399,8 @@ class Trainer:
         }
         if self.rank == 0:
             spacings = [v for c in self.train if c.pixel_spacing_mm is not None for v in c.pixel_spacing_mm]
+            if spacings and self.inherited_pixel_spacing is not None:
+                spacings += list(self.inherited_pixel_spacing)
             info = ModelInfo(
                 name=f"ILD dilated FCN ({self.config.preset})", network=self.network.config,
                 intensity=INTENSITY_PRESETS[self.config.intensity], trained=True,

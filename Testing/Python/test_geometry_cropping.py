@@ -92,14 +92,15 @@ def test_a_mask_of_one_lung_is_never_cut_and_keeps_its_side():
 
 
 def test_two_lungs_are_split_however_unequal_their_sizes():
-    """A small left lung (collapse, resection) holding under a fifth of the mask: the
-    split is at the gap between the lungs, not inside the larger one."""
+    """A small left lung (collapse, resection; down to under 1 % of the mask): the split
+    is at the gap between the lungs, not inside the larger one, nor none at all."""
     right = _ellipsoid((20, 60, 120), (10, 30, 30), (9, 25, 22))
-    left = _ellipsoid((20, 60, 120), (10, 30, 80), (4, 8, 8))
-    assert left.sum() < 0.1 * right.sum()
-    sides = split_left_right((right | left).astype(np.uint8))
-    assert set(np.unique(sides[right])) == {RIGHT_LUNG}
-    assert set(np.unique(sides[left])) == {LEFT_LUNG}
+    for radii in ((4, 8, 8), (2, 3, 3)):
+        left = _ellipsoid((20, 60, 120), (10, 30, 80), radii)
+        sides = split_left_right((right | left).astype(np.uint8))
+        assert set(np.unique(sides[right])) == {RIGHT_LUNG}
+        assert set(np.unique(sides[left])) == {LEFT_LUNG}
+    assert left.sum() < 0.005 * right.sum()
 
 
 def test_crop_boxes_add_the_margin_and_clip_to_the_image():

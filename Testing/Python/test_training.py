@@ -166,6 +166,12 @@ def test_seg_nrrd_annotation_maps_segments_to_classes(tmp_path):
     sitk.WriteImage(image, str(tmp_path / "names.seg.nrrd"))
     back = read_annotation(tmp_path / "names.seg.nrrd", Geometry.from_sitk(ct), hu.shape, "case 'x'")
     np.testing.assert_array_equal(back, np.where(np.isin(ann, (2, 4)), ann, 0))
+    # One layer and no Layer keys (other tools write such files): every segment is in it.
+    for key in ("Segment0_Layer", "Segment1_Layer"):
+        image.EraseMetaData(key)
+    sitk.WriteImage(image, str(tmp_path / "nolayer.seg.nrrd"))
+    back = read_annotation(tmp_path / "nolayer.seg.nrrd", Geometry.from_sitk(ct), hu.shape, "case 'x'")
+    np.testing.assert_array_equal(back, np.where(np.isin(ann, (2, 4)), ann, 0))
     image.SetMetaData("Segment1_Name", "Emphysema")
     sitk.WriteImage(image, str(tmp_path / "bad.seg.nrrd"))
     with pytest.raises(InputError, match="'Emphysema' matches none"):

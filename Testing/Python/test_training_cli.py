@@ -55,12 +55,28 @@ def test_split_keeps_a_scan_together_and_train_uses_the_same_folds(manifest, tmp
                  "--fold", "0", "--epochs", "1", "--intensity", "hu1000", "--device", "cpu", "--quiet"]) == 0
     prov = load_model(run / "model.safetensors").info.provenance
     assert prov["validation_cases"] == folds[0] and prov["split_file"] == "folds.json"
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps({"folds": [{"cases": ["case0", "case1"]}, {"cases": ["case2"]}]}))
-    capsys.readouterr()
+    for folds_in_file, message in (([["case0", "case1"], ["case2"]], "exactly the manifest's cases (e.g. 'case3')"),
+                                   ([["case0", "case1"], ["case1", "case2", "case3"]], "'case1' more than once"),
+                                   ([["case0", "case2"], ["case1", "case3"]], "scan 'A' (case0, case1) in different")):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({"folds": [{"cases": f} for f in folds_in_file]}))
+        capsys.readouterr()
+        assert main(["train", "--manifest", str(grouped), "--out", str(tmp_path / "x"), "--split", str(other),
+                     "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
     assert main(["train", "--manifest", str(grouped), "--out", str(tmp_path / "x"), "--split", str(other),
-                 "--quiet"]) == 2
-    assert "exactly the manifest's cases (e.g. 'case3')" in capsys.readouterr().err
+                 "--folds", "3", "--quiet"]) == 2
+    assert "leave out --folds" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists(), "an early error leaves no run folder"
+    # A case without a scan is its own scan, even if another case's scan bears its name.
+    from ILDSegmentationLib.training.manifest import read_manifest
+    from ILDSegmentationLib.training.split import split_scans
+    named = tmp_path / "named.csv"
+    named.write_text(grouped.read_text().replace(",A\n", ",case2\n").replace(",B\n", ",\n", 1))
+    cases = read_manifest(named)
+    counts = {c.case_id: np.ones(6, np.int64) for c in cases}
+    assert len(split_scans(cases, counts, 3, seed=0)) == 3, "scans: 'case2' (case0, case1), case2, case3"
 
 
 def test_train_then_segment_and_evaluate_with_the_trained_model(manifest, tmp_path):
@@ -130,6 +146,12 @@ def test_simulate_never_writes_over_its_input_and_leaves_nothing_half_done(tmp_p
     out = tmp_path / "cases"
     assert main(["simulate", "--ct", str(ct), str(tmp_path / "broken.nrrd"), "--out", str(out), "--quiet"]) == 2
     assert not out.exists()
+    # A failed rerun into the folder of an earlier run leaves that run's cases as they were.
+    assert main(["simulate", "--ct", str(ct), "--out", str(out), "--quiet"]) == 0
+    before_run = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["simulate", "--ct", str(ct), str(tmp_path / "broken.nrrd"), "--out", str(out), "--seed", "7",
+                 "--quiet"]) == 2
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before_run
     for bad, what in (([str(ct), "--out", str(ct)], "is a file"), ([str(ct), "--out", str(out), "--cases-per-ct", "0"],
                                                                    "at least 1")):
         capsys.readouterr()
@@ -148,6 +170,7 @@ def test_train_init_starts_from_a_model_and_checks_it_fits(manifest, tmp_path, c
                  "--quiet"]) == 0
     tuned = load_model(run / "model.safetensors")
     assert tuned.info.provenance["initialized_from"]["sha256"] == start.sha256
+    assert tuned.info.pixel_spacing_mm == (0.8, 0.8)  # the start model records none: the new data's
     for name, value in start.network.state_dict().items():
         np.testing.assert_allclose(tuned.network.state_dict()[name].numpy(), value.numpy(), atol=1e-6, err_msg=name)
 
@@ -211,6 +234,18 @@ def test_bad_training_options_name_themselves(manifest, tmp_path, capsys, option
     err = capsys.readouterr().err
     assert option in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x" / "checkpoint.safetensors").exists()
+
+
+def test_fine_tuning_keeps_the_pixel_sizes_the_start_model_knew(manifest, tmp_path):
+    from ILDSegmentationLib.modelfile import save_model
+    from synthetic import random_model
+    start = random_model(tmp_path)
+    start.info.pixel_spacing_mm = (1.0, 1.4)
+    path = save_model(tmp_path / "start.safetensors", start.network, start.info)
+    run = tmp_path / "tuned"
+    assert main(["train", "--manifest", str(manifest), "--out", str(run), "--folds", "2", "--epochs", "1",
+                 "--intensity", "hu1000", "--device", "cpu", "--init", str(path), "--quiet"]) == 0
+    assert load_model(run / "model.safetensors").info.pixel_spacing_mm == (0.8, 1.4)
 
 
 def test_train_records_what_was_asked_val_fraction_and_intensity_augmentation(manifest, tmp_path, capsys):
