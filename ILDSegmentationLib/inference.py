@@ -27,7 +27,7 @@ from .errors import CancelCheck, Cancelled, DeviceError, InputError, LungMaskErr
 from .fastpath import FastCPUForward, supports as fast_cpu_supported, trim_heap
 from .geometry import CanonicalView, Geometry, as_volume, canonical_view
 from .modelfile import LoadedModel
-from .resolution import PIXEL_SPACING_CHOICES, InPlaneGrid, network_pixel_spacing, resample_ct
+from .resolution import PIXEL_SPACING_CHOICES, InPlaneGrid, network_pixel_spacing
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class Inferer:
         hu_c, lung_c = view.to_canonical(hu), view.to_canonical(mask) != 0
         grid = InPlaneGrid(hu_c.shape, spacing, target)
         intensity = self.model.info.intensity
-        hu_r = resample_ct(hu_c, spacing, target, clip=(intensity.clip_min, intensity.clip_max))
+        hu_r = grid.ct(hu_c, clip=(intensity.clip_min, intensity.clip_max))
         lung_r = grid.lung(lung_c).view(np.uint8)
         t_resampled = time.perf_counter()
         identity = canonical_view(Geometry(spacing=(1.0, 1.0, 1.0), direction=_CANONICAL_DIRECTION))

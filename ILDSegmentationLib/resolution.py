@@ -84,35 +84,32 @@ def _linear(array_c: np.ndarray, spacing: Spacing, new_spacing: Spacing) -> np.n
     return sitk.GetArrayFromImage(out)
 
 
-def resample_ct(hu_c: np.ndarray, spacing: Spacing, new_spacing: Spacing,
-                clip: Tuple[float, float] = (-1024.0, 3071.0)) -> np.ndarray:
-    """A canonical HU volume resampled in-plane (linear), float32, clipped first to
-    ``clip`` (the model's intensity range): padding such as -3024 HU must not darken
-    the lung pixels it is interpolated with, and float64 values beyond float32's range
-    must not become infinite."""
-    x = np.asarray(hu_c)
-    if x.dtype.kind == "f" and x.dtype.itemsize > 4:
-        x = np.clip(x, *clip).astype(np.float32)
-    else:
-        x = x.astype(np.float32)
-        np.clip(x, *clip, out=x)
-    return _linear(x, spacing, new_spacing)
-
-
 class InPlaneGrid:
     """The resampled grid of a canonical volume's slices, and the way back.
 
-    Going there, the CT is interpolated linearly (:func:`resample_ct`); the lung is
-    every new pixel that a lung pixel contributes to, or is nearest to. Coming back,
-    each old pixel takes the values of its nearest new pixel, which is therefore
-    always lung: every lung pixel gets a label, with no guessing."""
+    Going there, the CT is interpolated linearly (:meth:`ct`); the lung is every new
+    pixel that a lung pixel contributes to, or is nearest to (:meth:`lung`). Coming
+    back, each old pixel takes the values of its nearest new pixel, which is therefore
+    always lung: every lung pixel gets a label, with no guessing (:meth:`back`)."""
 
     def __init__(self, shape_c: Tuple[int, int, int], spacing: Spacing, new_spacing: Spacing) -> None:
-        self.shape = shape_c
         self.spacing, self.new_spacing = spacing, new_spacing
         self.new_shape = (shape_c[0],) + _resampled_size(shape_c[1:], spacing, new_spacing)
         self.row_of = _nearest_new(shape_c[1], spacing[0], self.new_shape[1], new_spacing[0])
         self.col_of = _nearest_new(shape_c[2], spacing[1], self.new_shape[2], new_spacing[1])
+
+    def ct(self, hu_c: np.ndarray, clip: Tuple[float, float] = (-1024.0, 3071.0)) -> np.ndarray:
+        """The canonical HU volume on the new grid, float32, clipped first to ``clip``
+        (the model's intensity range): padding such as -3024 HU must not darken the lung
+        pixels it is interpolated with, and float64 values beyond float32's range must
+        not become infinite."""
+        x = np.asarray(hu_c)
+        if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+            x = np.clip(x, *clip).astype(np.float32)
+        else:
+            x = x.astype(np.float32)
+            np.clip(x, *clip, out=x)
+        return _linear(x, self.spacing, self.new_spacing)
 
     def lung(self, lung_c: np.ndarray) -> np.ndarray:
         """bool lung on the new grid (``lung_c``: bool, canonical)."""

@@ -7,7 +7,7 @@ import SimpleITK as sitk
 
 from ILDSegmentationLib.geometry import Geometry
 from ILDSegmentationLib.inference import Inferer
-from ILDSegmentationLib.resolution import SPACING_TOLERANCE, InPlaneGrid, network_pixel_spacing, resample_ct
+from ILDSegmentationLib.resolution import SPACING_TOLERANCE, InPlaneGrid, network_pixel_spacing
 
 from synthetic import random_model, sitk_volume, two_lungs
 
@@ -58,7 +58,7 @@ def test_resampling_keeps_structures_in_place():
     fine, coarse = 0.5, 1.25
     hu = np.full((1, 200, 200), -800.0, np.float32)
     hu[0, 60:100, 120:150] = 40  # rows 30-50 mm, columns 60-75 mm
-    out = resample_ct(hu, (fine, fine), (coarse, coarse))
+    out = InPlaneGrid(hu.shape, (fine, fine), (coarse, coarse)).ct(hu)
     assert out.shape == (1, 80, 80) and out.dtype == np.float32
     w = np.clip(out[0] + 800, 0, None)
     rows, cols = np.indices(w.shape)
