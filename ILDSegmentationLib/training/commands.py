@@ -175,7 +175,7 @@ def cmd_train(args) -> int:
         if not 0 < args.val_fraction < 1:
             raise InputError("--val-fraction must be between 0 and 1")
         # Folds of ~F each; never more folds than scans.
-        n_scans = len({c.scan_id for c in cases})
+        n_scans = len({c.scan_key for c in cases})
         n_folds, fold = max(2, min(int(round(1 / args.val_fraction)), n_scans)), 0
     else:
         n_folds, fold = args.folds, args.fold
