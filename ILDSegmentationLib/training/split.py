@@ -60,7 +60,7 @@ def hill_climb_split(case_counts: Dict[str, np.ndarray], n_folds: int = 5, seed:
 
 def split_scans(cases: Sequence[Case], case_counts: Dict[str, np.ndarray], n_folds: int = 5,
                 seed: int = 0) -> List[List[str]]:
-    """Folds of case ids, built per scan: the cases of one scan (``Case.scan_id``)
+    """Folds of case ids, built per scan: the cases of one scan (``Case.scan_key``)
     always land in one fold, and the hill climbing balances the scans' summed class
     counts. ``ildseg split`` and ``ildseg train`` both call this, on the same counts."""
     if n_folds < 2:
