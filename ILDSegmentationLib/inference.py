@@ -49,12 +49,6 @@ BYTES_PER_PIXEL_FLOAT32 = 5000
 _CANONICAL_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
 
-def _pixels(shape, view: CanonicalView, spacing, new_spacing) -> int:
-    """Pixels of an axial slice of a volume of ``shape`` (K,J,I) at ``new_spacing``."""
-    rows, cols = (shape[a] for a in view.axes[1:])
-    return int(np.prod([max(1, int(round(n * s / t))) for n, s, t in zip((rows, cols), spacing, new_spacing)]))
-
-
 @dataclass
 class SegmentationResult:
     """labels: uint8 K,J,I (0 outside the lung, 1..6 classes). probabilities:
@@ -140,10 +134,9 @@ class Inferer:
             roi = view.to_canonical(as_volume(np.asarray(only_slices_of)))
             wanted = roi.reshape(roi.shape[0], -1).any(axis=1)
         spacing = view.canonical_spacing(geometry)[1:]
+        slice_shape = (hu.shape[view.axes[1]], hu.shape[view.axes[2]])
         target = spacing if self.pixel_spacing == "native" else \
-            network_pixel_spacing(spacing, self.model.info.pixel_spacing_mm)
-        if _pixels(hu.shape, view, spacing, target) < 2 <= _pixels(hu.shape, view, spacing, spacing):
-            target = spacing  # resampled to one pixel, a slice would leave nothing to normalize
+            network_pixel_spacing(spacing, self.model.info.pixel_spacing_mm, slice_shape)
         if target != spacing:
             return self._segment_resampled(hu, mask, view, spacing, target, wanted, probabilities, progress,
                                            cancel, t_start)

@@ -66,7 +66,7 @@ def _unreadable_dicom_files(folder: Path, listed: List[str]) -> List[Path]:
             if p.is_file() and os.path.realpath(p) not in known and _looks_like_dicom(p)]
 
 
-_SILENCE_LOCK = threading.Lock()
+_SILENCE_LOCK = threading.RLock()  # re-entrant: a nested use restores in order
 
 
 @contextlib.contextmanager

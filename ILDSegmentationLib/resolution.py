@@ -37,10 +37,13 @@ PIXEL_SPACING_CHOICES = ("model", "native")
 Spacing = Tuple[float, float]
 
 
-def network_pixel_spacing(spacing: Spacing, model_range: Optional[Spacing]) -> Spacing:
+def network_pixel_spacing(spacing: Spacing, model_range: Optional[Spacing],
+                          slice_shape: Optional[Tuple[int, int]] = None) -> Spacing:
     """The (row, column) spacing in mm to run the network at: the CT's own where it lies
     within ``model_range`` (smallest, largest; widened by SPACING_TOLERANCE) or where
-    the range is unknown, else the nearest end of the range, per axis."""
+    the range is unknown, else the nearest end of the range, per axis. Given the
+    slice's (rows, columns), also the CT's own when resampling would shrink a slice
+    of two pixels or more to one: instance normalization needs two."""
     if model_range is None:
         return spacing
     lo, hi = model_range
@@ -50,7 +53,10 @@ def network_pixel_spacing(spacing: Spacing, model_range: Optional[Spacing]) -> S
             out.append(s)
         else:
             out.append(float(min(max(s, lo), hi)))
-    return out[0], out[1]
+    target = (out[0], out[1])
+    if slice_shape is not None and np.prod(_resampled_size(slice_shape, spacing, target)) < 2 <= np.prod(slice_shape):
+        return spacing
+    return target
 
 
 def _resampled_size(shape: Tuple[int, int], spacing: Spacing, new_spacing: Spacing) -> Tuple[int, int]:

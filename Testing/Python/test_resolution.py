@@ -19,6 +19,9 @@ def test_network_spacing_is_the_ct_own_inside_the_range_else_the_nearest_end():
         (1.4 * (1 + SPACING_TOLERANCE / 2),) * 2
     assert network_pixel_spacing((0.6, 0.6), (1.0, 1.4)) == (1.0, 1.0)
     assert network_pixel_spacing((2.0, 0.8), (1.0, 1.4)) == (1.4, 1.0)
+    # A slice that resampling would shrink to one pixel stays as it is.
+    assert network_pixel_spacing((0.2, 0.2), (1.0, 1.4), slice_shape=(2, 2)) == (0.2, 0.2)
+    assert network_pixel_spacing((0.2, 0.2), (1.0, 1.4), slice_shape=(20, 20)) == (1.0, 1.0)
 
 
 def _stripes(x_mm: np.ndarray, shape, width_mm=4.0):
