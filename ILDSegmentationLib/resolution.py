@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 
 #: A CT whose pixel spacing lies within this share of the model's range counts as
 #: inside it (1.406 mm against a range ending at 1.4 mm is not worth resampling).
@@ -80,6 +79,7 @@ def _linear(array_c: np.ndarray, spacing: Spacing, new_spacing: Spacing) -> np.n
     rows, cols = _resampled_size(array_c.shape[1:], spacing, new_spacing)
     origin = (_new_centres(array_c.shape[2], spacing[1], cols, new_spacing[1])[0],
               _new_centres(array_c.shape[1], spacing[0], rows, new_spacing[0])[0], 0.0)
+    import SimpleITK as sitk  # here, not at import: the engine runs without it when nothing is resampled
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_c, dtype=np.float32))
     image.SetSpacing((spacing[1], spacing[0], 1.0))
     # No new centre lies outside the old grid (see _new_centres), and ITK interpolates

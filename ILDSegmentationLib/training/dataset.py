@@ -22,9 +22,7 @@ from ..classes import NUM_CLASSES
 from ..cropping import crop_boxes, split_left_right
 from ..errors import ILDSegError, InputError
 from ..geometry import as_volume, canonical_view
-from ..io import read_ct, read_lung_mask
 from ..preprocessing import Intensity
-from .annotations import read_annotation
 from .manifest import Case
 
 log = logging.getLogger(__name__)
@@ -66,6 +64,10 @@ def crops_from_arrays(case_id: str, hu: np.ndarray, lung_mask: np.ndarray, annot
 def read_case(case: Case):
     """(CT Volume, lung mask, annotation) of a manifest case, all on the CT's grid
     (K, J, I); every error names the case and its manifest line."""
+    # File reading (SimpleITK) is imported here: training on crops already in memory
+    # (a GPU machine fed prepared crops) needs none of it.
+    from ..io import read_ct, read_lung_mask
+    from .annotations import read_annotation
     where = case.where()
     try:
         ct = read_ct(case.ct)
