@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -32,6 +33,9 @@ def add_parsers(sub, common) -> None:
     t.add_argument("--preset", default="proposed", choices=list(PRESETS), help="a Table II configuration")
     t.add_argument("--epochs", type=int, default=1000, help="at most this many epochs (default 1000)")
     t.add_argument("--patience", type=int, default=50, help="early stopping patience in epochs (paper: 50)")
+    t.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop after the first epoch that ends this many seconds after training starts "
+                        "(best weights kept; --resume continues); default: no limit")
     t.add_argument("--min-rel-improvement", type=float, default=0.005,
                    help="relative BACC gain that counts as improvement (paper: 0.005)")
     t.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
@@ -161,6 +165,8 @@ def cmd_train(args) -> int:
                          "or choose a new --out folder")
     if args.split and (args.folds is not None or args.val_fraction is not None):
         raise InputError("--split gives the folds: leave out --folds and --val-fraction")
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise InputError(f"--time-limit must be a finite number of seconds above 0, not {args.time_limit}")
     if args.folds is None:
         args.folds = 5
     if args.folds < 2:
@@ -220,7 +226,7 @@ def cmd_train(args) -> int:
     if args.resume and trainer.resume():
         say(f"resumed from {trainer.checkpoint_path} at epoch {trainer.start_epoch + 1}")
     try:
-        summary = trainer.fit()
+        summary = trainer.fit(time_limit_s=args.time_limit)
     finally:
         if trainer.world > 1:
             import torch.distributed as dist

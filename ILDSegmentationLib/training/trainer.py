@@ -354,8 +354,13 @@ class Trainer:
         image, _ = scanner_variation(crop.image, INTENSITY_PRESETS[self.config.intensity], rng)
         return dataclasses.replace(crop, image=image)
 
-    def fit(self) -> Dict[str, Any]:
+    def fit(self, time_limit_s: Optional[float] = None) -> Dict[str, Any]:
+        """Train until early stopping, the epoch limit, or (``time_limit_s``, wall-clock
+        seconds from this call) the first epoch that ends past the time limit; the best
+        weights are kept in every case. The time limit is not a training setting (a
+        resumed run may be given another): it only says when to stop."""
         cfg = self.config
+        started = time.perf_counter()
         if self.rank == 0:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -386,6 +391,9 @@ class Trainer:
                 self._write_log()
             self.progress(f"epoch {epoch + 1}: loss {train_loss:.4f}, validation BACC {bacc:.4f}"
                           f"{' (best)' if improved else ''}, {seconds:.1f} s")
+            if time_limit_s is not None and time.perf_counter() - started >= time_limit_s:
+                self.progress(f"time limit of {time_limit_s:g} s reached after epoch {epoch + 1}")
+                break
         return self._finish()
 
     def _finish(self) -> Dict[str, Any]:
