@@ -109,7 +109,10 @@ def test_crop_boxes_add_the_margin_and_clip_to_the_image():
     sides[60:140, 200:280] = LEFT_LUNG
     boxes = {b.side: b for b in crop_boxes(sides, 7)}
     r, l = boxes[RIGHT_LUNG], boxes[LEFT_LUNG]
-    assert (r.r0, r.r1, r.c0, r.c1) == (50 - CROP_MARGIN, 150 + CROP_MARGIN, 0, 100 + CROP_MARGIN)
-    assert (l.r0, l.r1, l.c0, l.c1) == (60 - CROP_MARGIN, 140 + CROP_MARGIN, 200 - CROP_MARGIN, 300)
+    # The paper's 32 px, written out (not CROP_MARGIN, which a test must not trust):
+    # right 50..149 x 10..99 -> 18..182 x 0 (clipped)..132; left 60..139 x 200..279 -> 28..172 x 168..300 (clipped).
+    assert (r.r0, r.r1, r.c0, r.c1) == (18, 182, 0, 132)
+    assert (l.r0, l.r1, l.c0, l.c1) == (28, 172, 168, 300)
+    assert CROP_MARGIN == 32
     assert r.slice_index == l.slice_index == 7
     assert crop_boxes(np.zeros((5, 5), np.uint8), 0) == []
