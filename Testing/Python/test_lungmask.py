@@ -383,3 +383,81 @@ def test_phantom_dense_region_deeper_than_the_limit_stays_out(enhanced_vessel):
         hu[deep & (np.abs(i - 60) < 1.5)] = 250
     mask = compute_lung_mask(hu, geometry)
     assert np.mean(mask[deep] > 0) < 0.1  # at most the rim of step 6's closing
+
+
+# --- trachea and main bronchi ----------------------------------------------------
+
+def _phantom_with_airway_against_the_lung() -> Tuple[np.ndarray, Geometry, dict]:
+    """The 2 mm phantom's body and lungs (no bubble, no trachea of its own) with a
+    trachea of 16 mm whose wall against the right lung leaks (a one-voxel air
+    channel over 24 mm of its height, as a wall thinner than a pixel does at -400
+    HU), a carina at 80 mm and two 10 mm main bronchi that run 45 degrees down and
+    out into the lungs, with a 2 mm wall inside them."""
+    hu, geometry, parts = _phantom(with_trachea=False, with_bubble=False)
+    k, j, i = np.meshgrid(*(np.arange(n) * 2.0 for n in hu.shape), indexing="ij")
+    lungs = parts["right"] | parts["left"]
+    trachea = ((j - 70) ** 2 + (i - 110) ** 2 <= 8 ** 2) & (k >= 80)
+    bronchi = np.zeros(hu.shape, bool)
+    walls = np.zeros(hu.shape, bool)
+    for side in (-1, 1):  # -1: patient right (small I)
+        # Axis from the carina (80, 70, 110) down and out to (58, 76, 110 + 22 side).
+        p0, p1 = np.array([80.0, 70.0, 110.0]), np.array([58.0, 76.0, 110.0 + 22 * side])
+        d = p1 - p0
+        t = np.clip(((k - p0[0]) * d[0] + (j - p0[1]) * d[1] + (i - p0[2]) * d[2]) / (d @ d), 0, 1)
+        dist2 = (k - p0[0] - t * d[0]) ** 2 + (j - p0[1] - t * d[1]) ** 2 + (i - p0[2] - t * d[2]) ** 2
+        bronchi |= dist2 <= 5 ** 2
+        walls |= dist2 <= 7 ** 2
+    hu[walls & lungs] = 40  # inside the lung a bronchus has its wall (2 mm)
+    hu[trachea | bronchi] = -1000
+    # The leak: a one-voxel channel from the trachea's right wall to the right lung.
+    leak = (np.abs(j - 70) < 1) & (i > 60) & (i < 103) & (k >= 86) & (k <= 110) & ~lungs
+    hu[leak] = -1000
+    parts.update(trachea=trachea & ~lungs, bronchi=bronchi & ~lungs & ~trachea, leak=leak)
+    return hu, geometry, parts
+
+
+def test_phantom_trachea_leaking_into_a_lung_and_main_bronchi_are_not_lung():
+    hu, geometry, parts = _phantom_with_airway_against_the_lung()
+    lungs = parts["right"] | parts["left"]
+    # The leak does join the trachea to the right lung at -400 HU: without the split
+    # (step 3) the following stopped at the leak's first slice.
+    labels, _ = ndimage.label(hu < -400)
+    assert labels[parts["trachea"]].max() == labels[parts["right"]].max()
+    mask = compute_lung_mask(hu, geometry)
+    assert not mask[parts["trachea"]].any(), "trachea in the mask"
+    # The main bronchi's last voxels before the lung stay in it where the branch's 2D
+    # section already merges with the lung; 3 mm from the lung they are out.
+    spacing = geometry.spacing[::-1]
+    from_lung = ndimage.distance_transform_edt(~lungs, sampling=spacing)
+    assert not mask[parts["bronchi"] & (from_lung > 3.0)].any(), "main bronchi in the mask"
+    # The lungs are whole: no real lung goes with the airway.
+    assert np.mean(mask[parts["right"]] == 1) > 0.97 and np.mean(mask[parts["left"]] == 2) > 0.97
+
+
+# Canonical (slice, row, column) of the trachea's lumen (below -900 HU there) on
+# slices where the mask took it in before step 3 split it off a lung: lidc-idri-0001
+# 10 to 58 mm above its carina, cptac-lscc-c3n-00247 6 to 33 mm above it. Read off
+# the images once; the files are fixed (their sha256 is in the .nrrd.json beside them).
+TRACHEA_LANDMARKS = {
+    "lidc-idri-0001": [(27, 248, 230), (36, 261, 230), (46, 287, 259)],
+    "cptac-lscc-c3n-00247": [(22, 240, 240), (27, 252, 240), (31, 258, 243)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRACHEA_LANDMARKS))
+def test_real_ct_trachea_is_not_lung_where_it_used_to_be(name):
+    from ILDSegmentationLib.io import read_ct
+    path = DATA / name / f"{name}.nrrd"
+    if not path.is_file():
+        pytest.skip(f"real CT not found at {path} (set ILDSEG_TEST_DATA to the shared data folder)")
+    ct = read_ct(path)
+    view = canonical_view(ct.geometry)
+    hu_c = view.to_canonical(ct.array)
+    mask_c = view.to_canonical(compute_lung_mask(ct.array, ct.geometry))
+    _, row_mm, col_mm = view.canonical_spacing(ct.geometry)
+    r, c = int(round(4.0 / row_mm)), int(round(4.0 / col_mm))
+    for z, row, col in TRACHEA_LANDMARKS[name]:
+        assert hu_c[z, row, col] < -900, "the landmark is not in an air lumen: wrong file?"
+        assert not mask_c[z, row - r:row + r + 1, col - c:col + c + 1].any(), f"trachea in the mask on slice {z}"
+        # Lung on that slice is still found on both sides.
+        assert np.count_nonzero(mask_c[z] == 1) > 1000 and np.count_nonzero(mask_c[z] == 2) > 1000
