@@ -11,12 +11,16 @@ CT the percent of lung in each class and where the non-healthy voxels lie:
   and the diaphragm's dome are concavities inside that hull, so distance to the
   outside of the hull is distance to the chest wall (lateral, anterior and posterior
   costal pleura), not to the dome or the heart. This is where fibrosis is looked for.
-* **hilar**: else, within ``HILAR_MM`` (20 mm, in-plane) of the mediastinum, taken,
-  as in step 8 of :mod:`ILDSegmentationLib.lungmask`, on each slice with both lungs
-  as the part of both lungs' joint convex hull outside either lung's own hull (the
-  hila, heart, great vessels and the paravertebral gutters); slices with one lung
-  have none. Hilar vessels and bronchial walls lie here.
-* **elsewhere**: the rest of the lung.
+* **hilar**: else, in the upper two thirds of the lung's height, within ``HILAR_MM``
+  (20 mm, in-plane) of the mediastinum, taken on each slice with both lungs as the
+  largest non-lung region inside their joint convex hull (heart, great vessels,
+  hila, oesophagus and the front of the spine form one connected block there).
+  Hilar vessels, main and lobar bronchial walls and the lung against the heart and
+  the paravertebral gutters lie here. Not in the basal third: there the largest
+  such region also holds the liver or spleen under the diaphragm's dome, and lung
+  against the dome is not hilar.
+* **elsewhere**: the rest of the lung, including lung against the dome of the
+  diaphragm away from the costal pleura.
 
 The three regions partition the measured lung, so their non-healthy shares add up
 to the CT's total non-healthy share (voxel counts exactly, percentages to rounding).
@@ -93,11 +97,15 @@ def regions(lung: np.ndarray, geometry: Geometry) -> np.ndarray:
         here = lung_c[z]
         joint = _convex_hull_2d(here)
         to_wall = ndimage.distance_transform_edt(joint, sampling=(row_mm, col_mm))
-        right, left = sides[z] == 1, sides[z] == 2
-        if right.any() and left.any():
-            mediastinum = joint & ~_convex_hull_2d(right) & ~_convex_hull_2d(left) & ~here
-        else:
-            mediastinum = np.zeros_like(here)
+        mediastinum = np.zeros_like(here)
+        if z < basal_from and (sides[z] == 1).any() and (sides[z] == 2).any():
+            # The largest non-lung region inside the lungs' joint hull: heart, great
+            # vessels, hila, oesophagus and the front of the spine, one connected block.
+            pieces, n = ndimage.label(joint & ~here)
+            if n:
+                sizes = np.bincount(pieces.ravel())
+                sizes[0] = 0
+                mediastinum = pieces == int(np.argmax(sizes))
         if mediastinum.any():
             to_mediastinum = ndimage.distance_transform_edt(~mediastinum, sampling=(row_mm, col_mm))
             hilar = to_mediastinum <= HILAR_MM
@@ -224,7 +232,53 @@ def run_ct(ct_path: Path, inferer: Any, overlay: Optional[Path] = None, title: s
         from .overlay import render_overlay
         render_overlay(ct.array, labels, ct.geometry, overlay, count=9, title=title)
         figures["overlay"] = str(overlay)
+        region_png = overlay.with_name(overlay.stem + "-regions.png")
+        render_regions(ct.array, regions(mask, ct.geometry), ct.geometry, region_png,
+                       title=f"{Path(ct_path).name}: regions of the specificity benchmark")
+        figures["regions_overlay"] = str(region_png)
     return figures
+
+
+#: Region colours of the region montage (RGB 0..1): red, yellow, light blue.
+REGION_COLOURS = ((1.0, 0.0, 0.0), (1.0, 0.85, 0.0), (0.3, 0.6, 1.0))
+
+
+def render_regions(hu: np.ndarray, region: np.ndarray, geometry: Geometry, path: Path, title: str = "") -> Path:
+    """A PNG montage of the regions (to check their definitions on a CT), in the
+    layout of :func:`ILDSegmentationLib.overlay.render_overlay`."""
+    from PIL import Image, ImageDraw
+    from .atomicfile import atomic_path
+    from .overlay import LUNG_WINDOW, TILE, representative_slices
+    view = canonical_view(geometry)
+    hu_c, reg_c = view.to_canonical(as_volume(hu)), view.to_canonical(as_volume(region))
+    _, row_mm, col_mm = view.canonical_spacing(geometry)
+    level, width = LUNG_WINDOW
+    picks = representative_slices(reg_c >= 0, 9)
+    cols, rows = min(3, len(picks)), -(-len(picks) // 3)
+    canvas = Image.new("RGB", (cols * (TILE + 4) + 4, 24 + rows * (TILE + 4) + 30), "black")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 6), title, fill="white")
+    for n, z in enumerate(picks):
+        grey = np.clip((hu_c[z].astype(np.float32) - (level - width / 2)) / width, 0, 1)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        for index, colour in enumerate(REGION_COLOURS):
+            sel = reg_c[z] == index
+            rgb[sel] = 0.55 * rgb[sel] + 0.45 * np.asarray(colour)
+        tile = Image.fromarray((rgb * 255).astype(np.uint8))
+        scale = TILE / max(hu_c.shape[1] * row_mm, hu_c.shape[2] * col_mm)
+        tile = tile.resize((max(1, int(round(hu_c.shape[2] * col_mm * scale))),
+                            max(1, int(round(hu_c.shape[1] * row_mm * scale)))), Image.NEAREST)
+        x0, y0 = 4 + (n % 3) * (TILE + 4), 24 + (n // 3) * (TILE + 4)
+        canvas.paste(tile, (x0, y0))
+        draw.text((x0 + 3, y0 + 3), f"axial {z + 1}/{hu_c.shape[0]}", fill="yellow")
+    y = 24 + rows * (TILE + 4) + 8
+    for index, (name, colour) in enumerate(zip(REGIONS, REGION_COLOURS)):
+        x = 8 + index * 150
+        draw.rectangle([x, y, x + 14, y + 14], fill=tuple(int(255 * c) for c in colour))
+        draw.text((x + 20, y + 2), name.replace("_", " "), fill="white")
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
 
 
 def format_table(cases: Dict[str, Dict[str, Any]]) -> str:
@@ -265,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", action="append", metavar="NAME",
                    help=f"a CT folder name under --data (repeatable; default: {', '.join(CC_BY_CTS)})")
     p.add_argument("--json", metavar="OUT.json", type=Path, help="write every figure and the machine as JSON")
-    p.add_argument("--overlay-dir", metavar="DIR", type=Path, help="write one PNG montage per CT here")
+    p.add_argument("--overlay-dir", metavar="DIR", type=Path,
+                   help="write per CT a PNG montage of the labels (NAME.png) and of the regions (NAME-regions.png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto, as `ildseg segment`)")
     p.add_argument("--pixel-spacing", default="model", choices=("model", "native"),
                    help="as `ildseg segment` (default: model)")

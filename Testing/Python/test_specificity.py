@@ -55,8 +55,10 @@ def test_regions_follow_their_definitions(phantom):
     slices = np.flatnonzero(lung_c.any(axis=(1, 2)))
     height = slices[-1] - slices[0] + 1
     basal_z = np.flatnonzero((reg_c == 0).any(axis=(1, 2)))
-    # Basal subpleural only in the lowest third (canonical slices run head to feet).
+    # Basal subpleural only in the lowest third (canonical slices run head to feet),
+    # hilar only above it.
     assert basal_z.min() >= slices[-1] + 1 - height / 3
+    assert np.flatnonzero((reg_c == 1).any(axis=(1, 2))).max() < slices[-1] + 1 - height / 3
     _, row_mm, col_mm = view.canonical_spacing(geometry)
     from scipy import ndimage
     # The lungs' hull holds the lung, so a voxel within 10 mm of the hull's edge is
@@ -101,6 +103,15 @@ def test_all_healthy_meets_the_goal_and_bad_input_is_refused(phantom):
         measure(lung[:-1].astype(np.uint8), lung, phantom.geometry)
     with pytest.raises(InputError, match="no lung"):
         measure(np.zeros_like(lung, np.uint8), np.zeros_like(lung), phantom.geometry)
+
+
+def test_region_montage_is_written(phantom, tmp_path):
+    from PIL import Image
+    from ILDSegmentationLib.specificity import render_regions
+    region = regions(phantom.lung_labels, phantom.geometry)
+    out = render_regions(phantom.hu, region, phantom.geometry, tmp_path / "r.png", title="phantom")
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > 200
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
