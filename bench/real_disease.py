@@ -461,7 +461,7 @@ def evaluate_ricord(model, path: Path, device: str = "cpu", overlay_dir: Optiona
                                    for i in range(1, len(LABEL_NAMES))},
            "network_pixel_spacing_mm": list(res.network_pixel_spacing_mm or ())}
     shares = out["class_share_of_lung"]
-    out["ggo_above_reticulation"] = shares["Ground glass opacity"] > shares["Reticulation"]
+    out["ggo_above_reticulation"] = bool(shares["Ground glass opacity"] > shares["Reticulation"])
     if overlay_dir is not None:
         from ILDSegmentationLib.overlay import render_overlay
         overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -472,6 +472,12 @@ def evaluate_ricord(model, path: Path, device: str = "cpu", overlay_dir: Optiona
 
 
 # --------------------------------------------------------------------------- CLI
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
 def _fmt_pct(v) -> str:
     return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f}"
 
@@ -562,7 +568,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               (f", RICORD GGO > reticulation: {t.get('ricord_ggo_above_reticulation')}" if "ricord" in out else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+        args.json.write_text(json.dumps(out, indent=1, default=_json_default))
     return 0
 
 

@@ -133,7 +133,12 @@ def test_pattern_stats_on_a_made_up_region():
     assert 15 < s["local_sd"] < 25
     assert abs(s["rms_diff_1"] - 20 * np.sqrt(2)) < 3  # independent pixels
     assert abs(s["edge_step"] - 250) < 10
-    assert s["edge_width_mm"] < 3  # a one-pixel step: sharp
+    assert s["edge_width_mm"] < 1.0  # a one-pixel step: sharp
+    # A blurred edge is wider.
+    blurred = ps.RegionStats()
+    from scipy import ndimage
+    blurred.add(ndimage.gaussian_filter(hu, 2.0), region, ~region, 0.7)
+    assert blurred.summary()["edge_width_mm"] > s["edge_width_mm"] + 1
 
 
 # --------------------------------------------------------------------------- real data
