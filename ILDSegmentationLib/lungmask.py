@@ -128,7 +128,7 @@ no step 8, which needs both lungs on a slice; a single abdominal slice may repor
 bowel gas as lung (no 3D context). A user's own lung mask avoids all of these.
 
 Cost, measured for a 512 x 512 x 300 CT on 2 cores: 5-8 s (step 8 about 0.7 s of it,
-see BENCHMARKS.md), and at the peak
+step 3's split and carina limit 0.2-0.6 s, see BENCHMARKS.md), and at the peak
 about 6 bytes a voxel besides the input (a few bool volumes, one label volume of
 uint16 when there are fewer than 65,535 components, and the int32 labels inside
 :func:`split_left_right`); the right/left split and the per-lung steps work inside
