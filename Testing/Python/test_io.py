@@ -10,6 +10,7 @@ from ILDSegmentationLib.classes import CLASSES
 from ILDSegmentationLib.errors import InputError, LungMaskError
 from ILDSegmentationLib.io import read_ct, read_lung_mask, write_label_map, write_probabilities
 
+from permissions import public_folder, run_unprivileged
 from synthetic import two_lungs
 
 OBLIQUE = tuple(sitk.VersorTransform((0.2, 0.1, 1.0), 0.3).GetMatrix())
@@ -181,16 +182,21 @@ def test_unwritable_output_leaves_nothing(tmp_path):
     ct = read_ct(path)
     with pytest.raises(InputError, match="does not exist"):
         write_label_map(mask, ct.image, tmp_path / "no" / "such" / "out.nrrd")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root); permission test is meaningless")
-        with pytest.raises(InputError, match="not writable"):
-            write_label_map(mask, ct.image, locked / "out.nrrd")
-    finally:
-        locked.chmod(0o700)
+    # A folder without write permission. Root ignores permission bits, so there (CI)
+    # the check runs as an ordinary user, in a folder that user can reach.
+    with public_folder() as folder:
+        locked = folder / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+
+        def refused():
+            assert not os.access(locked, os.W_OK), "the check must run as a user who cannot write here"
+            with pytest.raises(InputError, match="not writable"):
+                write_label_map(mask, ct.image, locked / "out.nrrd")
+            assert list(locked.iterdir()) == []
+        run_unprivileged(refused)
+        assert list(locked.iterdir()) == []
+        locked.chmod(0o755)
     with pytest.raises(InputError, match="unsupported output format"):
         write_label_map(mask, ct.image, tmp_path / "out.png")
 

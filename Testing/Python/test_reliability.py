@@ -36,6 +36,7 @@ from ILDSegmentationLib.inference import Inferer
 from ILDSegmentationLib.io import read_ct
 from ILDSegmentationLib.pipeline import segment_file
 
+from permissions import public_folder, run_unprivileged, unprivileged_command
 from synthetic import random_model, two_lungs
 from training_data import make_manifest
 
@@ -349,16 +350,10 @@ def _unwritable(kind: str, tmp_path: Path) -> Tuple[Path, Optional[Path]]:
         mnt = tmp_path / "ro"
         _mount_tmpfs(mnt, "ro,size=64k")
         return mnt / "labels.nrrd", mnt
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    if os.access(locked, os.W_OK):
-        locked.chmod(0o700)
-        pytest.skip("running as root, whom permission bits do not stop: covered by proc and read_only_mount")
-    return locked / "labels.nrrd", None
+    raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["under_a_file", "proc", "read_only_mount", "no_permission"])
+@pytest.mark.parametrize("kind", ["under_a_file", "proc", "read_only_mount"])
 def test_unwritable_output_refused_before_any_work(small_case, model_path, tmp_path, monkeypatch, kind):
     ct, mask, _ = small_case
     out, mnt = _unwritable(kind, tmp_path)
@@ -376,8 +371,39 @@ def test_unwritable_output_refused_before_any_work(small_case, model_path, tmp_p
     finally:
         if mnt is not None:
             _unmount(mnt)
-        if kind == "no_permission":
-            (tmp_path / "locked").chmod(0o700)
+
+
+def test_output_folder_without_permission_refused_before_any_work(small_case, model_path, monkeypatch):
+    """A folder the user may not write. Root ignores permission bits, so there (CI) the
+    checks run as an ordinary user (uid 65534), on copies of the inputs that user can read."""
+    with public_folder() as folder:
+        inputs = folder / "in"
+        inputs.mkdir()
+        ct, mask, model = (Path(shutil.copy(p, inputs)) for p in (small_case[0], small_case[1], model_path))
+        for p in (ct, mask, model):
+            p.chmod(0o644)
+        locked = folder / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        out = locked / "labels.nrrd"
+
+        def refused_in_process():
+            assert not os.access(locked, os.W_OK), "the check must run as a user who cannot write here"
+
+            def must_not_run(*a, **k):
+                raise AssertionError("the engine ran although the output cannot be written")
+            monkeypatch.setattr(Inferer, "segment", must_not_run)
+            with pytest.raises(InputError, match="not writable"):
+                segment_file(ct, out, lung_mask=mask, model=model, device="cpu")
+        run_unprivileged(refused_in_process)
+        monkeypatch.undo()
+        cmd = [sys.executable, "-m", "ILDSegmentationLib", "segment", ct, "--lung-mask", mask, "--model", model,
+               "--device", "cpu", "-o", out, "--quiet"]
+        r = subprocess.run(unprivileged_command(cmd), capture_output=True, text=True, timeout=300, env=ENV,
+                           cwd=folder)
+        _assert_one_line_error(r, 2, contains=f"not writable: {locked}")
+        assert list(locked.iterdir()) == []
+        locked.chmod(0o755)
 
 
 # =========================================================================================
