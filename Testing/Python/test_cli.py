@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from permissions import assert_normal_modes, files_in, umask
 from synthetic import random_model, two_lungs
 
 
@@ -32,10 +33,14 @@ def small_case(tmp_path_factory):
 
 def test_segment_writes_labels_report_overlay_probabilities(small_case, tmp_path):
     d, mask, model = small_case
-    r = ildseg("segment", d / "ct.nrrd", "--lung-mask", d / "mask.nii.gz", "--model", model, "--device", "cpu",
-               "-o", tmp_path / "labels.nii.gz", "--report", tmp_path / "report.json",
-               "--overlay", tmp_path / "overlay.png", "--probabilities", tmp_path / "p.nrrd")
+    with umask(0o027):  # the subprocess inherits it
+        r = ildseg("segment", d / "ct.nrrd", "--lung-mask", d / "mask.nii.gz", "--model", model, "--device", "cpu",
+                   "-o", tmp_path / "labels.nii.gz", "--report", tmp_path / "report.json",
+                   "--overlay", tmp_path / "overlay.png", "--probabilities", tmp_path / "p.nrrd")
     assert r.returncode == 0, r.stderr
+    # Every output has the mode of a normal file under that umask (not mkstemp's 0o600).
+    assert sorted(p.name for p in files_in(tmp_path)) == ["labels.nii.gz", "overlay.png", "p.nrrd", "report.json"]
+    assert_normal_modes(files_in(tmp_path), 0o640)
     labels_img = sitk.ReadImage(str(tmp_path / "labels.nii.gz"))
     ct_img = sitk.ReadImage(str(d / "ct.nrrd"))
     assert labels_img.GetSize() == ct_img.GetSize()
@@ -169,19 +174,32 @@ def test_demo_runs_on_its_built_in_case_and_scores_against_the_truth(tmp_path):
     prints the bundled model's balanced accuracy against the known truth, with what
     the user must know about the weights."""
     from ILDSegmentationLib.modelfile import default_model_path, read_info
-    r = ildseg("demo", "--out", tmp_path / "demo", "--device", "cpu", cwd=tmp_path)
+    with umask(0o022):
+        r = ildseg("demo", "--out", tmp_path / "demo", "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("demo_ct.nrrd", "demo_truth.seg.nrrd", "segmentation.seg.nrrd", "report.json", "overlay.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0, name
+    assert len(files_in(tmp_path / "demo")) == 5
+    assert_normal_modes(files_in(tmp_path / "demo"), 0o644)
     line = [s for s in r.stdout.splitlines() if s.startswith("balanced accuracy against the known truth:")]
     assert len(line) == 1, r.stdout
     bacc = float(line[0].split(":")[1].split()[0])
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "demo" / "demo_truth.seg.nrrd")))
     assert len(set(np.unique(truth)) - {0}) == 6, "the demo case shows every class"
+    # The printed score is the paper's BACC of the written result against the written
+    # truth: per class, correct / annotated over the voxels labelled in both, averaged.
+    pred = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "demo" / "segmentation.seg.nrrd")))
+    both = (truth > 0) & (pred > 0)
+    per_class = [((truth == c) & (pred == c)).sum() / ((truth == c) & both).sum() for c in range(1, 7)]
+    assert bacc == pytest.approx(np.mean(per_class), abs=5e-4)
     info = read_info(default_model_path())
     if info.trained:
-        # Chance is 1/6; a model that recognizes the patterns it was trained on is far above it.
-        assert bacc >= 0.5, r.stdout
+        # Chance is 1/6. The threshold sits between what the bundled model scores with the
+        # paper's protocol and with a broken one, measured on this demo case (2-core CPU,
+        # bundled model sha256 823eac80e616): 0.813 as it is, 0.716 with crops cut
+        # without the 32 px margin (CROP_MARGIN = 0). Retraining the model or changing
+        # the simulator changes both: measure again and move the threshold between them.
+        assert bacc >= 0.77, r.stdout
         assert "not for clinical use" in r.stdout.lower()
     else:
-        assert 0 <= bacc <= 1 and "UNTRAINED" in r.stdout
+        assert "UNTRAINED" in r.stdout

@@ -259,8 +259,13 @@ def test_short_training_lowers_the_loss_and_beats_chance(crops, tmp_path):
     summary = trainer.fit()
     losses = [r.train_loss for r in trainer.history]
     assert losses[-1] < losses[0]
-    chance = 1 / 3  # three classes annotated
-    assert summary["validation"]["balanced_accuracy"] > chance + 0.15
+    # Chance is 1/3 (three classes annotated). Measured on this case (seed 3, 2-core CPU):
+    # 0.707 as it is (0.66-0.72 over seeds 0-3); 0.31 with labels misregistered with the
+    # image (targets mirrored). The one-line breaks of the loss and the crops (entropy
+    # term averaged, a swapped, all-ones class weights, training crops without margin)
+    # score 0.66-0.69 here, within the seeds' spread, so no threshold on 8 epochs can
+    # tell them apart: test_protocol.py pins each of them exactly instead.
+    assert summary["validation"]["balanced_accuracy"] >= 0.60
     for name in ("model.safetensors", "checkpoint.safetensors", "log.csv", "summary.json"):
         assert (tmp_path / "run" / name).exists()
     model = load_model(tmp_path / "run" / "model.safetensors")
@@ -295,8 +300,12 @@ def test_every_table_ii_preset_trains_one_step(crops, tmp_path):
     train, val = crops
     for preset in PRESETS:
         t = Trainer(_config(preset=preset, epochs=1), train[:2], val[:1], tmp_path / preset)
+        start = {k: v.clone() for k, v in t.network.state_dict().items()}
         t.fit()
         assert np.isfinite(t.history[0].train_loss), preset
+        # The step moved the weights, and the model file describes the preset's network.
+        assert any(not torch.equal(start[k], v) for k, v in t.network.state_dict().items()), preset
+        assert load_model(tmp_path / preset / "model.safetensors").info.network == PRESETS[preset], preset
     assert TrainConfig(preset="purely-supervised").unsupervised_weight == 0.0
 
 

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from ILDSegmentationLib.cli import main
 from ILDSegmentationLib.modelfile import load_model
 
+from permissions import assert_normal_modes, files_in, umask
 from training_data import make_manifest
 
 
@@ -20,7 +21,9 @@ def manifest(tmp_path_factory):
 
 
 def test_split_writes_folds_and_prints_the_class_distribution(manifest, tmp_path, capsys):
-    assert main(["split", "--manifest", str(manifest), "--folds", "2", "--out", str(tmp_path / "folds.json")]) == 0
+    with umask(0o027):
+        assert main(["split", "--manifest", str(manifest), "--folds", "2", "--out", str(tmp_path / "folds.json")]) == 0
+    assert_normal_modes([tmp_path / "folds.json"], 0o640)
     folds = json.loads((tmp_path / "folds.json").read_text())["folds"]
     assert sorted(c for f in folds for c in f["cases"]) == ["case0", "case1", "case2", "case3"]
     assert "fold 0" in capsys.readouterr().out
@@ -80,6 +83,16 @@ def test_split_keeps_a_scan_together_and_train_uses_the_same_folds(manifest, tmp
 
 
 def test_train_then_segment_and_evaluate_with_the_trained_model(manifest, tmp_path):
+    with umask(0o027):
+        _train_segment_evaluate(manifest, tmp_path)
+    # Every output of the three commands has the mode of a normal file (not mkstemp's 0o600).
+    assert sorted(p.name for p in files_in(tmp_path)) == sorted([
+        "model.safetensors", "checkpoint.safetensors", "log.csv", "summary.json", "learning_curves.png",
+        "confusion.png", "out.nrrd", "eval.json", "cm.png"])
+    assert_normal_modes(files_in(tmp_path), 0o640)
+
+
+def _train_segment_evaluate(manifest, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--manifest", str(manifest), "--out", str(run), "--folds", "2", "--epochs", "2",
                  "--lr", "2e-3", "--intensity", "hu1000", "--device", "cpu", "--batch-size", "2", "--quiet"]) == 0
@@ -104,8 +117,18 @@ def test_train_then_segment_and_evaluate_with_the_trained_model(manifest, tmp_pa
                  "--device", "cpu", "--report", str(tmp_path / "eval.json"),
                  "--confusion", str(tmp_path / "cm.png"), "--quiet"]) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert 0 <= report["balanced_accuracy"] <= 1
-    assert np.array(report["confusion_matrix"]).shape == (6, 6)
+    cm = np.array(report["confusion_matrix"])
+    assert cm.shape == (6, 6)
+    # Rows count the annotated lung voxels of every case, class by class (read here from the files).
+    annotated = np.zeros(6, np.int64)
+    for row in list(csv.reader(open(manifest)))[1:]:
+        ann = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / row[3])))
+        lung = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / row[2]))) > 0
+        annotated += np.bincount(ann[(ann > 0) & lung] - 1, minlength=6)
+    np.testing.assert_array_equal(cm.sum(axis=1), annotated)
+    assert list(np.flatnonzero(annotated)) == [0, 1, 3]
+    # BACC = the mean over those classes of correct / annotated (paper Eq. 2).
+    assert report["balanced_accuracy"] == pytest.approx(np.mean([cm[i, i] / annotated[i] for i in (0, 1, 3)]))
     assert set(report["per_class_accuracy"]) == set(report["dice"])
     assert (tmp_path / "cm.png").exists()
 
@@ -117,8 +140,10 @@ def test_simulate_writes_a_case_and_a_one_row_manifest(tmp_path):
     img.SetSpacing(ph.geometry.spacing)
     img.SetOrigin(ph.geometry.origin)
     sitk.WriteImage(img, str(tmp_path / "ct.nrrd"))
-    assert main(["simulate", "--ct", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "case"), "--seed", "3",
-                 "--quiet"]) == 0
+    with umask(0o027):
+        assert main(["simulate", "--ct", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "case"), "--seed", "3",
+                     "--quiet"]) == 0
+    assert_normal_modes(files_in(tmp_path / "case"), 0o640)
     with open(tmp_path / "case" / "manifest.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["case_id", "ct", "lung_mask", "annotation", "scan"] and len(rows) == 2
