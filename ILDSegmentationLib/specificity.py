@@ -167,6 +167,9 @@ def measure(labels: np.ndarray, lung: np.ndarray, geometry: Geometry,
             "lung_percent": pct(np.count_nonzero(in_region)),
             "non_healthy_voxels": int(np.count_nonzero(in_region & non_healthy)),
             "non_healthy_percent": pct(np.count_nonzero(in_region & non_healthy)),
+            # How much of the region itself is called disease (None for an empty region).
+            "non_healthy_percent_of_region": (100.0 * int(np.count_nonzero(in_region & non_healthy))
+                                              / int(np.count_nonzero(in_region))) if in_region.any() else None,
             "by_class_voxels": {c.abbreviation: int(by_class[c.label]) for c in CLASSES if c.label != 1},
         }
     c = out["classes"]
@@ -295,11 +298,18 @@ def format_table(cases: Dict[str, Dict[str, Any]]) -> str:
             f"| {c['GGO']['percent']:.1f} | {c['MN']['percent']:.1f}{'' if miss['micronodules'] else ' *'} "
             f"| {c['Cons']['percent']:.1f} | {c['Ret']['percent']:.1f} "
             f"| {c['HC']['percent']:.1f}{'' if miss['reticulation_honeycombing'] else ' *'} |")
-    lines += ["", "Non-healthy voxels by region, % of the measured lung (the region's own share of the lung):", "",
+    lines += ["", "Non-healthy voxels by region, % of the measured lung [the region's share of the lung; "
+              "the share of the region called non-healthy]:", "",
               "| CT | non-healthy | basal subpleural | hilar | elsewhere |", "|---|---|---|---|---|"]
+
+    def cell(r: Dict[str, Any]) -> str:
+        rate = r.get("non_healthy_percent_of_region")
+        return f"{r['non_healthy_percent']:.1f} [{r['lung_percent']:.0f} %; " + \
+            ("-]" if rate is None else f"{rate:.0f} %]")
+
     for name, f in cases.items():
         r = f["regions"]
-        cells = " | ".join(f"{r[k]['non_healthy_percent']:.1f} ({r[k]['lung_percent']:.0f} %)" for k in REGIONS)
+        cells = " | ".join(cell(r[k]) for k in REGIONS)
         lines.append(f"| {name} | {f['non_healthy_percent']:.1f} | {cells} |")
     return "\n".join(lines)
 

@@ -39,6 +39,7 @@ def test_region_shares_add_up_to_the_non_healthy_share_exactly(phantom):
     json.dumps(f)  # the figures go into the --json report as they are
     for name, r in f["regions"].items():  # per class within a region, too
         assert sum(r["by_class_voxels"].values()) == r["non_healthy_voxels"], name
+        assert r["non_healthy_percent_of_region"] == pytest.approx(100.0 * r["non_healthy_voxels"] / r["lung_voxels"])
     # Every region is there on a whole chest, and none is most of the lung by itself
     # except "elsewhere".
     shares = {k: f["regions"][k]["lung_percent"] for k in REGIONS}
