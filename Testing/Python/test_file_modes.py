@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ILDSegmentationLib.atomicfile import atomic_path
+from ILDSegmentationLib.errors import InputError
 
 from permissions import mode_of, umask
 
@@ -31,3 +32,14 @@ def test_atomic_path_gives_the_mode_of_a_normal_file(tmp_path, mask):
     assert mode_of(tmp_path / "out.json") == NORMAL_MODE[mask] == mode_of(tmp_path / "plain.json")
     assert (tmp_path / "out.json").read_text() == "[]"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "plain.json"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    (tmp_path / "out.json").write_text("old")
+    for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        with pytest.raises((InputError, KeyboardInterrupt)):
+            with atomic_path(tmp_path / "out.json") as tmp:
+                Path(tmp).write_text("half")
+                raise error
+        assert (tmp_path / "out.json").read_text() == "old"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

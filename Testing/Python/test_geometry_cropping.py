@@ -116,3 +116,16 @@ def test_crop_boxes_add_the_margin_and_clip_to_the_image():
     assert CROP_MARGIN == 32
     assert r.slice_index == l.slice_index == 7
     assert crop_boxes(np.zeros((5, 5), np.uint8), 0) == []
+
+
+def test_a_2d_image_is_one_axial_slice_with_its_in_plane_direction():
+    """The 2 x 2 direction of a 2D image becomes the in-plane part of a 3 x 3 one,
+    column by column (column c is the direction of index axis c)."""
+    image = sitk.Image(7, 5, sitk.sitkInt16)
+    image.SetSpacing((0.6, 0.9))
+    image.SetOrigin((3.0, -4.0))
+    c, s = np.cos(0.3), np.sin(0.3)
+    image.SetDirection((c, -s, s, c))  # row-major: I runs along (c, s), J along (-s, c)
+    geo = Geometry.from_sitk(image)
+    assert geo.spacing == (0.6, 0.9, 1.0) and geo.origin == (3.0, -4.0, 0.0)
+    np.testing.assert_allclose(geo.direction_matrix, [[c, -s, 0], [s, c, 0], [0, 0, 1]])

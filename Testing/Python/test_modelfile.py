@@ -132,6 +132,9 @@ def read_info_raw(path):
     (lambda m: m["network"].update(width=10**6), "absurdly large|another architecture"),
     (lambda m: m["network"].update(num_classes=4), "classes"),
     (lambda m: m["intensity"].update(scale="x"), "invalid"),
+    (lambda m: m.update(format_version=2), "unsupported model format version 2"),
+    (lambda m: m.update(pixel_spacing_mm=[1.4, 1.0]), "not a range of pixel sizes"),
+    (lambda m: m.update(pixel_spacing_mm=[0.0, 1.0]), "not a range of pixel sizes"),
 ])
 def test_bad_metadata_gives_one_clear_error(tmp_path, mutate, match):
     with pytest.raises(ModelFileError, match=match):
@@ -176,3 +179,27 @@ def test_a_damaged_weight_is_caught_by_the_checksum(tmp_path):
     with pytest.raises(ModelFileError, match="checksum"):
         load_model(bad)
     load_model(good)
+
+
+def test_pixel_spacing_range_round_trips_and_a_mismatched_description_is_refused(tmp_path):
+    _, path = _model(tmp_path, pixel_spacing_mm=(1.0, 1.4))
+    assert load_model(path).info.pixel_spacing_mm == (1.0, 1.4)
+    assert read_info(path).pixel_spacing_mm == (1.0, 1.4)
+    # A description of another network than the weights saved with it is refused.
+    with pytest.raises(ValueError, match="must equal"):
+        save_model(tmp_path / "x.safetensors", DilatedFCN(PRESETS["width16"]),
+                   ModelInfo(name="x", network=PRESETS["proposed"]))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_single_nan_weight_is_refused(tmp_path):
+    """Written without a checksum (as files before it were): the finiteness check alone."""
+    from safetensors.torch import load_file, save_file
+    _, path = _model(tmp_path)
+    state = load_file(str(path))
+    name = sorted(state)[0]
+    state[name].view(-1)[0] = float("nan")  # one value among finite ones
+    out = tmp_path / "nan.safetensors"
+    save_file(state, str(out), metadata={"ildseg": read_info_raw(path)})
+    with pytest.raises(ModelFileError, match=f"NaN or infinite values \\('{name}'\\)"):
+        load_model(out)

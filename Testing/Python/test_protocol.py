@@ -302,7 +302,7 @@ def test_weights_start_he_normal_with_zero_biases():
     for conv, fan_in in ((net.dilated[0].conv, 9), (net.dilated[5].conv, 32 * 9), (net.head[0].conv, 321)):
         std = float(conv.weight.detach().std())
         assert std == pytest.approx((2 / fan_in) ** 0.5, rel=0.1), (conv, std)
-        assert float(conv.bias.abs().max()) == 0.0
+        assert float(conv.bias.detach().abs().max()) == 0.0
 
 
 def test_validation_scores_annotated_lung_pixels_in_eval_mode():
@@ -346,6 +346,7 @@ def _two_box_lungs():
     ann = np.zeros(hu.shape, np.uint8)
     ann[1, 60:70, 50:60] = 2
     ann[1, 80:90, 160:170] = 4
+    ann[1, 20, 20] = 2  # inside the right crop, outside the lung: no target
     return hu, mask, ann
 
 
@@ -373,6 +374,8 @@ def test_training_crops_are_the_inference_crops(tmp_path):
         np.testing.assert_array_equal(c.image, intensity.apply(hu[1, r0:r1, c0:c1]))
         np.testing.assert_array_equal(c.lung, mask[1, r0:r1, c0:c1] > 0)  # the other lung lies outside
     assert by_side[RIGHT_LUNG].target[60 - 18, 50 - 8] == 1 and by_side[LEFT_LUNG].target[80 - 28, 160 - 118] == 3
+    assert by_side[RIGHT_LUNG].target[20 - 18, 20 - 8] == -1, "annotations outside the lung are no target"
+    assert (by_side[RIGHT_LUNG].target >= 0).sum() == 100 and (by_side[LEFT_LUNG].target >= 0).sum() == 100
 
     model = random_model(tmp_path)
     fed = []

@@ -349,6 +349,24 @@ def test_scanner_variation_adds_the_drawn_noise_and_keeps_the_attenuation():
     assert np.all(flat == np.float32(-0.8))  # the input is never modified
 
 
+def test_scanner_variation_draws_from_the_documented_ranges():
+    """Blur sigma 0.3-0.8 px, sharpening 0.2-0.8, noise 0-25 HU, grain 0.5-1.5 px (the
+    module docstring), each range covered."""
+    from ILDSegmentationLib.training.augment import scanner_variation
+    intensity = INTENSITY_PRESETS["hu1000"]
+    flat = np.zeros((16, 16), np.float32)
+    drawn = {}
+    for seed in range(120):
+        _, p = scanner_variation(flat, intensity, np.random.default_rng(seed))
+        for key in ("sigma_px", "amount", "noise_sd_hu", "grain_px"):
+            if key in p:
+                drawn.setdefault(key, []).append(p[key])
+    for key, (lo, hi) in (("sigma_px", (0.3, 0.8)), ("amount", (0.2, 0.8)), ("noise_sd_hu", (0.0, 25.0)),
+                          ("grain_px", (0.5, 1.5))):
+        values = np.array(drawn[key])
+        assert lo <= values.min() < lo + 0.1 * (hi - lo) and hi - 0.1 * (hi - lo) < values.max() <= hi, key
+
+
 def test_scanner_variation_kernels_smooth_and_sharpen_and_stay_in_range():
     from ILDSegmentationLib.training.augment import scanner_variation
     intensity = INTENSITY_PRESETS["hu"]
