@@ -82,8 +82,10 @@ def _write_raw(path, header: dict, data: bytes = b"", declared_len=None):
     return path
 
 
-def test_header_larger_than_file_is_refused(tmp_path):
-    p = _write_raw(tmp_path / "x.safetensors", {"__metadata__": {}}, declared_len=10**9)
+@pytest.mark.parametrize("declared_len", [10**9, 5000])  # above the header limit; within it, past the file's end
+def test_header_larger_than_file_is_refused(tmp_path, declared_len):
+    p = _write_raw(tmp_path / "x.safetensors", {"__metadata__": {}}, declared_len=declared_len)
+    assert p.stat().st_size < 5000
     with pytest.raises(ModelFileError, match="header length"):
         load_model(p)
 

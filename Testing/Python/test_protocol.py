@@ -310,24 +310,33 @@ def test_validation_scores_annotated_lung_pixels_in_eval_mode():
     lung pixels only, the network in eval mode (no dropout): computed here by hand."""
     torch.manual_seed(2)
     net = DilatedFCN(NetworkConfig(dropout=0.5)).train()
-    crops = _hand_crops()
-    crops[0].lung[2, 1] = False  # an annotated pixel outside the lung does not count
+    rng = np.random.default_rng(4)
+    crops = []
+    for i, (h, w) in enumerate(((24, 24), (20, 26))):
+        lung = np.zeros((h, w), bool)
+        lung[2:-2, 2:-2] = True
+        target = np.where(lung & (rng.random((h, w)) < 0.5), rng.choice([0, 1, 3, 4, 5], (h, w)), -1)
+        target[0, 0] = 2  # annotated but outside the lung: does not count
+        crops.append(Crop(f"v{i}", 0, RIGHT_LUNG, rng.normal(0, 1, (h, w)).astype(np.float32), target, lung))
     with torch.inference_mode():
         net.eval()
         preds = [net(torch.from_numpy(c.image)[None, None])[0].argmax(0).numpy() for c in crops]
+        torch.manual_seed(0)
         net.train()
-    correct, total = np.zeros(6), np.zeros(6)
+        dropped = [net(torch.from_numpy(c.image)[None, None])[0].argmax(0).numpy() for c in crops]
+    cm = np.zeros((6, 6), np.int64)
     for c, pred in zip(crops, preds):
-        keep = (c.target >= 0) & c.lung
-        for t, p in zip(c.target[keep], pred[keep]):
-            total[t] += 1
-            correct[t] += t == p
-    assert list(total) == [9, 3, 0, 2, 0, 0]
-    bacc = np.mean([correct[i] / total[i] for i in (0, 1, 3)])
-    for _ in range(2):  # twice: dropout would make the two differ
+        for (r, col), t in np.ndenumerate(c.target):
+            if t >= 0 and c.lung[r, col]:
+                cm[t, pred[r, col]] += 1
+    assert (cm.sum(axis=0) > 0).sum() >= 3, "the network must predict several classes for this test to mean much"
+    assert any((a != b).any() for a, b in zip(preds, dropped)), "dropout changes labels here"
+    bacc = np.mean([cm[i, i] / cm[i].sum() for i in (0, 1, 3, 4, 5)])
+    for _ in range(2):  # twice, the network left in training mode as the trainer leaves it
         got = trainer_module.validation_metrics(net, crops, torch.device("cpu"))
+        np.testing.assert_array_equal(got["confusion_matrix"], cm)
         assert got["balanced_accuracy"] == pytest.approx(bacc, abs=1e-12)
-        assert got["annotated_pixels"] == 14
+        net.train()
 
 
 # -- crops: the 32 px margin, the same in training and inference -------------------------------
