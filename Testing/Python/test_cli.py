@@ -169,7 +169,7 @@ def test_model_notice_says_what_the_weights_are():
     assert model_notice({"name": "m", "trained": True, "provenance": {}}) is None
 
 
-def test_demo_runs_on_its_built_in_case_and_scores_against_the_truth(tmp_path):
+def test_demo_runs_on_its_built_in_case_and_scores_against_the_truth(tmp_path, monkeypatch):
     """`ildseg demo` needs no input: it writes its case, the truth and the result, and
     prints the bundled model's balanced accuracy against the known truth, with what
     the user must know about the weights."""
@@ -188,18 +188,27 @@ def test_demo_runs_on_its_built_in_case_and_scores_against_the_truth(tmp_path):
     assert len(set(np.unique(truth)) - {0}) == 6, "the demo case shows every class"
     # The printed score is the paper's BACC of the written result against the written
     # truth: per class, correct / annotated over the voxels labelled in both, averaged.
-    pred = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "demo" / "segmentation.seg.nrrd")))
-    both = (truth > 0) & (pred > 0)
-    per_class = [((truth == c) & (pred == c)).sum() / ((truth == c) & both).sum() for c in range(1, 7)]
-    assert bacc == pytest.approx(np.mean(per_class), abs=5e-4)
+    def bacc_of(labels_file):
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_file)))
+        both = (truth > 0) & (pred > 0)
+        return np.mean([((truth == c) & (pred == c)).sum() / ((truth == c) & both).sum() for c in range(1, 7)])
+    assert bacc == pytest.approx(bacc_of(tmp_path / "demo" / "segmentation.seg.nrrd"), abs=5e-4)
     info = read_info(default_model_path())
     if info.trained:
-        # Chance is 1/6. The threshold sits between what the bundled model scores with the
-        # paper's protocol and with a broken one, measured on this demo case (2-core CPU,
-        # bundled model sha256 823eac80e616): 0.813 as it is, 0.716 with crops cut
-        # without the 32 px margin (CROP_MARGIN = 0). Retraining the model or changing
-        # the simulator changes both: measure again and move the threshold between them.
-        assert bacc >= 0.77, r.stdout
+        # Chance is 1/6. With the paper's protocol the bundled model (sha256 823eac80e616)
+        # scored 0.72 to 0.88 on this case as the simulator that makes it changed.
+        assert bacc >= 0.6, r.stdout
+        # The same CT cropped without the paper's 32 px margin, in this process: the model
+        # does worse. Measured (protocol / no margin): 0.88 / 0.83, 0.813 / 0.716 and
+        # 0.717 / 0.692 for three versions of the simulator. This part holds whatever
+        # the case and the model score, as long as the margin matters to the model; an
+        # engine that lost its margin scores the same both ways and fails it.
+        from ILDSegmentationLib import inference
+        from ILDSegmentationLib.cropping import crop_boxes
+        from ILDSegmentationLib.pipeline import segment_file
+        monkeypatch.setattr(inference, "crop_boxes", lambda sides, z: crop_boxes(sides, z, margin=0))
+        segment_file(tmp_path / "demo" / "demo_ct.nrrd", tmp_path / "no_margin.nrrd", device="cpu")
+        assert bacc >= bacc_of(tmp_path / "no_margin.nrrd") + 0.015, r.stdout
         assert "not for clinical use" in r.stdout.lower()
     else:
         assert "UNTRAINED" in r.stdout
