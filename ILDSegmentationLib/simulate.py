@@ -120,11 +120,16 @@ class SimulationConfig:
     # ---- ground glass opacity --------------------------------------------------------
     #: Parenchymal attenuation reached inside the region (HU). Vessels and bronchial
     #: walls are not overwritten: the model replaces a fraction of the *air* only.
-    ggo_target_hu: Tuple[float, float] = (-700.0, -500.0)
-    #: Relative amplitude and scale (mm) of the smooth variation of the density
-    #: (patchy, not uniform).
-    ggo_patchiness: float = 0.25
+    ggo_target_hu: Tuple[float, float] = (-750.0, -450.0)
+    #: Relative amplitude (drawn per region) and scale (mm) of the smooth variation
+    #: of the density: from nearly uniform to patchy, mosaic-like.
+    ggo_patchiness: Tuple[float, float] = (0.1, 0.5)
     ggo_patch_scale_mm: float = 6.0
+    #: Fine-grained roughness of ground glass (relative amplitude drawn per region, on
+    #: a 2 mm scale): real ground glass is uneven at the scale of acini and lobules,
+    #: about 1.5 times as rough as the lung round it (docs/simulator.md, "Simulated
+    #: against real"), not a smooth haze.
+    ggo_roughness: Tuple[float, float] = (0.1, 0.6)
     #: Width (mm) of the soft border: ground glass fades into normal lung.
     ggo_edge_mm: float = 5.0
 
@@ -143,8 +148,12 @@ class SimulationConfig:
 
     # ---- consolidation ---------------------------------------------------------------
     #: Attenuation (HU) of the consolidated lung, and its smooth inhomogeneity (sd, HU).
-    consolidation_hu: Tuple[float, float] = (-80.0, 40.0)
-    consolidation_texture_hu: float = 12.0
+    #: Real consolidation is often incomplete (some air left, partial volume with
+    #: aerated lung): MedSeg's labelled consolidation has a median of about -200 HU
+    #: and a local sd of about 90 HU (docs/simulator.md, "Simulated against real").
+    consolidation_hu: Tuple[float, float] = (-350.0, 40.0)
+    #: Smooth inhomogeneity (sd, HU), drawn per region, on a 3 mm scale.
+    consolidation_texture_hu: Tuple[float, float] = (10.0, 70.0)
     consolidation_edge_mm: float = 2.5
     #: Probability of air bronchograms, their lumen radius at the proximal end (mm),
     #: number of branching generations, and their attenuation (HU).
@@ -156,19 +165,29 @@ class SimulationConfig:
     # ---- reticulation ----------------------------------------------------------------
     #: Width (mm) of the cells of the net (polygonal, irregular) and true thickness
     #: (mm) of its lines (thickened intralobular and interlobular septa).
-    reticulation_cell_mm: Tuple[float, float] = (3.5, 7.0)
-    reticulation_line_mm: Tuple[float, float] = (0.6, 1.1)
-    #: Irregularity of the net: the cells are warped by this much (mm).
-    reticulation_warp_mm: float = 1.2
-    #: Fraction of the air replaced between the lines (the mild ground-glass
-    #: component that accompanies fibrosis).
-    reticulation_background_fill: Tuple[float, float] = (0.03, 0.10)
+    #: Fine (intralobular, a few mm) to coarse (interlobular and fibrotic bands,
+    #: about a secondary lobule, 10-25 mm: Fleischner glossary, Hansell 2008).
+    reticulation_cell_mm: Tuple[float, float] = (3.5, 12.0)
+    reticulation_line_mm: Tuple[float, float] = (0.6, 1.8)
+    #: Irregularity of the net, drawn per region: the cells are warped by this
+    #: much (mm); fibrotic reticulation is coarse and distorted, not a regular net.
+    reticulation_warp_mm: Tuple[float, float] = (1.0, 3.0)
+    #: Fraction of the air replaced between the lines: from the mild ground-glass
+    #: component of usual interstitial pneumonia to the ground glass with
+    #: superimposed reticulation of fibrotic NSIP (ATS/ERS/JRS/ALAT 2018).
+    reticulation_background_fill: Tuple[float, float] = (0.03, 0.30)
+    #: Traction bronchiectasis (a hallmark of fibrosis, Fleischner glossary): the
+    #: probability that a reticulation region holds dilated, irregular airways, their
+    #: lumen radius (mm) and wall thickness (mm).
+    traction_bronchiectasis_probability: float = 0.5
+    traction_bronchiectasis_radius_mm: Tuple[float, float] = (1.0, 2.5)
+    traction_bronchiectasis_wall_mm: Tuple[float, float] = (0.6, 1.2)
     reticulation_edge_mm: float = 3.0
 
     # ---- honeycombing ----------------------------------------------------------------
     #: Cyst diameter (mm), wall thickness (mm), wall attenuation (HU) and number of
     #: rows (layers) of cysts stacked along the pleura.
-    honeycomb_cyst_diameter_mm: Tuple[float, float] = (3.0, 10.0)
+    honeycomb_cyst_diameter_mm: Tuple[float, float] = (3.0, 12.0)
     honeycomb_wall_mm: Tuple[float, float] = (1.0, 2.0)
     honeycomb_wall_hu: Tuple[float, float] = (0.0, 50.0)
     honeycomb_rows: Tuple[int, int] = (1, 3)
@@ -196,13 +215,28 @@ class SimulationConfig:
     #: Only the core of an annotated region is annotated: voxels at least this far
     #: (mm, in the axial plane) inside its border.
     annotation_margin_mm: float = 2.0
-    #: Healthy patches annotated per litre of lung, their radius (mm), distance from
-    #: any pattern region (mm), and the smoothed attenuation (HU) above which lung is
-    #: not annotated healthy (a real CT may hold disease of its own).
-    healthy_patches_per_litre: float = 2.0
-    healthy_patch_radius_mm: Tuple[float, float] = (12.0, 22.0)
-    healthy_gap_mm: float = 10.0
+    #: Healthy patches annotated per litre of lung, their radius (mm) and distance
+    #: from any pattern region (mm). A patch is normal lung *with what lies in it*
+    #: (vessels, bronchi and their walls, fissures, dependent density, partial volume
+    #: at the diaphragm), as a radiologist outlines healthy lung: a network never
+    #: shown a vessel labelled healthy is free to call it micronodules.
+    healthy_patches_per_litre: float = 5.0
+    healthy_patch_radius_mm: Tuple[float, float] = (15.0, 35.0)
+    healthy_gap_mm: float = 6.0
+    #: Share of the healthy patches placed where normal anatomy is most often taken
+    #: for disease: half of them near the hila (medial lung), half at the bases and
+    #: posterior (dependent) lung, the places fibrosis is looked for.
+    healthy_hard_fraction: float = 0.5
+    #: Lung whose parenchyma (the 20th percentile of a 15 mm square, so not its
+    #: vessels) is denser than this is not annotated healthy: a real CT may hold
+    #: ground glass of its own.
     healthy_max_hu: float = -650.0
+    #: Only masses are left out of healthy patches (a real CT may hold a tumour or
+    #: disease of its own): lung whose attenuation stays above ``healthy_mass_hu``
+    #: over a disc of ``healthy_mass_radius_mm`` (a morphological opening of the
+    #: dense lung, so vessels and bronchial walls thinner than twice the radius stay in).
+    healthy_mass_hu: float = -300.0
+    healthy_mass_radius_mm: float = 4.0
 
     def __post_init__(self) -> None:
         if len(self.regions_per_litre) != 5 or len(self.region_radius_mm) != 5 or len(self.subpleural_probability) != 5:
@@ -695,7 +729,8 @@ class _Case:
                 self.side_centroid[side] = self.c_mm[sel].mean(axis=0)
 
     def _choose_centre(self, radius: float, subpleural_depth: Optional[float], fibrosis: bool,
-                       gap: float, avoid: Optional[np.ndarray] = None) -> Optional[Tuple[np.ndarray, int]]:
+                       gap: float, avoid: Optional[np.ndarray] = None,
+                       bias: str = "") -> Optional[Tuple[np.ndarray, int]]:
         ok = self.c_depth >= (1.0 if subpleural_depth is not None else min(6.0, radius * 0.4))
         if subpleural_depth is not None:
             ok &= self.c_depth <= max(2.0, 0.5 * subpleural_depth)
@@ -709,9 +744,13 @@ class _Case:
         if cand.size == 0:
             return None
         w = np.ones(cand.size)
-        if fibrosis and self.cfg.fibrosis_basal_posterior_bias > 0:
-            b = self.cfg.fibrosis_basal_posterior_bias
+        b = self.cfg.fibrosis_basal_posterior_bias
+        if (fibrosis or bias == "basal") and b > 0:
             w = (1 + b * self.c_rel[cand, 0]) * (1 + b * self.c_rel[cand, 1])
+        elif bias == "medial":
+            # 1 at the midline between the lungs, 0 at the lateral chest wall.
+            medial = 1.0 - np.abs(self.c_rel[cand, 2] - 0.5) * 2.0
+            w = (1 + 4.0 * medial) ** 2
         pick = cand[self.rng.choice(cand.size, p=w / w.sum())]
         # Jitter inside the coarse cell so centres are not on a lattice.
         centre = self.c_mm[pick] + self.rng.uniform(0, 1, 3) * (np.array(self.cstep) - 1) * np.array(self.sp)
@@ -819,9 +858,13 @@ class _Case:
         # Fraction of the remaining air replaced by tissue/fluid so that parenchyma at
         # `base` HU reaches `target`; a vessel (no air) is left as it is.
         g0 = float(np.clip((target - base) / (cfg.tissue_hu - base), 0.0, 0.9))
-        g = np.clip(g0 * (1.0 + cfg.ggo_patchiness * box.smooth_noise(rng, cfg.ggo_patch_scale_mm)), 0.0, 0.95)
+        patchiness = rng.uniform(*cfg.ggo_patchiness)
+        rough = rng.uniform(*cfg.ggo_roughness)
+        g = np.clip(g0 * (1.0 + patchiness * box.smooth_noise(rng, cfg.ggo_patch_scale_mm)
+                          + rough * box.smooth_noise(rng, 2.0)), 0.0, 0.95)
         w = a * g
-        params.update(target_hu=round(target, 1), parenchyma_hu=round(base, 1), air_replaced=round(g0, 3))
+        params.update(target_hu=round(target, 1), parenchyma_hu=round(base, 1), air_replaced=round(g0, 3),
+                      patchiness=round(patchiness, 3), roughness=round(rough, 3))
         return w, w * np.float32(cfg.tissue_hu), a
 
     def _micronodules(self, box: _Box, f, lung_f, params):
@@ -866,7 +909,8 @@ class _Case:
         cfg, rng = self.cfg, self.rng
         a = _ramp(f, cfg.consolidation_edge_mm) * lung_f
         level = rng.uniform(*cfg.consolidation_hu)
-        p = level + cfg.consolidation_texture_hu * box.smooth_noise(rng, 5.0)
+        texture = rng.uniform(*cfg.consolidation_texture_hu)
+        p = level + texture * box.smooth_noise(rng, 3.0)
         bronchogram = bool(rng.uniform() < cfg.air_bronchogram_probability)
         if bronchogram:
             # Air-filled bronchi run from the hilum outwards through the consolidated
@@ -890,7 +934,8 @@ class _Case:
             tubes = _tube_coverage(box, segs)
             p = p * (1.0 - tubes) + np.float32(cfg.air_hu) * tubes
             params.update(bronchogram_radius_mm=round(r0, 2))
-        params.update(consolidation_hu=round(level, 1), air_bronchograms=float(bronchogram))
+        params.update(consolidation_hu=round(level, 1), texture_hu=round(texture, 1),
+                      air_bronchograms=float(bronchogram))
         return a, a * p, a
 
     def _reticulation(self, box: _Box, f, lung_f, params):
@@ -901,6 +946,7 @@ class _Case:
         cell = rng.uniform(*cfg.reticulation_cell_mm)
         line = rng.uniform(*cfg.reticulation_line_mm)
         fill = rng.uniform(*cfg.reticulation_background_fill)
+        warp_mm = rng.uniform(*cfg.reticulation_warp_mm)
         # Seeds spread at random (a Poisson process of one seed per cell volume): the
         # cells are irregular polygons of varying size, and the walls have every
         # orientation, so a thick slice blurs the oblique ones as a real scanner does.
@@ -916,7 +962,7 @@ class _Case:
             idx = np.unravel_index(sel, box.fine_shape)
             pts = np.stack([box.coords[ax][idx[ax]] for ax in range(3)], 1)
             warp = np.stack([box.smooth_noise(rng, 2.0 * cell).ravel()[sel] for _ in range(3)], 1)
-            pts = pts + cfg.reticulation_warp_mm * warp
+            pts = pts + warp_mm * warp
             d, i = cKDTree(seeds).query(pts, k=2, workers=-1)
             sep = np.linalg.norm(seeds[i[:, 1]] - seeds[i[:, 0]], axis=1)
             # Distance to the wall between the two nearest cells (their bisector).
@@ -925,8 +971,49 @@ class _Case:
             line_cov[sel] = np.clip((0.5 * thick - bis) / box.soft_mm + 0.5, 0.0, 1.0)
         line_cov = line_cov.reshape(a.shape)
         w = a * (line_cov + (1.0 - line_cov) * fill)
-        params.update(cell_mm=round(cell, 2), line_mm=round(line, 2), background_fill=round(fill, 3))
-        return w, w * np.float32(cfg.tissue_hu), a
+        pw = w * np.float32(cfg.tissue_hu)
+        traction = bool(rng.uniform() < cfg.traction_bronchiectasis_probability)
+        if traction:
+            # Dilated airways pulled open by the fibrosis: a small branching tree of
+            # air tubes with thickened walls, varicose (the radius wanders), running
+            # through the region; where they lie, they replace the net.
+            r0 = rng.uniform(*cfg.traction_bronchiectasis_radius_mm)
+            wall = rng.uniform(*cfg.traction_bronchiectasis_wall_mm)
+            lumen_segs, wall_segs = [], []
+            # Each tree starts deep in the region (a subpleural band is thin, so a tree
+            # from the box's centre would mostly leave it) and runs 8-20 mm per branch.
+            deep = np.flatnonzero(((f > 3.0) & lung_f).ravel())
+            if deep.size == 0:
+                deep = np.flatnonzero(((f > 0) & lung_f).ravel())
+            for _ in range(int(rng.integers(1, 4)) if deep.size else 0):
+                at = np.unravel_index(deep[rng.integers(deep.size)], box.fine_shape)
+                start = np.array([box.coords[ax][at[ax]] for ax in range(3)])
+                u = _unit(rng.standard_normal(3) * np.array([0.5, 1.0, 1.0]))
+                stack = [(start - 0.5 * rng.uniform(8.0, 20.0) * u, u, r0, rng.uniform(8.0, 20.0), 0)]
+                while stack:
+                    st, d, r, length, gen = stack.pop()
+                    d = _unit(d + rng.normal(0, 0.3, 3))
+                    e = st + d * length
+                    r_end = r * rng.uniform(0.6, 1.2)
+                    lumen_segs.append((st, e, r, r_end))
+                    wall_segs.append((st, e, r + wall, r_end + wall))
+                    if gen < 2:
+                        perp = _random_perpendicular(d, rng)
+                        ang = math.radians(rng.uniform(20.0, 45.0))
+                        nd = math.cos(ang) * d + rng.choice([-1.0, 1.0]) * math.sin(ang) * perp
+                        stack.append((e, nd, max(0.6, r_end * 0.85), length * rng.uniform(0.5, 0.8), gen + 1))
+            outer = _tube_coverage(box, wall_segs) * lung_f
+            lumen = _tube_coverage(box, lumen_segs) * lung_f
+            ring = np.clip(outer - lumen, 0.0, 1.0)
+            keep = 1.0 - outer
+            # The tube replaces the whole voxel content (w = 1): air in the lumen,
+            # tissue in the wall; the membership of the region is unchanged.
+            w = w * keep + outer * a
+            pw = pw * keep + (np.float32(cfg.air_hu) * lumen + np.float32(cfg.tissue_hu) * ring) * a
+            params.update(bronchiectasis_radius_mm=round(r0, 2))
+        params.update(cell_mm=round(cell, 2), line_mm=round(line, 2), background_fill=round(fill, 3),
+                      warp_mm=round(warp_mm, 2), traction_bronchiectasis=float(traction))
+        return w, pw, a
 
     def _honeycombing(self, box: _Box, f, lung_f, pleura_f, free_f, rows, r_mean, wall, params):
         """Honeycombing: air cysts of 3-10 mm packed in 1-3 rows parallel to the
@@ -1081,19 +1168,21 @@ class _Case:
             return self._record(label, box, region, subpleural, annotated, annotated_ml, params)
         return None
 
-    def insert_healthy_patch(self) -> Optional[SimulatedRegion]:
-        """An annotated patch of unchanged lung, away from every pattern region and
-        from lung that is already dense on this CT."""
+    def insert_healthy_patch(self, bias: str = "") -> Optional[SimulatedRegion]:
+        """An annotated patch of unchanged lung, with its vessels, airways and
+        fissures, away from every pattern region; ``bias`` "medial" or "basal"
+        prefers the hila or the bases and dependent lung (see SimulationConfig).
+        Masses and lung already dense on this CT are left out of it."""
         cfg, rng = self.cfg, self.rng
         if not hasattr(self, "_c_dense"):
             sl = tuple(slice(None, None, s) for s in self.cstep)
             csp = [s * f for s, f in zip(self.sp, self.cstep)]
-            smooth = ndimage.gaussian_filter(np.asarray(self.ct[sl], np.float32), [4.0 / s for s in csp])
-            self._c_dense = smooth[tuple(self.c_idx.T)] > cfg.healthy_max_hu
+            dense = self._dense_parenchyma(np.asarray(self.ct[sl], np.float32), csp)
+            self._c_dense = dense[tuple(self.c_idx.T)]
         for _attempt in range(6):
             radius = rng.uniform(*cfg.healthy_patch_radius_mm)
             z_radius = radius * rng.uniform(*cfg.region_z_factor)
-            found = self._choose_centre(radius, None, False, cfg.healthy_gap_mm, avoid=~self._c_dense)
+            found = self._choose_centre(radius, None, False, cfg.healthy_gap_mm, avoid=~self._c_dense, bias=bias)
             if found is None:
                 return None
             centre, side = found
@@ -1102,10 +1191,8 @@ class _Case:
             f, lung_f, _ = self._region_field(box, centre, shape, None, side, cfg.healthy_gap_mm)
             region = (box.to_native((f > 0) & lung_f) >= 0.5) & (self.sides[box.slices] == side)
             region &= ~self.assigned[box.slices]
-            # Lung already dense on this CT (disease of its own) is not annotated healthy.
-            smooth = ndimage.gaussian_filter(np.asarray(self.ct[box.slices], np.float32),
-                                             [0.0, 3.0 / self.sp[1], 3.0 / self.sp[2]])
-            region &= smooth < cfg.healthy_max_hu
+            region &= ~self._dense_parenchyma(np.asarray(self.ct[box.slices], np.float32), self.sp)
+            region &= ~self._mass(box)
             core = region & (self._inplane_depth(region) > cfg.annotation_margin_mm)
             if np.count_nonzero(core) * self.voxel_ml < 0.5 * cfg.min_region_ml:
                 continue
@@ -1113,8 +1200,38 @@ class _Case:
             self.assigned[box.slices] |= region
             self._mark_placed(centre, radius)
             ml = np.count_nonzero(core) * self.voxel_ml
-            return self._record(HEALTHY, box, core, False, True, ml, {"radius_mm": round(radius, 1)})
+            return self._record(HEALTHY, box, core, False, True, ml,
+                                {"radius_mm": round(radius, 1), "hard": {"": 0.0, "medial": 1.0, "basal": 2.0}[bias]})
         return None
+
+    #: Parenchymal density is judged on the 20th percentile of the HU over a square
+    #: of this side (mm) in the axial plane: a vessel or bronchial wall up to about a
+    #: third of it wide does not move that percentile; ground glass of its own
+    #: (the RICORD case's COVID-19) or atelectasis does.
+    _PARENCHYMA_WINDOW_MM = 15.0
+
+    def _dense_parenchyma(self, hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """Lung whose parenchyma (not its vessels) is denser than ``healthy_max_hu``:
+        disease the input CT already holds, never annotated healthy."""
+        size = [1] + [max(1, int(round(self._PARENCHYMA_WINDOW_MM / s))) | 1 for s in spacing[1:]]
+        return ndimage.percentile_filter(hu, 20, size=size, mode="nearest") > self.cfg.healthy_max_hu
+
+    def _mass(self, box: _Box) -> np.ndarray:
+        """Solid tissue in the box at least 2 x healthy_mass_radius_mm across in the
+        axial plane (a tumour, not a vessel), grown by a millimetre for its border."""
+        cfg = self.cfg
+        dense = np.asarray(self.ct[box.slices]) > cfg.healthy_mass_hu
+        r = [cfg.healthy_mass_radius_mm / s for s in self.sp[1:]]
+        ry, rx = (int(math.ceil(v)) for v in r)
+        yy, xx = np.mgrid[-ry:ry + 1, -rx:rx + 1]
+        disc = ((yy / max(r[0], 1e-6)) ** 2 + (xx / max(r[1], 1e-6)) ** 2) <= 1.0
+        out = np.zeros(dense.shape, bool)
+        for z in range(dense.shape[0]):
+            if dense[z].any():
+                opened = ndimage.binary_opening(dense[z], structure=disc)
+                if opened.any():
+                    out[z] = ndimage.binary_dilation(opened, iterations=max(1, int(round(1.0 / self.sp[1]))))
+        return out
 
     def _inplane_depth(self, region: np.ndarray) -> np.ndarray:
         """Distance (mm) to the region's border within each axial slice."""
@@ -1240,8 +1357,9 @@ def simulate_case(hu: np.ndarray, geometry: Geometry, lung_mask: Optional[np.nda
                     regions.append(r)
     patches: List[SimulatedRegion] = []
     n_patches = max(1, _stochastic_round(config.healthy_patches_per_litre * case.lung_litres, rng))
-    for _ in range(n_patches):
-        r = case.insert_healthy_patch()
+    for i in range(n_patches):
+        hard = rng.uniform() < config.healthy_hard_fraction
+        r = case.insert_healthy_patch(("medial", "basal")[i % 2] if hard else "")
         if r is not None:
             patches.append(r)
 

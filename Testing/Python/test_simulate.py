@@ -237,7 +237,7 @@ def test_noise_is_measured_and_matched_in_solid_regions():
         v = r[m]
         return 1.4826 * np.median(np.abs(v - np.median(v)))
 
-    cfg = SimulationConfig(consolidation_texture_hu=0.0, air_bronchogram_probability=0.0,
+    cfg = SimulationConfig(consolidation_texture_hu=(0.0, 0.0), air_bronchogram_probability=0.0,
                            consolidation_hu=(30.0, 30.0), region_radius_mm=((25.0, 30.0),) * 5,
                            subpleural_probability=(0.0, 0.0, 0.0, 0.8, 1.0))
     case = simulate_case(hu, geometry, lung_mask=mask, seed=2, config=cfg)
@@ -316,8 +316,61 @@ def test_real_ct_auto_lung_mask_keeps_dense_patterns_at_the_pleura(ricord_case, 
     with_step, without_step = kept(mask), kept(without)
     # Measured: consolidation 0.30 (0.15 without step 8), honeycombing 0.96 (0.90);
     # the consolidation left out lies against the spine and aorta, a documented limit.
+    # Reticulation: 0.99 with the fine, faint net of the simulator before 2026-12; 0.93
+    # with its coarse, denser family (ground-glass fill up to 30 %, thick-walled
+    # traction bronchiectasis), whose densest subpleural parts the mask leaves out.
     assert with_step[CONSOLIDATION] > without_step[CONSOLIDATION] + 0.1
-    assert with_step[HONEYCOMBING] > 0.9 and with_step[RETICULATION] > 0.95
+    assert with_step[HONEYCOMBING] > 0.9 and with_step[RETICULATION] > 0.9
     assert all(with_step[lab] >= without_step[lab] for lab in PATTERNS)
     # What it takes in beyond the CT's own lung is a sliver (measured 0.02 %).
     assert np.count_nonzero(mask & (case.lung_mask == 0)) < 0.005 * np.count_nonzero(case.lung_mask)
+
+
+def test_healthy_patches_hold_vessels_but_never_a_mass(synthetic):
+    """Healthy lung is annotated with its vessels inside (a network never shown a
+    vessel labelled healthy calls vessels micronodules, issue 18), but a tumour-sized
+    solid ball is never annotated healthy, nor is lung whose parenchyma is already
+    dense (ground glass of the CT's own)."""
+    hu, geometry, mask = synthetic
+    hu = hu.copy()
+    sx, sy, sz = geometry.spacing
+    k, j, i = np.indices(hu.shape)
+    # A 20 mm solid ball (a tumour) in the right lung, and a slab of -600 HU parenchyma
+    # (real ground glass) in the left, both inside the lung mask.
+    cj, ci = np.argwhere(mask[hu.shape[0] // 2] == 1).mean(axis=0)
+    ball = (((k - hu.shape[0] // 2) * sz) ** 2 + ((j - cj) * sy) ** 2 + ((i - ci) * sx) ** 2 <= 10.0 ** 2) & (mask == 1)
+    hu[ball] = 40
+    slab = (mask == 2) & (j < np.argwhere(mask == 2)[:, 1].min() + 30.0 / sy)
+    hu[slab] = np.maximum(hu[slab], -600)
+    annotated_healthy_vessel = 0
+    for seed in range(3):
+        case = simulate_case(hu, geometry, lung_mask=mask, seed=seed)
+        healthy = case.annotation == HEALTHY
+        assert not (healthy & ball).any()
+        # The slab's border mixes with normal lung over the 15 mm window: its core never.
+        core = ndimage.binary_erosion(slab, iterations=int(np.ceil(8.0 / sy)))
+        assert not (healthy & core).any()
+        annotated_healthy_vessel += int(np.count_nonzero(healthy & (hu > -300) & ~ball))
+    assert annotated_healthy_vessel > 50  # vessel voxels (the synthetic lung is -850 HU)
+
+
+def test_reticulation_family_holds_coarse_nets_and_traction_bronchiectasis(synthetic):
+    """The reticulation family spans fine to coarse nets, some regions with traction
+    bronchiectasis; where there is one, its air lumens show on a thin-slice CT."""
+    hu, geometry, mask = synthetic
+    cells, traction = [], []
+    for seed in range(6):
+        case = simulate_case(hu, geometry, lung_mask=mask, seed=seed)
+        for r in case.regions:
+            if r.label == RETICULATION:
+                cells.append(r.parameters["cell_mm"])
+                traction.append(r.parameters["traction_bronchiectasis"])
+    assert min(cells) < 6.0 and max(cells) > 9.0
+    assert 0 < sum(traction) < len(traction)
+    hu, geometry, mask = synthetic_chest(spacing=(0.7, 0.7, 2.5))
+    case = simulate_case(hu, geometry, lung_mask=mask, seed=0,
+                         config=SimulationConfig(traction_bronchiectasis_probability=1.0))
+    region = case.truth == RETICULATION
+    # Air lumens: voxels far darker than the -850 HU lung they replaced (measured 27
+    # below -900 HU against 2 before insertion, in 14,000 voxels).
+    assert np.count_nonzero(case.hu[region] < -900) > 5 * max(1, np.count_nonzero(hu[region] < -900))
