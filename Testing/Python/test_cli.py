@@ -195,20 +195,13 @@ def test_demo_runs_on_its_built_in_case_and_scores_against_the_truth(tmp_path, m
     assert bacc == pytest.approx(bacc_of(tmp_path / "demo" / "segmentation.seg.nrrd"), abs=5e-4)
     info = read_info(default_model_path())
     if info.trained:
-        # Chance is 1/6. With the paper's protocol the bundled model (sha256 823eac80e616)
-        # scored 0.72 to 0.88 on this case as the simulator that makes it changed.
+        # Chance is 1/6. The bundled model of 2026-11 (sha256 823eac80e616) scored 0.72 to
+        # 0.88 on this case as the simulator that makes it changed; that of 2026-12 (six
+        # real backgrounds, none a phantom) scores 0.68. Whether the 32 px margin helps on
+        # this synthetic case depends on the model (0.88 / 0.83 with and without it for the
+        # 2026-11 model, 0.68 / 0.73 for the 2026-12 one), so the margin is pinned by
+        # test_protocol.py, which compares boxes, not scores.
         assert bacc >= 0.6, r.stdout
-        # The same CT cropped without the paper's 32 px margin, in this process: the model
-        # does worse. Measured (protocol / no margin): 0.88 / 0.83, 0.813 / 0.716 and
-        # 0.717 / 0.692 for three versions of the simulator. This part holds whatever
-        # the case and the model score, as long as the margin matters to the model; an
-        # engine that lost its margin scores the same both ways and fails it.
-        from ILDSegmentationLib import inference
-        from ILDSegmentationLib.cropping import crop_boxes
-        from ILDSegmentationLib.pipeline import segment_file
-        monkeypatch.setattr(inference, "crop_boxes", lambda sides, z: crop_boxes(sides, z, margin=0))
-        segment_file(tmp_path / "demo" / "demo_ct.nrrd", tmp_path / "no_margin.nrrd", device="cpu")
-        assert bacc >= bacc_of(tmp_path / "no_margin.nrrd") + 0.015, r.stdout
         assert "not for clinical use" in r.stdout.lower()
     else:
         assert "UNTRAINED" in r.stdout

@@ -172,6 +172,6 @@ def test_real_medseg_evaluation_runs(medseg, default_model):
     rd.complete_mappings(maps)
     res = rd.evaluate_medseg(default_model, slices, maps, rd.DEFAULT_SPACING_MM)
     assert res["GGO"]["pixels"] == sum(int((s.truth == 1).sum()) for s in slices)
-    assert sum(res["GGO"]["labels_given"].values()) == pytest.approx(1)
+    assert sum(res["GGO"]["labels_given"].values()) == pytest.approx(1, abs=1e-3)  # shares rounded to 4 places
     assert res["GGO"]["labels_given"]["outside"] == 0  # labelled pixels are always segmented
     assert len(res["per_slice"]) == 2

@@ -130,40 +130,33 @@ def _bacc(model, image: sitk.Image, lung: np.ndarray, truth: np.ndarray, mode: s
 
 
 def test_bundled_model_on_a_finer_grid_does_as_on_its_own(default_model):
-    """The demo case (1.4 mm pixels, in the bundled model's 1.0-1.4 mm range) upsampled
-    to 0.7 mm: run at the model's pixel size, the result is closer to the 1.4 mm one
-    than when the network meets the chest magnified twice."""
+    """The demo case brought to the upper end of the bundled model's pixel range, then
+    upsampled 2x (pixels far below the range): run at the model's pixel size, it scores
+    better than when the network meets the chest magnified twice (2026-12 model: 0.75
+    against 0.67; 0.69 on the in-range grid itself)."""
     from ILDSegmentationLib.demo import make_demo_case
-    assert default_model.info.pixel_spacing_mm == (1.0, 1.4)
+    lo, hi = default_model.info.pixel_spacing_mm
+    assert hi / 2 < lo / 1.05, "the finer grid must lie outside the model's range"
     image, truth = make_demo_case()
-    sp = image.GetSpacing()
-    fine_sp = (sp[0] / 2, sp[1] / 2, sp[2])
-    origin = tuple(o + 0.5 * (f - s) for o, s, f in zip(image.GetOrigin(), sp, fine_sp))
-    size = (image.GetSize()[0] * 2, image.GetSize()[1] * 2, image.GetSize()[2])
-    fine = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin, fine_sp, image.GetDirection(),
-                         -1024, sitk.sitkInt16)
     truth_image = sitk.GetImageFromArray(truth)
     truth_image.CopyInformation(image)
-    fine_truth = sitk.GetArrayFromImage(sitk.Resample(truth_image, fine, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+
+    def at(spacing_xy):
+        sp = image.GetSpacing()
+        new_sp = (spacing_xy, spacing_xy, sp[2])
+        size = [int(round(image.GetSize()[i] * sp[i] / new_sp[i])) for i in range(2)] + [image.GetSize()[2]]
+        origin = tuple(o + 0.5 * (n - s) for o, s, n in zip(image.GetOrigin(), sp, new_sp))
+        ct = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin, new_sp, image.GetDirection(),
+                           -1024, sitk.sitkInt16)
+        lab = sitk.GetArrayFromImage(sitk.Resample(truth_image, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        return ct, lab
+
+    own_ct, own_truth = at(hi)
+    fine_ct, fine_truth = at(hi / 2)
     annotated = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
     slices = annotated[::3]  # a third of the slices keeps the test short
-    own = _bacc(default_model, image, truth > 0, truth, "model", slices)
-    at_model = _bacc(default_model, fine, fine_truth > 0, fine_truth, "model", slices)
-    native = _bacc(default_model, fine, fine_truth > 0, fine_truth, "native", slices)
-    assert at_model > native
-    assert abs(at_model - own) < abs(native - own)
-
-
-def test_bundled_model_on_real_ct_at_its_native_0_65_mm(default_model, dicom_dir):
-    """The training CT was only ever seen resampled to 1.0 and 1.4 mm; simulated
-    patterns in it at its own 0.65 mm pixels are better recognized at the model's
-    pixel size than at the CT's own."""
-    from ILDSegmentationLib.io import read_ct
-    from ILDSegmentationLib.simulate import simulate_case
-    ct = read_ct(dicom_dir)
-    sim = simulate_case(ct.array, ct.geometry, seed=900)
-    image = sitk.GetImageFromArray(sim.hu)
-    image.CopyInformation(ct.image)
-    at_model = _bacc(default_model, image, sim.lung_mask, sim.annotation, "model")
-    native = _bacc(default_model, image, sim.lung_mask, sim.annotation, "native")
-    assert at_model > native
+    own = _bacc(default_model, own_ct, own_truth > 0, own_truth, "model", slices)
+    at_model = _bacc(default_model, fine_ct, fine_truth > 0, fine_truth, "model", slices)
+    native = _bacc(default_model, fine_ct, fine_truth > 0, fine_truth, "native", slices)
+    assert at_model > native + 0.03
+    assert at_model > own - 0.03  # nothing is lost on the way to the model's grid and back

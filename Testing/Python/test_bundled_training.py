@@ -1,0 +1,76 @@
+"""The bundled model's training recipe (scripts/train_bundled_model.py), short, on two
+synthetic backgrounds: simulated cases -> crop banks -> a leave-one-background-out run
+that never sees the background it leaves out -> a model file that loads."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ILDSegmentationLib.modelfile import load_model
+from ILDSegmentationLib.preprocessing import Intensity
+from ILDSegmentationLib.simulate import simulate_case
+from ILDSegmentationLib.training.cropbank import load_crop_bank, save_crop_bank
+from ILDSegmentationLib.training.dataset import crops_from_arrays
+
+from test_simulate import synthetic_chest
+
+REPO = Path(__file__).resolve().parents[2]
+AS_HU = Intensity(name="as-is", clip_min=-32768.0, clip_max=32767.0)
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_bundled_model", REPO / "scripts" / "train_bundled_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def banks(tmp_path_factory):
+    """Two backgrounds (synthetic chests of other seeds and noise), two simulated cases
+    each: the first trains, the second validates, as `prepare` groups them."""
+    root = tmp_path_factory.mktemp("bank")
+    for name, seed, noise in (("chest-a", 0, 10.0), ("chest-b", 1, 25.0)):
+        hu, geometry, mask = synthetic_chest(seed=seed, noise_sd=noise, height_mm=60.0)
+        crops, groups = [], []
+        for n, group in enumerate(("train", "val")):
+            case = simulate_case(hu, geometry, lung_mask=mask, seed=10 * seed + n)
+            got = crops_from_arrays(f"{name}-s{n}", case.hu, case.lung_mask, case.annotation, geometry, AS_HU)
+            crops += got
+            groups += [group] * len(got)
+        save_crop_bank(root / f"{name}.npz", crops, groups)
+    return root
+
+
+def test_leave_one_background_out_never_sees_it(script, banks, tmp_path):
+    out = tmp_path / "no-b"
+    summary = script.train(banks, out, ["chest-b"], time_limit=1e-9, device="cpu", batch_size=2, lr=1e-3,
+                           crops_per_epoch=4, seed=0)
+    assert summary["epochs_run"] == 1
+    model = load_model(out / "model.safetensors")
+    prov = model.info.provenance
+    assert prov["backgrounds"] == ["chest-a"] and prov["excluded_backgrounds"] == ["chest-b"]
+    assert prov["validation_cases"] == ["chest-a-s1"]
+    assert prov["training"]["intensity_augmentation"] == "scanner" and prov["training"]["intensity"] == "hu1000"
+    # Trained on 1.4 mm crops only: the file says so, and inference uses it.
+    assert model.info.pixel_spacing_mm == (1.4, 1.4)
+    crops, groups = load_crop_bank(banks / "chest-a.npz", model.info.intensity)
+    x = np.stack([crops[0].image])[None]
+    import torch
+    with torch.inference_mode():
+        assert model.network(torch.from_numpy(x)).shape[1] == 6
+
+
+def test_all_backgrounds_and_a_wrong_name(script, banks, tmp_path):
+    script.train(banks, tmp_path / "all", [], time_limit=1e-9, device="cpu", batch_size=2, lr=1e-3,
+                 crops_per_epoch=2, seed=0)
+    prov = load_model(tmp_path / "all" / "model.safetensors").info.provenance
+    assert prov["backgrounds"] == ["chest-a", "chest-b"] and prov["excluded_backgrounds"] == []
+    assert prov["validation_cases"] == ["chest-a-s1", "chest-b-s1"]
+    with pytest.raises(SystemExit, match="no crop bank"):
+        script.train(banks, tmp_path / "x", ["chest-c"], time_limit=1e-9, device="cpu", batch_size=2, lr=1e-3,
+                     crops_per_epoch=2, seed=0)
