@@ -9,14 +9,6 @@ Not for clinical use.
 """
 __version__ = "0.1.0"
 
-import os as _os
-
-# OpenMP threads that wait for work sleep instead of spinning. Must be set before
-# torch is imported (its OpenMP runtime reads it once); a torch imported earlier in
-# the process (e.g. by another Slicer extension) keeps its own setting. Measured on a
-# 2-core machine that other processes also use: a 30-slice CT's network stage took
-# 51.7 s with 2 spinning threads and 10.7 s with 2 sleeping ones (BENCHMARKS.md);
-# on an idle machine, waking a sleeping thread costs microseconds per parallel region
-# (estimated well under 1 % here; this shared machine is never idle to measure it).
-# The user's own OMP_WAIT_POLICY wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# No process-wide settings here: the library is also imported inside Slicer, where the
+# process and its children belong to Slicer. The ``ildseg`` command sets what it needs
+# for its own process (cli.set_process_defaults).

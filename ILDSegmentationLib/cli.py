@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -245,7 +246,24 @@ def _interrupted_note(args: Optional[argparse.Namespace]) -> str:
     return ""
 
 
+def set_process_defaults() -> None:
+    """Settings for a process that the ``ildseg`` command runs: called first thing by
+    main(), never at import (the library is also imported inside Slicer, whose
+    process and children must keep their own settings).
+
+    OpenMP threads that wait for work sleep instead of spinning. Must be set before
+    torch is imported (its OpenMP runtime reads it once); a torch imported earlier in
+    the process keeps its own setting. Measured on a 2-core machine that other
+    processes also use: a 30-slice CT's network stage took 51.7 s with 2 spinning
+    threads and 10.7 s with 2 sleeping ones (BENCHMARKS.md); on an idle machine,
+    waking a sleeping thread costs microseconds per parallel region. The user's own
+    OMP_WAIT_POLICY wins.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    set_process_defaults()
     # SIGTERM is handled from the start (argument parsing imports the training package)
     # and the previous handler comes back afterwards, for callers that run main() in-process.
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# What the ildseg command sets for its own process (cli.set_process_defaults; the
+# library no longer sets it at import): OpenMP threads sleep instead of spinning,
+# which matters on the shared 2-core machine the tests run on (BENCHMARKS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("ILDSEG_TEST_DATA", REPO.parent / "shared" / "data"))
 DICOM_DIR = DATA / "lung-pet-ct-dx-A0002"

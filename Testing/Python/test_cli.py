@@ -205,3 +205,22 @@ def test_demo_runs_on_its_built_in_case_and_scores_against_the_truth(tmp_path, m
         assert "not for clinical use" in r.stdout.lower()
     else:
         assert "UNTRAINED" in r.stdout
+
+
+def test_omp_wait_policy_is_set_by_the_command_not_by_importing_the_library():
+    """Importing the library (as Slicer does) leaves the process environment alone;
+    the ildseg command sets OMP_WAIT_POLICY for its own process (BENCHMARKS.md), and
+    a value the user set wins."""
+    import os
+
+    code = ("import os, ILDSegmentationLib, ILDSegmentationLib.cli as cli, ILDSegmentationLib.terminology\n"
+            "before = os.environ.get('OMP_WAIT_POLICY')\n"
+            "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(before, os.environ.get('OMP_WAIT_POLICY'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-2:] == ["None", "PASSIVE"]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert r.stdout.split()[-2:] == ["ACTIVE", "ACTIVE"]
