@@ -355,3 +355,72 @@ def test_s4ext_and_index_json_agree_with_cmake():
     # The extension's icon lives in the top-level Resources/ (the module's own in its folder).
     assert s4ext["iconurl"].endswith("/main/Resources/ILDSegmentation.png")
     assert (REPO / "Resources" / "ILDSegmentation.png").is_file()
+
+
+# The ExtensionsIndex catalog-entry schema the file names in "$schema" (Slicer's
+# Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json, draft-07), restated as
+# the checks it makes; jsonschema is not a dependency of this project.
+INDEX_SCHEMA_URL = ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                    "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+INDEX_REQUIRED = {"$schema", "category", "scm_url"}
+INDEX_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+               "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+
+
+def index_entry_problems(entry) -> List[str]:
+    """What the catalog-entry schema refuses in ``entry`` (empty when it is valid)."""
+    if not isinstance(entry, dict):
+        return ["not a JSON object"]
+    problems = [f"missing required '{key}'" for key in sorted(INDEX_REQUIRED - set(entry))]
+    problems += [f"'{key}' is not allowed (additionalProperties: false)" for key in sorted(set(entry) - set(INDEX_TYPES))]
+    for key, kind in INDEX_TYPES.items():
+        if key not in entry:
+            continue
+        value = entry[key]
+        # JSON booleans are not integers in JSON Schema
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            problems.append(f"'{key}' must be a {kind.__name__}")
+    if entry.get("scm_type", "git") not in ("git", "local"):
+        problems.append("'scm_type' must be 'git' or 'local'")
+    if isinstance(entry.get("build_dependencies"), list) and \
+            not all(isinstance(d, str) for d in entry["build_dependencies"]):
+        problems.append("'build_dependencies' must list strings")
+    tier = entry.get("tier", 1)
+    if isinstance(tier, int) and not isinstance(tier, bool) and not 1 <= tier <= 5:
+        problems.append("'tier' must be 1 to 5")
+    return problems
+
+
+def test_index_json_is_valid_against_the_catalog_entry_schema():
+    entry = json.loads((REPO / "ILDSegmentation.json").read_text(encoding="utf-8"))
+    assert entry.get("$schema") == INDEX_SCHEMA_URL
+    assert index_entry_problems(entry) == []
+    assert entry["scm_url"].startswith("https://") and entry["scm_url"].endswith(".git")
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"category": None}, "missing required 'category'"),
+    ({"homepage": "https://x"}, "'homepage' is not allowed"),
+    ({"tier": 0}, "'tier' must be 1 to 5"),
+    ({"tier": True}, "'tier' must be a int"),
+    ({"enabled": "yes"}, "'enabled' must be a bool"),
+    ({"scm_type": "svn"}, "'scm_type' must be 'git' or 'local'"),
+    ({"build_dependencies": "PyTorch"}, "'build_dependencies' must be a list"),
+])
+def test_index_json_check_catches_what_the_schema_refuses(change, problem):
+    entry = json.loads((REPO / "ILDSegmentation.json").read_text(encoding="utf-8"))
+    for key, value in change.items():
+        if value is None:
+            del entry[key]
+        else:
+            entry[key] = value
+    assert any(p.startswith(problem) for p in index_entry_problems(entry)), index_entry_problems(entry)
+
+
+def test_license_file_is_the_licence_pyproject_names():
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^license\s*=\s*\{\s*text\s*=\s*"Apache-2.0"\s*\}', pyproject, re.M)
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX" in text
