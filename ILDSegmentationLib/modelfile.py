@@ -19,15 +19,21 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from .atomicfile import atomic_path
 from .classes import CLASSES
 from .errors import ModelFileError
-from .network import DilatedFCN, NetworkConfig
+from .netconfig import NetworkConfig
 from .preprocessing import Intensity
+
+# torch is imported only where weights are loaded or written: reading a file's
+# metadata (read_info) works without it, so the Slicer panel can show the model
+# before torch is loaded (and where it is missing or broken).
+if TYPE_CHECKING:
+    import torch
+
+    from .network import DilatedFCN
 
 FORMAT = "ildseg-model"
 FORMAT_VERSION = 1
@@ -194,8 +200,11 @@ def _existing(path: PathLike) -> Path:
 
 def load_model(path: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu") -> LoadedModel:
     """Load and validate a model file (default: the bundled one) onto ``device``, in eval mode."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from .network import DilatedFCN
 
     p = _existing(path if path is not None else default_model_path())
     info = read_info(p)
@@ -229,6 +238,8 @@ def weights_checksum(state: Dict[str, torch.Tensor]) -> str:
     """sha256 of the tensors' names, shapes and float32 bytes, in name order. A flipped
     bit in the weights still loads as numbers (within range, finite) and gives other
     labels; this catches it."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().to("cpu", torch.float32).contiguous()
@@ -239,6 +250,7 @@ def weights_checksum(state: Dict[str, torch.Tensor]) -> str:
 
 def save_model(path: PathLike, network: DilatedFCN, info: ModelInfo) -> Path:
     """Write a model file atomically (temporary name in the same folder, then rename)."""
+    import torch
     from safetensors.torch import save_file
 
     if info.network != network.config:
