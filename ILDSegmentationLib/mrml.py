@@ -766,6 +766,50 @@ def segment_ids_of(segmentation_node: Any) -> List[str]:
     return _segment_ids(segmentation_node)
 
 
+def default_lung_segment_ids(segmentation_node: Any) -> List[str]:
+    """The segments whose name mentions the lung, else all segments."""
+    ids = _segment_ids(segmentation_node)
+    segmentation = segmentation_node.GetSegmentation()
+    lungs = [i for i in ids if "lung" in (segmentation.GetSegment(i).GetName() or "").lower()]
+    return lungs or ids
+
+
+def lung_segment_ids_for(mask_node: Any, current_ids: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """The lung segments to use once ``mask_node`` has become the lung mask: the
+    current choice when it still fits this segmentation (e.g. saved with a scene),
+    else :func:`default_lung_segment_ids`. None when the mask is not a segmentation
+    (no mask, or a label map: there is nothing to choose)."""
+    if mask_node is None or not mask_node.IsA("vtkMRMLSegmentationNode"):
+        return None
+    current = [str(i) for i in (current_ids or [])]
+    available = set(_segment_ids(mask_node))
+    if current and all(i in available for i in current):
+        return current
+    return default_lung_segment_ids(mask_node)
+
+
+def results_input_volume(segmentation_node: Any) -> Any:
+    """The CT whose results ``segmentation_node`` holds (set by :func:`process`), or None."""
+    return _referenced(segmentation_node, INPUT_VOLUME_ROLE)
+
+
+def output_fits_input(segmentation_node: Any, ct_node: Any) -> bool:
+    """False when ``segmentation_node`` holds the results of another CT than
+    ``ct_node``: a run for ``ct_node`` must then go to a new segmentation, not
+    overwrite the other CT's results (and its table, named after that CT). A
+    segmentation that holds no results yet fits any CT."""
+    if segmentation_node is None:
+        return True
+    source = results_input_volume(segmentation_node)
+    return source is None or ct_node is None or source.GetID() == ct_node.GetID()
+
+
+def has_segments(segmentation_node: Any) -> bool:
+    """Whether there is anything to edit: a segmentation node with at least one segment."""
+    return segmentation_node is not None and segmentation_node.GetSegmentation() is not None \
+        and segmentation_node.GetSegmentation().GetNumberOfSegments() > 0
+
+
 def _place_in_hierarchy(scene: Any, ct_node: Any, nodes: Sequence[Any]) -> None:
     """Put new output nodes next to the CT in the subject hierarchy (same study), as
     a radiologist expects in the Data module. Skipped when there is no hierarchy."""

@@ -618,3 +618,48 @@ def test_real_ct_through_mrml(env, model, tmp_path):
     assert rows[-1][mrml.COL_VOLUME] > 100  # two lungs over 2 cm of height
     labels = export_labels(env, result.segmentation_node, ct)
     assert labels.shape == sitk.GetArrayViewFromImage(part).shape
+
+
+# ----------------------------------------------------------------------------------
+# What the panel derives from its parameter node (issue 14, defects 1, 3 and 4)
+# ----------------------------------------------------------------------------------
+def test_lung_segment_ids_follow_the_chosen_lung_mask(env):
+    ct = add_ct(env.scene)
+    first, _ = _lung_segmentation(env, ct, "first")
+    for sid, name in (("right", "Right lung"), ("left", "Left lung"), ("airway", "Airway")):
+        first.GetSegmentation().GetSegment(sid).SetName(name)
+    second = env.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "second")
+    for sid, name in (("Segment_1", "lungs"), ("Segment_2", "heart")):
+        assert second.GetSegmentation().AddEmptySegment(sid, name) == sid
+    label_map = add_volume(env.scene, lungs_at(lps_points(CT_GEOMETRY, CT_SHAPE)), CT_GEOMETRY, "lungs",
+                           "vtkMRMLLabelMapVolumeNode")
+    # nothing to choose without a mask or with a label map
+    assert mrml.lung_segment_ids_for(None, ["right"]) is None
+    assert mrml.lung_segment_ids_for(label_map, ["right"]) is None
+    # a newly chosen segmentation: its lung-named segments
+    assert mrml.lung_segment_ids_for(first, []) == ["right", "left"]
+    # a choice that fits (e.g. saved with the scene) is kept
+    assert mrml.lung_segment_ids_for(first, ["right", "left", "airway"]) == ["right", "left", "airway"]
+    # moving to another segmentation with other segment IDs: its own lung segments
+    assert mrml.lung_segment_ids_for(second, ["right", "left"]) == ["Segment_1"]
+    assert mrml.lung_segment_ids_for(first, ["Segment_1"]) == ["right", "left"]
+    # no segment named lung: all of them
+    for sid in ("Segment_1", "Segment_2"):
+        second.GetSegmentation().GetSegment(sid).SetName("part " + sid)
+    assert mrml.default_lung_segment_ids(second) == ["Segment_1", "Segment_2"]
+
+
+def test_output_of_one_ct_does_not_fit_another(env, model):
+    scene = env.scene
+    ct = add_ct(scene, name="first CT")
+    other = add_ct(scene, name="second CT")
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    assert not mrml.has_segments(None) and not mrml.has_segments(empty)
+    assert mrml.output_fits_input(empty, ct) and mrml.output_fits_input(empty, other)
+    assert mrml.output_fits_input(None, ct)
+    result = mrml.process(scene, ct, None, None, model=model, device="cpu")
+    seg = result.segmentation_node
+    assert mrml.has_segments(seg)
+    assert mrml.results_input_volume(seg).GetID() == ct.GetID()
+    assert mrml.output_fits_input(seg, ct)
+    assert not mrml.output_fits_input(seg, other)
