@@ -14,7 +14,6 @@ Not for clinical use.
 import importlib.util
 import logging
 import os
-import pathlib
 import sys
 import time
 import traceback
@@ -69,6 +68,28 @@ DEVICE_CHOICES = ["Auto", "GPU", "CPU"]
 #: the panel responsive (progress and Cancel are handled between batches).
 GPU_BATCH_MEMORY_MB = 1024
 CPU_BATCH_MEMORY_MB = 128
+
+
+def torchImportProblem() -> Optional[str]:
+    """Import torch (the first call loads it: only when the user runs, never when the
+    panel opens). None when it works, else a message for the user. An installed but
+    broken torch is found by importlib yet fails to import: ImportError, or OSError
+    when a DLL does not load (Windows), or anything else its initialization raises."""
+    try:
+        import torch  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure here is a broken install
+        error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return _("PyTorch is installed but cannot be loaded ({error}). Reinstall it: open the PyTorch Utils "
+                 "module, uninstall PyTorch, restart Slicer, then install it again.").format(error=error)
+    return None
+
+
+def _errorHtml(text: str) -> str:
+    return "<span style='color:red'>" + text.replace("&", "&amp;").replace("<", "&lt;") + "</span>"
+
+
+#: "Not seen yet" for the widget's memory of parameter node values (None is a value).
+_NOT_SEEN = object()
 
 
 def _resourcePath(relativePath: str) -> str:
@@ -136,8 +157,10 @@ class ILDSegmentationParameterNode:
 
     inputVolume: the chest CT. lungMask: a label map or a segmentation; None means
     "compute automatically". lungSegmentIDs: the lung segments when lungMask is a
-    segmentation. useBundledModel / modelPath: the model. device: Auto, GPU or CPU.
-    outputSegmentation: None creates a new segmentation. probabilities: also create
+    segmentation (derived from lungMask when it changes). useBundledModel /
+    modelPath: the model ("" or "." means none chosen). device: Auto, GPU or CPU.
+    outputSegmentation: None creates a new segmentation; it is reset to None when the
+    input CT changes and it holds another CT's results. probabilities: also create
     per-class probability maps. atModelPixelSpacing: run the network at a pixel size
     within the model's training range (a CT outside it is resampled in-plane and the
     labels brought back); off runs at the CT's own pixel size, as the paper did.
@@ -147,7 +170,9 @@ class ILDSegmentationParameterNode:
     lungMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
     lungSegmentIDs: list[str]
     useBundledModel: bool = True
-    modelPath: pathlib.Path
+    # A str, wired by hand to the path box: a pathlib.Path parameter cannot be empty
+    # (Path("") is ".", which the box would show and the scene save).
+    modelPath: str = ""
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "Auto"
     outputSegmentation: vtkMRMLSegmentationNode
     probabilities: bool = False
@@ -170,6 +195,9 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = False
         self._startTime = 0.0
         self._lastResult = None
+        # What the parameter node held when last seen, to act when the user changes it.
+        self._seenLungMask = _NOT_SEEN
+        self._seenInputVolume = _NOT_SEEN
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -186,10 +214,13 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.lungMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onLungMaskChanged)
+        # No slot on lungMaskSelector: connectGui writes the chosen mask into the
+        # parameter node, and _onParameterNodeModified derives the lung segments from
+        # it. (A slot here that wrote the parameter node ran before connectGui's own
+        # slot, so the wrapper set the selector back to the old mask.)
         self.ui.lungSegmentSelector.connect("segmentSelectionChanged(QStringList)", self.onLungSegmentsChanged)
         self.ui.useBundledModelCheckBox.connect("toggled(bool)", self.updateModelInfo)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
         self.ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
 
@@ -230,16 +261,36 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
+        # A node just set (a loaded scene, a new one) keeps its choices: only later
+        # changes of the CT reset the output. Its lung segments are still checked.
+        self._seenLungMask = _NOT_SEEN
+        self._seenInputVolume = inputParameterNode.inputVolume if inputParameterNode else _NOT_SEEN
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._onParameterNodeModified()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
-        """Things connectGui does not cover: the lung segment list, enabled states."""
+        """Things connectGui does not cover: what follows from a newly chosen lung mask
+        or CT, the lung segment list, the model path box, enabled states."""
         p = self._parameterNode
         if p is None:
             return
+        from ILDSegmentationLib import mrml
+
+        # Writing the parameter node here runs this again (nested), with the node
+        # already holding the new choice, so the widgets show it.
+        if p.lungMask is not self._seenLungMask:
+            self._seenLungMask = p.lungMask
+            ids = mrml.lung_segment_ids_for(p.lungMask, list(p.lungSegmentIDs))
+            if ids is not None and ids != list(p.lungSegmentIDs):
+                p.lungSegmentIDs = ids
+                return
+        if p.inputVolume is not self._seenInputVolume:
+            self._seenInputVolume = p.inputVolume
+            if not mrml.output_fits_input(p.outputSegmentation, p.inputVolume):
+                p.outputSegmentation = None  # the other CT's results stay as they are
+                return
         maskIsSegmentation = p.lungMask is not None and p.lungMask.IsA("vtkMRMLSegmentationNode")
         self.ui.lungSegmentsLabel.setVisible(maskIsSegmentation)
         self.ui.lungSegmentSelector.setVisible(maskIsSegmentation)
@@ -250,11 +301,23 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if list(self.ui.lungSegmentSelector.selectedSegmentIDs()) != list(p.lungSegmentIDs):
                 self.ui.lungSegmentSelector.setSelectedSegmentIDs(list(p.lungSegmentIDs))
             self.ui.lungSegmentSelector.blockSignals(wasBlocked)
+        shownPath = "" if p.modelPath.strip() in ("", ".") else p.modelPath
+        if self.ui.modelPathLineEdit.currentPath != shownPath:
+            wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
+            self.ui.modelPathLineEdit.currentPath = shownPath
+            self.ui.modelPathLineEdit.blockSignals(wasBlocked)
+            self.updateModelInfo()
         self.ui.modelPathLineEdit.enabled = not p.useBundledModel and not self._running
         self._updateApplyButton()
 
     def _updateApplyButton(self) -> None:
+        """The Apply/Cancel button, and the edit button: enabled only when the output
+        segmentation holds segments (not after a cancelled or failed first run)."""
+        from ILDSegmentationLib import mrml
+
         p = self._parameterNode
+        self.ui.editSegmentationButton.enabled = (
+            not self._running and p is not None and mrml.has_segments(p.outputSegmentation))
         if self._running:
             self.ui.applyButton.text = _("Cancelling...") if self._cancelRequested else _("Cancel")
             self.ui.applyButton.toolTip = _("Stop; the scene is left as it was")
@@ -268,17 +331,10 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.toolTip = _("Segment the ILD patterns of the input CT")
             self.ui.applyButton.enabled = True
 
-    def onLungMaskChanged(self, node) -> None:
-        """A newly chosen lung segmentation: preselect its lung segments, unless the
-        saved choice (e.g. from a loaded scene) still fits this segmentation."""
-        if self._parameterNode is None or node is None or not node.IsA("vtkMRMLSegmentationNode"):
-            return
-        from ILDSegmentationLib.mrml import segment_ids_of
-
-        current = list(self._parameterNode.lungSegmentIDs)
-        available = segment_ids_of(node)
-        if not current or any(segmentID not in available for segmentID in current):
-            self._parameterNode.lungSegmentIDs = self.logic.defaultLungSegmentIDs(node)
+    def onModelPathChanged(self, path) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.modelPath = str(path or "")
+        self.updateModelInfo()
 
     def onLungSegmentsChanged(self, segmentIDs) -> None:
         if self._parameterNode is not None:
@@ -288,13 +344,21 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Read the widgets, not the parameter node: this slot may run before
         # connectGui's own slot has copied the new value into the parameter node.
         useBundled = self.ui.useBundledModelCheckBox.checked
-        modelPath = self.logic.resolveModelPath(useBundled, self.ui.modelPathLineEdit.currentPath)
-        self.ui.modelInfoLabel.text = self.logic.describeModel(modelPath)
         self.ui.modelPathLineEdit.enabled = not useBundled and not self._running
+        try:  # runs in setup(): whatever fails, the panel still opens, with the reason
+            modelPath = self.logic.resolveModelPath(useBundled, self.ui.modelPathLineEdit.currentPath)
+            self.ui.modelInfoLabel.text = self.logic.describeModel(modelPath)
+        except Exception as e:
+            logging.error(traceback.format_exc())
+            self.ui.modelInfoLabel.text = _errorHtml(_("Cannot show the model's details: {error}").format(error=e))
 
     def updateDeviceInfo(self, *args) -> None:
         choice = self.ui.deviceComboBox.currentText or "Auto"
-        self.ui.deviceInfoLabel.text = self.logic.describeDevice(choice)
+        try:  # runs in setup(): whatever fails, the panel still opens, with the reason
+            self.ui.deviceInfoLabel.text = self.logic.describeDevice(choice)
+        except Exception as e:
+            logging.error(traceback.format_exc())
+            self.ui.deviceInfoLabel.text = _errorHtml(_("Cannot check the device: {error}").format(error=e))
 
     def _ensureDependencies(self) -> bool:
         """First use: offer to install what is missing, after asking. Never at import."""
@@ -349,7 +413,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setRunning(self, running: bool) -> None:
         self._running = running
         for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton,
-                       self.ui.outputsCollapsibleButton, self.ui.editSegmentationButton):
+                       self.ui.outputsCollapsibleButton):
             widget.enabled = not running
         self.ui.progressBar.setVisible(running)
         if running:
@@ -377,6 +441,13 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self._ensureDependencies():
             return
+        problem = torchImportProblem()  # torch is loaded here, on the first run
+        if problem:
+            self.ui.deviceInfoLabel.text = _errorHtml(problem)
+            self.ui.statusLabel.text = problem
+            slicer.util.errorDisplay(problem, windowTitle=_("PyTorch cannot be loaded"))
+            return
+        self.updateDeviceInfo()  # now that torch is loaded: the device it will use
         self._run(self._parameterNode.device)
 
     def _run(self, device: str) -> None:
@@ -429,7 +500,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.setSliceViewerLayers(background=p.inputVolume)
         self.ui.resultsTableView.setMRMLTableNode(result.table_node)
         self.ui.resultsCollapsibleButton.collapsed = False
-        self.ui.editSegmentationButton.enabled = True
+        self._updateApplyButton()
         note = "" if result.model_trained else _(" WARNING: untrained model, the labels are meaningless.")
         if result.resampled:
             note = _(" Run at {row:.2f} x {column:.2f} mm pixels, the model's training range.").format(
@@ -470,7 +541,13 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
     # -- dependencies ----------------------------------------------------------------
     @staticmethod
     def torchAvailable() -> bool:
+        """Installed (found by importlib; it may still fail to load: torchImportProblem)."""
         return importlib.util.find_spec("torch") is not None
+
+    @staticmethod
+    def torchLoaded() -> bool:
+        """Already imported in this session (by a run, or by another module)."""
+        return "torch" in sys.modules
 
     @staticmethod
     def missingPipPackages() -> List[str]:
@@ -488,19 +565,18 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         return text
 
     def describeModel(self, modelPath: Optional[str]) -> str:
-        """Name, classes and provenance of a model file, as HTML for the panel."""
-        if not self.torchAvailable():
-            return _("Model details appear once PyTorch is installed (click Segment ILD).")
+        """Name, classes and provenance of a model file, as HTML for the panel. Reads
+        the file's metadata only: needs no torch (none is imported)."""
         try:
             from ILDSegmentationLib.modelfile import default_model_path, read_info
             from ILDSegmentationLib.errors import ILDSegError
-        except ImportError as e:
-            return _("Cannot read models yet: {error}").format(error=e)
+        except Exception as e:  # e.g. numpy broken or missing
+            return _errorHtml(_("Cannot read models: {error}").format(error=e))
         path = modelPath or str(default_model_path())
         try:
             info = read_info(path)
         except ILDSegError as e:
-            return f"<span style='color:red'>{e}</span>"
+            return _errorHtml(str(e))
         classes = ", ".join(str(c.get("name")) for c in info.classes)
         provenance = info.provenance or {}
         lines = [f"<b>{info.name}</b> ({'trained' if info.trained else 'UNTRAINED: labels are meaningless'})",
@@ -540,15 +616,24 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         return "auto"
 
     def describeDevice(self, choice: str) -> str:
-        if not self.torchAvailable():
-            return _("PyTorch is not installed yet: it will be offered when you click Segment ILD.")
-        from ILDSegmentationLib.device import describe_device, select_device, why_no_gpu
-        from ILDSegmentationLib.errors import DeviceError
+        """The device a run would use, as HTML. Imports nothing heavy: until torch is
+        loaded (by the first run) it says so, so that opening the panel does not load
+        torch (on Windows, PyTorch Utils cannot replace a torch whose DLLs are loaded)."""
+        if not self.torchLoaded():
+            if not self.torchAvailable():
+                return _("PyTorch is not installed yet: it will be offered when you click Segment ILD.")
+            return _("Device: {choice}. PyTorch is loaded, and the device checked, when you click "
+                     "Segment ILD.").format(choice=choice)
         try:
             import torch
+            from ILDSegmentationLib.device import describe_device, select_device, why_no_gpu
+            from ILDSegmentationLib.errors import DeviceError
+        except Exception as e:  # a broken torch
+            return _errorHtml(_("PyTorch cannot be loaded: {error}").format(error=e))
+        try:
             device = select_device(self.torchDevice(choice))
         except DeviceError as e:
-            return f"<span style='color:red'>{e}</span>"
+            return _errorHtml(str(e))
         text = _("Runs on: {device}").format(device=describe_device(device))
         if device.type == "cpu":
             if torch.cuda.is_available():
@@ -563,12 +648,9 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def defaultLungSegmentIDs(segmentationNode) -> List[str]:
         """Segments whose name mentions the lung, else all segments."""
-        from ILDSegmentationLib.mrml import segment_ids_of
+        from ILDSegmentationLib.mrml import default_lung_segment_ids
 
-        ids = segment_ids_of(segmentationNode)
-        segmentation = segmentationNode.GetSegmentation()
-        lungs = [i for i in ids if "lung" in segmentation.GetSegment(i).GetName().lower()]
-        return lungs or ids
+        return default_lung_segment_ids(segmentationNode)
 
     # -- the job ---------------------------------------------------------------------
     def process(self, inputVolume, lungMaskNode=None, outputSegmentationNode=None, lungSegmentIDs=None,

@@ -156,6 +156,76 @@ def _parameter_fields(tree: ast.Module) -> Dict[str, str]:
     return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
+def _parameter_defaults(tree: ast.Module) -> Dict[str, object]:
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ILDSegmentationParameterNode")
+    return {n.target.id: n.value.value for n in cls.body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.value, ast.Constant)}
+
+
+def test_model_path_is_an_empty_string_not_a_path(ui, tree, source):
+    """Issue 14 defect 2: a pathlib.Path parameter defaults to Path(), i.e. ".", which
+    connectGui's path box showed and the scene saved; a str is empty by default and
+    the box is wired by hand, showing "" for an old scene's "."."""
+    fields, defaults = _parameter_fields(tree), _parameter_defaults(tree)
+    assert fields["modelPath"] == "str" and defaults["modelPath"] == ""
+    widget = next(w for w in ui.iter("widget") if w.get("name") == "modelPathLineEdit")
+    assert widget.get("class") == "ctkPathLineEdit"
+    assert not [p for p in widget.findall("property") if p.get("name") == "SlicerParameterName"]
+    assert 'modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)' in source
+    assert 'shownPath = "" if p.modelPath.strip() in ("", ".") else p.modelPath' in source
+
+
+def _class_methods(tree: ast.Module, class_name: str) -> Dict[str, ast.FunctionDef]:
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    return {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_no_slot_on_a_bound_widget_writes_the_parameter_node(ui, tree):
+    """Issue 14 defect 1: Qt calls slots in connection order, so a slot of the module
+    connected to a widget that connectGui binds runs before the wrapper's own slot;
+    when it writes the parameter node, the wrapper rewrites every bound widget from
+    the node, which still holds the old value, and the user's choice snaps back.
+    What follows from a bound value is derived in _onParameterNodeModified instead."""
+    bound = {w.get("name") for w in ui.iter("widget")
+             for p in w.findall("property") if p.get("name") == "SlicerParameterName"}
+    methods = _class_methods(tree, "ILDSegmentationWidget")
+
+    def writes_parameter_node(function: ast.FunctionDef) -> bool:
+        for node in ast.walk(function):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            if any(ast.unparse(t).startswith(("self._parameterNode.", "p.")) for t in targets):
+                return True
+        return False
+
+    offending = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect":
+            owner = ast.unparse(node.func.value)
+            if owner.startswith("self.ui.") and owner[len("self.ui."):] in bound and len(node.args) == 2:
+                slot = ast.unparse(node.args[1])
+                name = slot[len("self."):] if slot.startswith("self.") else slot
+                if name in methods and writes_parameter_node(methods[name]):
+                    offending.append(f"{owner} -> {slot}")
+    assert not offending, offending
+    # the lung segments follow the parameter node's lungMask, the output its CT
+    handler = ast.unparse(methods["_onParameterNodeModified"])
+    assert "lung_segment_ids_for(p.lungMask" in handler and "output_fits_input(p.outputSegmentation" in handler
+
+
+def test_edit_button_is_enabled_only_with_segments_to_edit(tree):
+    """Issue 14 defect 3: enabled from one place, from the output segmentation, not
+    switched on when any run ends (cancelled or failed included)."""
+    setters = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(ast.unparse(t) == "self.ui.editSegmentationButton.enabled"
+                                                for t in node.targets):
+            setters.append(ast.unparse(node.value))
+    assert setters == ["not self._running and p is not None and mrml.has_segments(p.outputSegmentation)"]
+    set_running = ast.unparse(_class_methods(tree, "ILDSegmentationWidget")["_setRunning"])
+    assert "editSegmentationButton" not in set_running
+
+
 def test_parameter_node_is_bound_to_the_ui(ui, tree):
     fields = _parameter_fields(tree)
     bound = {}
@@ -166,10 +236,10 @@ def test_parameter_node_is_bound_to_the_ui(ui, tree):
     # every bound name is a parameter; every parameter but the segment list (wired
     # by hand to the segment selector) has a widget of a type connectGui supports
     assert set(bound) <= set(fields)
-    assert set(fields) - set(bound) == {"lungSegmentIDs"}
-    supported = {"qMRMLNodeComboBox", "QCheckBox", "QComboBox", "ctkPathLineEdit"}
+    # wired by hand: the segment list (to the segment selector) and the model path
+    assert set(fields) - set(bound) == {"lungSegmentIDs", "modelPath"}
+    supported = {"qMRMLNodeComboBox", "QCheckBox", "QComboBox"}
     assert set(bound.values()) <= supported
-    assert "pathlib.Path" in fields["modelPath"] and bound["modelPath"] == "ctkPathLineEdit"
     assert "Choice" in fields["device"] and bound["device"] == "QComboBox"
     for expected in ("inputVolume", "lungMask", "lungSegmentIDs", "useBundledModel", "modelPath", "device",
                      "outputSegmentation", "probabilities", "atModelPixelSpacing"):
@@ -424,3 +494,99 @@ def test_license_file_is_the_licence_pyproject_names():
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
     assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX" in text
+
+
+# ----------------------------------------------------------------------------------
+# torch: loaded when the user runs, never when the panel opens; a broken install
+# gives a message (issue 14 defects 5 and 6). The module's own functions are run
+# here, extracted from its source (Slicer is not available), in a fresh process.
+# ----------------------------------------------------------------------------------
+_EXTRACT = """
+import ast, importlib, importlib.util, logging, os, sys
+from typing import List, Optional
+src = open(sys.argv[1], encoding="utf-8").read()
+tree = ast.parse(src)
+wanted = {"torchImportProblem", "_errorHtml", "describeModel", "describeDevice", "torchAvailable", "torchLoaded",
+          "torchDevice"}
+functions = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ILDSegmentationLogic")
+functions += [n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+for f in functions:
+    f.decorator_list = []
+ns = {"_": lambda text: text, "importlib": importlib, "logging": logging, "os": os, "sys": sys,
+      "Optional": Optional, "List": List}
+exec(compile(ast.Module(functions, []), sys.argv[1], "exec"), ns)
+class Logic:
+    pass
+for name in ("describeModel", "describeDevice"):
+    setattr(Logic, name, ns[name])
+for name in ("torchAvailable", "torchLoaded", "torchDevice"):
+    setattr(Logic, name, staticmethod(ns[name]))
+logic = Logic()
+"""
+
+
+def _run_extracted(code: str, tmp_path: Path) -> str:
+    import sys
+    script = tmp_path / "probe.py"
+    script.write_text(_EXTRACT + code, encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script), str(MODULE_PY)], capture_output=True, text=True,
+                         timeout=300, cwd=str(REPO))
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def test_opening_the_panel_imports_no_torch(tmp_path):
+    out = _run_extracted("""
+from ILDSegmentationLib.modelfile import default_model_path, read_info
+model = logic.describeModel(None)
+device = logic.describeDevice("GPU")
+broken = logic.describeModel(os.path.join(os.getcwd(), "ILDSegmentation.json"))
+print("torch" in sys.modules)
+print(read_info(default_model_path()).name in model, "Trained on" in model)
+print(device)
+print(broken)
+""", tmp_path)
+    lines = out.splitlines()
+    assert lines[0] == "False", "opening the panel imported torch"
+    assert lines[1] == "True True", "the model's name and provenance are shown before torch is loaded"
+    assert "when you click Segment ILD" in lines[2] and "GPU" in lines[2]
+    assert "color:red" in lines[3]
+
+
+@pytest.mark.parametrize("error", ["OSError('[WinError 126] The specified module could not be found: c10.dll')",
+                                   "ImportError('libtorch_cpu.so: cannot open shared object file')",
+                                   "RuntimeError('partially initialized')"])
+def test_broken_torch_gives_a_message_not_an_empty_panel(tmp_path, error):
+    out = _run_extracted(f"""
+import importlib.machinery
+class Broken:  # found by importlib, as a broken install is, but failing to load
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise {error}
+sys.meta_path.insert(0, Broken())
+print(ns["torchImportProblem"]())
+print(logic.describeModel(None)[:20])
+print(logic.describeDevice("Auto"))
+print("torch" in sys.modules)
+""", tmp_path)
+    problem, model, device, loaded = out.splitlines()
+    assert problem.startswith("PyTorch is installed but cannot be loaded (") and "PyTorch Utils" in problem
+    assert model.startswith("<b>")  # the model's details still show
+    assert "when you click Segment ILD" in device  # opening the panel does not try to import it
+    assert loaded == "False"
+
+
+def test_working_torch_imports_without_a_problem(tmp_path):
+    out = _run_extracted("""
+print(ns["torchImportProblem"]())
+print(logic.describeDevice("CPU"))
+""", tmp_path)
+    problem, device = out.splitlines()[:2]
+    assert problem == "None"
+    assert device.startswith("Runs on:")
