@@ -39,7 +39,9 @@ from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSe
 # Finding ILDSegmentationLib. Installed, the package sits next to this script (the
 # extension's CMakeLists installs it there), and Slicer puts this folder on
 # sys.path. In a source checkout the package is at the repository root, one level
-# up; only the module's own folder is on sys.path then, so add the root.
+# up; only the package itself is registered then (the root is not put on sys.path,
+# which would make the checkout's Testing, scripts, docs and bench importable in
+# Slicer).
 # ---------------------------------------------------------------------------------
 def _libraryFolder() -> Optional[str]:
     moduleFolder = os.path.dirname(os.path.abspath(__file__))
@@ -49,9 +51,27 @@ def _libraryFolder() -> Optional[str]:
     return None
 
 
+def _registerLibrary(folder: str) -> None:
+    """Make the package in ``folder`` importable as ILDSegmentationLib (its
+    submodules included) without adding ``folder`` to sys.path. Loads only the
+    package's light __init__ (a version string)."""
+    if "ILDSegmentationLib" in sys.modules:
+        return
+    packageFolder = os.path.join(folder, "ILDSegmentationLib")
+    spec = importlib.util.spec_from_file_location(
+        "ILDSegmentationLib", os.path.join(packageFolder, "__init__.py"), submodule_search_locations=[packageFolder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ILDSegmentationLib"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["ILDSegmentationLib"]
+        raise
+
+
 _LIBRARY_FOLDER = _libraryFolder()
 if _LIBRARY_FOLDER is not None and _LIBRARY_FOLDER not in sys.path:
-    sys.path.insert(0, _LIBRARY_FOLDER)
+    _registerLibrary(_LIBRARY_FOLDER)
 
 #: Resources, relative to this script's folder (the same in both layouts).
 UI_FILE = os.path.join("Resources", "UI", "ILDSegmentation.ui")

@@ -590,3 +590,30 @@ print(logic.describeDevice("CPU"))
     problem, device = out.splitlines()[:2]
     assert problem == "None"
     assert device.startswith("Runs on:")
+
+
+def test_source_checkout_registers_only_the_package(tmp_path):
+    """Issue 14 defect 8: in a source checkout the module made the library importable
+    by putting the repository root first on sys.path, which made Testing, scripts,
+    docs and bench importable inside Slicer; only the package is registered now.
+    Run in an isolated interpreter (no site packages, so no editable install)."""
+    import sys
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""
+import ast, importlib.util, os, sys
+from typing import Optional
+module_py = {str(MODULE_PY)!r}
+tree = ast.parse(open(module_py, encoding="utf-8").read())
+functions = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("_libraryFolder", "_registerLibrary")]
+ns = {{"__file__": module_py, "os": os, "sys": sys, "importlib": importlib, "Optional": Optional}}
+exec(compile(ast.Module(functions, []), module_py, "exec"), ns)
+folder = ns["_libraryFolder"]()
+ns["_registerLibrary"](folder)
+import ILDSegmentationLib.classes
+print(os.path.dirname(os.path.dirname(ILDSegmentationLib.classes.__file__)) == folder)
+print(folder in sys.path, importlib.util.find_spec("Testing") is None, importlib.util.find_spec("scripts") is None)
+""", encoding="utf-8")
+    run = subprocess.run([sys.executable, "-I", "-S", str(probe)], capture_output=True, text=True, timeout=120,
+                         cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "False", "True", "True"]
