@@ -91,4 +91,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from ILDSegmentationLib.cli import set_process_defaults
+    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
     main()

@@ -573,4 +573,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    from ILDSegmentationLib.cli import set_process_defaults
+    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
     sys.exit(main())

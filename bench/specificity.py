@@ -13,4 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ILDSegmentationLib.specificity import main  # noqa: E402
 
 if __name__ == "__main__":
+    from ILDSegmentationLib.cli import set_process_defaults
+    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
     sys.exit(main())
