@@ -24,8 +24,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomicfile import atomic_path
+from .paths import check_input
 from .errors import InputError, LungMaskError
 from .geometry import Geometry, as_volume, same_grid
+from .plausibility import MODALITY_TAG
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
@@ -42,6 +44,7 @@ class Volume:
     geometry: Geometry
     image: sitk.Image  # the source image, for writing outputs on the same grid
     description: str = ""
+    modality: Optional[str] = None  # DICOM Modality (0008,0060); None for formats without one
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -131,6 +134,9 @@ def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str]:
             image = reader.Execute()
     except RuntimeError as e:
         raise InputError(f"cannot read the DICOM series in {folder}: {_itk_reason(e)}") from None
+    if reader.HasMetaDataKey(0, MODALITY_TAG):
+        # The series image carries no tags of its own: keep the Modality for the HU check.
+        image.SetMetaData(MODALITY_TAG, reader.GetMetaData(0, MODALITY_TAG).strip())
     uneven = _check_slice_spacing(files_per_series[chosen], image)
     if uneven:
         log.warning(uneven)
@@ -170,9 +176,8 @@ def _check_slice_spacing(files: List[str], image: sitk.Image) -> str:
 
 def read_image(path: PathLike) -> Tuple[sitk.Image, str]:
     """Read a file or DICOM series folder; InputError with the reason on failure."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"file not found: {p}")
+    # A symlink loop, a FIFO (open would block), /dev/zero, no permission: one line, before opening.
+    p = check_input(path, "image", folder=True)
     if p.is_dir():
         return _read_dicom_folder(p)
     if p.name.lower().endswith((".nii", ".nii.gz")):
@@ -243,7 +248,19 @@ def read_ct(path: PathLike) -> Volume:
     array = _array_view(image)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise InputError(f"CT {Path(path).name} contains NaN or infinite values")
-    return Volume(array, Geometry.from_sitk(image), image, note)
+    modality = image.GetMetaData(MODALITY_TAG).strip() if image.HasMetaDataKey(MODALITY_TAG) else None
+    return Volume(array, Geometry.from_sitk(image), image, note, modality or None)
+
+
+def check_ct_plausible(ct: Volume, path: PathLike) -> dict:
+    """:func:`~ILDSegmentationLib.plausibility.check_ct_in_hu` on a CT as read: refuses
+    (InputError) what cannot be a CT in HU, logs a warning for what is doubtful, and
+    returns what was checked (for the report)."""
+    from .plausibility import check_ct_in_hu
+    record = check_ct_in_hu(ct.array, Path(path).name, ct.modality)
+    for warning in record["warnings"]:
+        log.warning(warning)
+    return record
 
 
 class _ImageBuffer:

@@ -21,7 +21,7 @@ from . import __version__
 from .atomicfile import atomic_path, check_writable
 from .errors import InputError
 from .inference import CancelCheck, Inferer, ProgressCallback, SegmentationResult
-from .io import output_kind, probability_output_kind, read_ct, read_lung_mask, write_label_map, write_probabilities
+from .io import check_ct_plausible, output_kind, probability_output_kind, read_ct, read_lung_mask, write_label_map, write_probabilities
 from .modelfile import ModelInfo, load_model
 from .report import class_volumes
 
@@ -83,6 +83,7 @@ def segment_file(
 
     t = time.perf_counter()
     ct = read_ct(ct_path)
+    hu_check = check_ct_plausible(ct, ct_path)  # refuses a label map, an MR series, raw values...
     timings["read"] = time.perf_counter() - t
     if progress:
         progress(0.02, "CT read")
@@ -110,7 +111,7 @@ def segment_file(
     summary: Dict[str, Any] = {
         "ildseg_version": __version__,
         "input": {"ct": str(ct_path), "size_ijk": list(ct.image.GetSize()), "spacing_mm": list(ct.image.GetSpacing()),
-                  "note": ct.description},
+                  "note": ct.description, "hu_check": hu_check},
         "lung_mask": "computed automatically (ildseg lungmask)" if auto else str(lung_mask),
         **volumes,
         "model": {"file": str(loaded.path), "sha256": loaded.sha256, "name": info.name, "trained": info.trained,

@@ -66,11 +66,13 @@ def read_case(case: Case):
     (K, J, I); every error names the case and its manifest line."""
     # File reading (SimpleITK) is imported here: training on crops already in memory
     # (a GPU machine fed prepared crops) needs none of it.
-    from ..io import read_ct, read_lung_mask
+    from ..io import check_ct_plausible, read_ct, read_lung_mask
     from .annotations import read_annotation
     where = case.where()
     try:
         ct = read_ct(case.ct)
+        # A label map or raw values given as the CT would train (or score) on nonsense.
+        check_ct_plausible(ct, case.ct)
         if case.lung_mask is None:
             from ..lungmask import compute_lung_mask
             mask = compute_lung_mask(ct.array, ct.geometry)
