@@ -3,12 +3,15 @@ that looks complete."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
 from .errors import InputError
+from .paths import check_output_target, reason
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -47,15 +50,32 @@ def check_writable(path: PathLike) -> Path:
 def _check_target(path: PathLike) -> Path:
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
-        if folder.exists():  # e.g. "notes.txt/out.nrrd"
-            raise InputError(f"output folder is a file, not a folder: {folder}")
-        raise InputError(f"output folder does not exist: {folder}")
+    try:
+        folder_stat = os.stat(folder)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise InputError(f"output folder does not exist: {folder}") from None
+        if e.errno == errno.ENOTDIR:  # e.g. "notes.txt/sub/out.nrrd"
+            raise InputError(f"output folder {folder}: a part of the path is a file, not a folder") from None
+        raise InputError(f"output folder {folder}: {reason(e)}") from None
+    if not stat.S_ISDIR(folder_stat.st_mode):  # e.g. "notes.txt/out.nrrd"
+        raise InputError(f"output folder is a file, not a folder: {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"output folder is not writable: {folder}")
-    if p.is_dir():
-        raise InputError(f"output path is a folder, not a file: {p}")
+    name_max = _name_max(folder)
+    # The temporary name adds a dot before and ~20 characters after: say so plainly.
+    if len(os.fsencode(p.name)) + 24 > name_max:
+        raise InputError(f"output name is too long: {p.name[:40]}... ({len(os.fsencode(p.name))} bytes; "
+                         f"this file system allows {name_max}, and ildseg needs about 24 more for a temporary name)")
+    check_output_target(p)
     return p
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 @contextlib.contextmanager

@@ -262,6 +262,31 @@ def set_process_defaults() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+#: Input path options of the commands: attribute -> (what it is, may be a DICOM folder).
+_INPUT_PATHS = {"ct": ("CT", True), "lung_mask": ("lung mask", True), "model": ("model file", False),
+                "init": ("model file", False), "manifest": ("manifest", False), "split": ("folds file", False)}
+#: Output path options (files or folders): a path the system cannot even look up is refused up front.
+_OUTPUT_PATHS = ("output", "out", "report", "probabilities", "overlay", "confusion", "json")
+
+
+def _check_input_paths(args: argparse.Namespace) -> None:
+    """Before any work: every input path given on the command line is something that
+    can be read (no symlink loop, FIFO, device, folder for a file, missing permission),
+    said in one line that names it."""
+    from .paths import check_input, check_output_path
+    for attr, (what, folder_ok) in _INPUT_PATHS.items():
+        value = getattr(args, attr, None)
+        if attr == "split" and args.command == "split":
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v and v != "auto":
+                check_input(v, what, folder=folder_ok)
+    for attr in _OUTPUT_PATHS:
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and value:
+            check_output_path(value)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     set_process_defaults()
     # SIGTERM is handled from the start (argument parsing imports the training package)
@@ -276,11 +301,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         logging.basicConfig(format="ildseg: %(levelname)s: %(message)s",
                             level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
         command: Callable[[argparse.Namespace], int] = _commands()[args.command]
+        _check_input_paths(args)
         return command(args)
     except ILDSegError as e:
         if args is not None and args.debug:
             raise
         print(f"ildseg: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # An operating-system error on a path that no check caught (a folder that
+        # vanished, a permission lost mid-run): the user's to fix, so exit 2.
+        if args is not None and args.debug:
+            raise
+        from .paths import os_error_message
+        print(f"ildseg: error: {_one_line(os_error_message(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"ildseg: interrupted{_interrupted_note(args)}", file=sys.stderr)

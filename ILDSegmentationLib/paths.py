@@ -115,3 +115,14 @@ def check_output_target(p: Path) -> None:
         raise InputError(f"output path is a folder, not a file: {p}")
     if not stat.S_ISREG(st.st_mode):
         raise InputError(f"output path {p}: is {_kind(st.st_mode)}, not a file: give a file name")
+
+
+def check_output_path(path: PathLike) -> None:
+    """An output (file or folder) whose path the system cannot look up at all: a
+    symlink loop, a name too long, no permission to search a folder on the way."""
+    p = Path(path)
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES):
+            raise InputError(f"output {p}: {reason(e)}") from None
