@@ -86,6 +86,7 @@ def test_training_stops_after_the_epoch_that_passes_the_time_limit(cases, tmp_pa
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
 def test_a_bad_time_limit_is_refused_in_one_line(value, tmp_path):
+    (tmp_path / "m.csv").write_text("case_id,ct,lung_mask,annotation\n")  # the option is checked before it is read
     r = subprocess.run([sys.executable, "-m", "ILDSegmentationLib", "train", "--manifest", str(tmp_path / "m.csv"),
                         "--out", str(tmp_path / "run"), "--time-limit", value], capture_output=True, text=True)
     assert r.returncode == 2
