@@ -284,7 +284,7 @@ SIMULATED_FILES = ("ct.nrrd", "lung_mask.nrrd", "annotation.nrrd", "truth.nrrd")
 def cmd_simulate(args) -> int:
     from .manifest import write_manifest
     from ..atomicfile import check_writable
-    from ..io import image_like, read_ct, read_lung_mask, write_image
+    from ..io import check_ct_plausible, image_like, read_ct, read_lung_mask, write_image
     from ..simulate import simulate_case
     if args.lung_mask and len(args.lung_mask) != len(args.ct):
         raise InputError("give one --lung-mask per --ct (or none)")
@@ -328,6 +328,7 @@ def cmd_simulate(args) -> int:
         for n, seed, case_id, folder in plan:
             if ct_index != n:
                 ct_index, ct = n, read_ct(args.ct[n])
+                check_ct_plausible(ct, args.ct[n])  # patterns inserted into a label map would train nonsense
                 mask = read_lung_mask(args.lung_mask[n], ct) if args.lung_mask else None
             sim = simulate_case(np.asarray(ct.array), ct.geometry, lung_mask=mask, seed=seed)
             if not folder.is_dir():

@@ -205,3 +205,17 @@ def test_warnings_are_logged(caplog):
     with caplog.at_level(logging.WARNING):
         record = check_ct_plausible(Volume(np.clip(hu, -160, 240), Geometry.from_sitk(image), image), "soft.nrrd")
     assert record["warnings"] and any("almost no air" in r.getMessage() for r in caplog.records)
+
+
+def test_simulate_refuses_a_label_map_as_its_ct_and_writes_nothing(tmp_path, capsys):
+    """Patterns inserted into something that is not a CT in HU would make training
+    cases of nonsense: `ildseg simulate` refuses it like `segment` does."""
+    array, words = BAD["label_map_0_1"]
+    ct = _write(tmp_path / "mask_as_ct.nrrd", array)
+    out = tmp_path / "cases"
+    rc = cli.main(["simulate", "--ct", str(ct), "--out", str(out)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("ildseg: error: "), lines
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not out.exists() or not any(out.iterdir())
