@@ -172,6 +172,9 @@ def train(bank: Path, out: Path, exclude: Sequence[str], time_limit: float, devi
     from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
     from ILDSegmentationLib.training.cropbank import load_crop_bank
     from ILDSegmentationLib.training.trainer import TrainConfig, Trainer
+    unknown = set(exclude) - {f.stem for f in Path(bank).glob("*.npz")}
+    if unknown:  # before any bank is read
+        raise SystemExit(f"no crop bank for the background(s) to exclude: {sorted(unknown)}")
     intensity = INTENSITY_PRESETS[INTENSITY]
     train_crops, val_crops, used = [], [], []
     for f in sorted(Path(bank).glob("*.npz")):
@@ -181,9 +184,6 @@ def train(bank: Path, out: Path, exclude: Sequence[str], time_limit: float, devi
         crops, groups = load_crop_bank(f, intensity)
         for c, g in zip(crops, groups):
             (val_crops if g == "val" else train_crops).append(c)
-    unknown = set(exclude) - {f.stem for f in Path(bank).glob("*.npz")}
-    if unknown:
-        raise SystemExit(f"no crop bank for the background(s) to exclude: {sorted(unknown)}")
     config = TrainConfig(preset="proposed", epochs=100_000, patience=50, lr=lr, batch_size=batch_size,
                          crops_per_epoch=crops_per_epoch, intensity=INTENSITY, intensity_augmentation="scanner",
                          seed=seed, device=device)
@@ -293,8 +293,7 @@ def install(work: Path, final: Path, loco: Sequence[Tuple[Path, str]]) -> Path:
     }
     path = save_model(default_model_path(), model.network, info)
     write_card_section(read_info(path).provenance)
-    for name in ("learning_curves.png",):
-        shutil.copy(Path(final) / name, REPO / "docs" / "img" / "default-model-learning-curves.png")
+    shutil.copy(Path(final) / "learning_curves.png", REPO / "docs" / "img" / "default-model-learning-curves.png")
     print("installed as", path, "- its model card's held-out section is rewritten", flush=True)
     return path
 

@@ -26,8 +26,8 @@ FORMAT = "ildseg-crop-bank-1"
 
 
 def save_crop_bank(path: Path, crops_hu: Sequence[Crop], groups: Sequence[str]) -> Path:
-    """Write crops whose ``image`` is in HU (``Intensity`` not applied: see
-    :func:`hu_crops`) with one group name each."""
+    """Write crops whose ``image`` is in HU (cut with :data:`AS_HU`, as :func:`hu_crops`
+    does), with one group name each."""
     if len(crops_hu) != len(groups):
         raise ValueError("one group per crop")
     shapes = np.array([c.image.shape for c in crops_hu], np.int32).reshape(-1, 2)
@@ -71,8 +71,8 @@ def load_crop_bank(path: Path, intensity: Intensity) -> Tuple[List[Crop], List[s
 
 
 #: The identity on int16 HU: crops are saved in HU and the bank applies the model's
-#: intensity handling when it is loaded.
-_AS_HU = Intensity(name="as-is", clip_min=-32768.0, clip_max=32767.0)
+#: intensity handling when it is loaded. Cut crops with it to save them.
+AS_HU = Intensity(name="as-is", clip_min=-32768.0, clip_max=32767.0)
 
 
 def hu_crops(case, max_slices: int = 0, seed: int = 0) -> List[Crop]:
@@ -80,7 +80,7 @@ def hu_crops(case, max_slices: int = 0, seed: int = 0) -> List[Crop]:
     keeps that many annotated slices, evenly spread (a thin-slice scan annotated on
     every slice would otherwise outweigh the rest), chosen reproducibly."""
     from .dataset import load_case_crops
-    crops = load_case_crops(case, _AS_HU)
+    crops = load_case_crops(case, AS_HU)
     slices = sorted({c.slice_index for c in crops})
     if max_slices and len(slices) > max_slices:
         keep = {slices[int(i)] for i in np.linspace(0, len(slices) - 1, max_slices).round()}

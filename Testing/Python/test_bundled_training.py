@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 
 from ILDSegmentationLib.modelfile import load_model
-from ILDSegmentationLib.preprocessing import Intensity
 from ILDSegmentationLib.simulate import simulate_case
-from ILDSegmentationLib.training.cropbank import load_crop_bank, save_crop_bank
+from ILDSegmentationLib.training.cropbank import AS_HU, load_crop_bank, save_crop_bank
 from ILDSegmentationLib.training.dataset import crops_from_arrays
 
 from test_simulate import synthetic_chest
 
 REPO = Path(__file__).resolve().parents[2]
-AS_HU = Intensity(name="as-is", clip_min=-32768.0, clip_max=32767.0)
 
 
 @pytest.fixture(scope="module")
