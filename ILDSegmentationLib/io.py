@@ -45,6 +45,9 @@ class Volume:
     image: sitk.Image  # the source image, for writing outputs on the same grid
     description: str = ""
     modality: Optional[str] = None  # DICOM Modality (0008,0060); None for formats without one
+    #: The DICOM files the image was read from, in slice order (file k is slice K = k);
+    #: empty for other formats. A DICOM Segmentation references them (dicomseg.py).
+    dicom_files: Tuple[str, ...] = ()
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -107,7 +110,7 @@ def itk_silenced() -> Iterator[None]:
             sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str]:
+def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str, Tuple[str, ...]]:
     reader = sitk.ImageSeriesReader()
     with itk_silenced():
         series = reader.GetGDCMSeriesIDs(str(folder)) or ()
@@ -141,7 +144,7 @@ def _read_dicom_folder(folder: Path) -> Tuple[sitk.Image, str]:
     if uneven:
         log.warning(uneven)
         note = f"{note}; {uneven}" if note else uneven
-    return image, note
+    return image, note, tuple(files_per_series[chosen])
 
 
 def _check_slice_spacing(files: List[str], image: sitk.Image) -> str:
@@ -176,6 +179,12 @@ def _check_slice_spacing(files: List[str], image: sitk.Image) -> str:
 
 def read_image(path: PathLike) -> Tuple[sitk.Image, str]:
     """Read a file or DICOM series folder; InputError with the reason on failure."""
+    image, note, _ = _read_image_and_files(path)
+    return image, note
+
+
+def _read_image_and_files(path: PathLike) -> Tuple[sitk.Image, str, Tuple[str, ...]]:
+    """:func:`read_image`, plus the DICOM files read, in slice order (none for other formats)."""
     # A symlink loop, a FIFO (open would block), /dev/zero, no permission: one line, before opening.
     p = check_input(path, "image", folder=True)
     if p.is_dir():
@@ -184,7 +193,7 @@ def read_image(path: PathLike) -> Tuple[sitk.Image, str]:
         _check_nifti_complete(p)
     try:
         with itk_silenced():
-            return sitk.ReadImage(str(p)), ""
+            return sitk.ReadImage(str(p)), "", ((str(p),) if _looks_like_dicom(p) else ())
     except RuntimeError as e:
         raise InputError(f"cannot read image {p.name}: unreadable, truncated or unsupported file "
                          f"({_itk_reason(e)})") from None
@@ -236,7 +245,7 @@ def _itk_reason(e: RuntimeError) -> str:
 
 def read_ct(path: PathLike) -> Volume:
     """A CT in HU: one scalar channel, 2D or 3D, finite values."""
-    image, note = read_image(path)
+    image, note, dicom_files = _read_image_and_files(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"CT {Path(path).name} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
                          "expected a scalar (grey-value) image")
@@ -249,7 +258,7 @@ def read_ct(path: PathLike) -> Volume:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise InputError(f"CT {Path(path).name} contains NaN or infinite values")
     modality = image.GetMetaData(MODALITY_TAG).strip() if image.HasMetaDataKey(MODALITY_TAG) else None
-    return Volume(array, Geometry.from_sitk(image), image, note, modality or None)
+    return Volume(array, Geometry.from_sitk(image), image, note, modality or None, dicom_files)
 
 
 def check_ct_plausible(ct: Volume, path: PathLike) -> dict:
