@@ -22,7 +22,7 @@ from .atomicfile import atomic_path, check_writable
 from .errors import InputError
 from .inference import CancelCheck, Inferer, ProgressCallback, SegmentationResult
 from .io import check_ct_plausible, output_kind, probability_output_kind, read_ct, read_lung_mask, write_label_map, write_probabilities
-from .modelfile import ModelInfo, load_model
+from .modelfile import LoadedModel, ModelInfo, load_model
 from .report import class_volumes
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,12 @@ def segment_file(
     output: PathLike,
     *,
     lung_mask: Optional[PathLike] = None,
-    model: Optional[PathLike] = None,
+    model: Union[PathLike, LoadedModel, None] = None,
     device: str = "auto",
     probabilities: Optional[PathLike] = None,
     report: Optional[PathLike] = None,
     overlay: Optional[PathLike] = None,
+    dicom_seg: Optional[PathLike] = None,
     max_memory_mb: float = 1024,
     pixel_spacing: str = "model",
     progress: Optional[ProgressCallback] = None,
@@ -60,24 +61,36 @@ def segment_file(
 ) -> Dict[str, Any]:
     """Segment one CT file. ``lung_mask``: a label map file (non-zero = lung), or
     None / "auto" to compute one. ``pixel_spacing``: "model" or "native", see
-    :class:`~ILDSegmentationLib.inference.Inferer`. Returns the report (also written
+    :class:`~ILDSegmentationLib.inference.Inferer`. ``output`` named ``.dcm``, or
+    ``dicom_seg``, writes a DICOM Segmentation referencing the CT's DICOM series
+    (:mod:`.dicomseg`; refused before any work for a CT that is not DICOM). ``model``:
+    a model file, None for the bundled one, or a model already loaded. Returns the report (also written
     to ``report``)."""
     t0 = time.perf_counter()
-    output_kind(output)
+    # ``output`` named .dcm, or ``dicom_seg``: a DICOM Segmentation over the CT's series.
+    from .dicomseg import check_dicom_source, is_dicom_seg_path, write_dicom_seg
+    if not is_dicom_seg_path(output):
+        output_kind(output)
+    if dicom_seg is not None and not is_dicom_seg_path(dicom_seg):
+        raise InputError(f"the DICOM SEG output is a DICOM file: name it .dcm, not {Path(dicom_seg).name}")
     if probabilities is not None:
         probability_output_kind(probabilities)
     if overlay is not None and not str(overlay).lower().endswith(".png"):
         raise InputError(f"the overlay is a PNG picture: name it .png, not {Path(overlay).name}")
-    outputs = [Path(p) for p in (output, probabilities, report, overlay) if p is not None]
+    outputs = [Path(p) for p in (output, probabilities, report, overlay, dicom_seg) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise InputError("two outputs have the same file name")
     for p in outputs:
         check_writable(p)
+    for seg_output in (output, dicom_seg):
+        if is_dicom_seg_path(seg_output):
+            check_dicom_source(ct_path, seg_output)  # a NRRD CT has no series to reference
     for name, given in (("CT", ct_path), ("lung mask", None if lung_mask in (None, "auto") else lung_mask)):
         if given is not None and Path(given).resolve() in {p.resolve() for p in outputs}:
             raise InputError(f"an output would overwrite the input {name}: {given}")
 
-    loaded = load_model(model)
+    # A batch passes the model it loaded once (batch.py); a path or None loads it here.
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, pixel_spacing=pixel_spacing)
     timings: Dict[str, float] = {}
 
@@ -125,7 +138,14 @@ def segment_file(
     written: List[Path] = []
     try:
         t = time.perf_counter()
-        written.append(write_label_map(labels, ct.image, output))
+        for seg_output in (output, dicom_seg):
+            if is_dicom_seg_path(seg_output):
+                written.append(write_dicom_seg(labels, ct, seg_output, model_name=info.name,
+                                               model_sha256=loaded.sha256))
+        if not is_dicom_seg_path(output):
+            written.append(write_label_map(labels, ct.image, output))
+        if dicom_seg is not None:
+            summary["outputs"]["dicom_seg"] = str(dicom_seg)
         if probabilities is not None:
             written.append(write_probabilities(probs, ct.image, probabilities))
             summary["outputs"]["probabilities"] = str(probabilities)
