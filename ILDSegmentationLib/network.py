@@ -132,11 +132,19 @@ class DilatedFCN(nn.Module):
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (N, in_channels, H, W) preprocessed intensities. valid: optional
         (N, 1, H, W) 0/1 mask of the real (unpadded) pixels of each crop."""
-        count = None
+        h = self.features(x, valid)
+        return self.classify(h, valid)
+
+    def features(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The texture features the 1x1 head reads: the input and every dilated
+        layer's output, concatenated (N, concat channels, H, W). Fine-tuning only the
+        head computes them once per crop (training/trainer.py, ``trainable="head"``)."""
         if valid is not None:
             valid = valid.to(x.dtype)
             count = valid.sum(dim=(2, 3), keepdim=True).clamp_min(1)
             x = x * valid
+        else:
+            count = None
         t = x
         if self.input_norm is not None:
             n = self.input_norm(x, valid, count)
@@ -146,11 +154,22 @@ class DilatedFCN(nn.Module):
         for block in self.dilated:
             h = block(h, valid, count)
             features.append(h)
-        h = torch.cat(features, dim=1) if self.config.concatenate else h
+        return torch.cat(features, dim=1) if self.config.concatenate else h
+
+    def classify(self, h: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Dropout, the 1x1 head and the classifier on :meth:`features`: logits."""
+        count = None
+        if valid is not None:
+            valid = valid.to(h.dtype)
+            count = valid.sum(dim=(2, 3), keepdim=True).clamp_min(1)
         h = self.dropout(h)
         for block in self.head:
             h = block(h, valid, count)
         return self.classifier(h)
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        """The parameters :meth:`classify` uses (the 1x1 head and the classifier)."""
+        return [p for m in (self.head, self.classifier) for p in m.parameters()]
 
 
 def count_parameters(model: nn.Module) -> int:

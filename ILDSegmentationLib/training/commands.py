@@ -1,4 +1,4 @@
-"""``ildseg train | evaluate | split | simulate``: thin shells over the training package."""
+"""``ildseg train | finetune | evaluate | split | simulate``: thin shells over the training package."""
 from __future__ import annotations
 
 import contextlib
@@ -55,6 +55,31 @@ def add_parsers(sub, common) -> None:
                    "preset and --intensity) instead of a random init")
     t.add_argument("--seed", type=int, default=0)
     common(t)
+
+    f = sub.add_parser("finetune", help="fine-tune a trained model on a few sparse annotations of your own scans")
+    f.add_argument("--manifest", required=True, help="CSV: case_id,ct,lung_mask,annotation (as for train)")
+    f.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="run folder: model.safetensors, finetune.json (before/after), checkpoint, log, plots")
+    f.add_argument("--model", help="the model to start from (default: the bundled one)")
+    f.add_argument("--val-fraction", type=float, default=0.25,
+                   help="hold out ~this share of scans (with 4 scans or more) or else of annotated slices, "
+                        "to measure before/after and stop early (default 0.25)")
+    f.add_argument("--epochs", type=int, default=40, help="at most this many epochs (default 40)")
+    f.add_argument("--patience", type=int, default=10, help="stop after this many epochs without improvement (default 10)")
+    f.add_argument("--train-layers", default="head", choices=("head", "all"),
+                   help="head (default): only the 1x1 head learns, on features computed once (minutes on a CPU); "
+                        "all: every layer, with flips/rotations (for a GPU)")
+    f.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate (default 3e-5, a third of the paper's)")
+    f.add_argument("--batch-size", type=int, default=4, help="crops per step (default 4)")
+    f.add_argument("--crops-per-epoch", type=int, default=0, help="a seeded random N crops per epoch (default: all)")
+    f.add_argument("--unsupervised-weight", type=float, default=0.1, help="entropy term weight w_u (paper: 0.1)")
+    f.add_argument("--intensity-augmentation", default="none", choices=INTENSITY_AUGMENTATIONS,
+                   help="'scanner': a random kernel and noise per crop (see ildseg train)")
+    f.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop after the first epoch that ends past this many seconds; the best weights are kept")
+    f.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    f.add_argument("--seed", type=int, default=0)
+    common(f)
 
     e = sub.add_parser("evaluate", help="balanced accuracy, confusion matrix and Dice of a model on cases")
     e.add_argument("--manifest", required=True)
@@ -236,6 +261,38 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .finetune import FinetuneSettings, finetune
+    from .manifest import manifest_sha256, read_manifest
+    from ..atomicfile import check_writable
+    from ..modelfile import load_model
+    settings = FinetuneSettings(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
+                                crops_per_epoch=args.crops_per_epoch, val_fraction=args.val_fraction,
+                                unsupervised_weight=args.unsupervised_weight,
+                                intensity_augmentation=args.intensity_augmentation, seed=args.seed,
+                                train_layers=args.train_layers)
+    settings.check()
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise InputError(f"--time-limit must be a finite number of seconds above 0, not {args.time_limit}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a run folder, and {out} is a file")
+    if (out / "checkpoint.safetensors").exists() or (out / "finetune.json").exists():
+        raise InputError(f"{out} holds an earlier run: choose a new --out folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot make the run folder {out}: {existing} is a file")
+    check_writable(existing / ".ildseg-run-probe")
+    cases = read_manifest(args.manifest)
+    start = load_model(args.model)
+    provenance = {"trained_on": f"manifest {Path(args.manifest).name}", "manifest_sha256": manifest_sha256(args.manifest),
+                  "command": "ildseg " + " ".join(args.argv)}
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    finetune(cases, start, out, settings, device=args.device, time_limit_s=args.time_limit,
+             provenance=provenance, progress=say)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_cases
     from .manifest import read_manifest
@@ -358,4 +415,4 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "split": cmd_split, "simulate": cmd_simulate}
+COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "split": cmd_split, "simulate": cmd_simulate}

@@ -43,6 +43,8 @@ from .metrics import confusion_matrix, summarize
 
 log = logging.getLogger(__name__)
 
+TRAINABLE = ("all", "head")
+
 
 @dataclass
 class TrainConfig:
@@ -67,6 +69,10 @@ class TrainConfig:
     #: SHA-256 of the model file whose weights start the run ("" = He-normal init, as
     #: in the paper); part of the config so a resumed fine-tuning run must name it again.
     init_sha256: str = ""
+    #: Which weights learn: "all" (the paper) or "head" (the 1x1 head and classifier
+    #: only, on texture features computed once per crop; fine-tuning on a CPU, see
+    #: training/finetune.py). "head" cannot flip, rotate or vary crops per epoch.
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -90,6 +96,11 @@ class TrainConfig:
                         "--unsupervised-weight": "a finite number, 0 or more",
                         "--min-rel-improvement": "a finite number, 0 or more"}.get(name, "1 or more")
                 raise InputError(f"{name} must be {rule}, not {value}")
+        if self.trainable not in TRAINABLE:
+            raise InputError(f"unknown trainable layers '{self.trainable}' (choose from {', '.join(TRAINABLE)})")
+        if self.trainable == "head" and (self.augment or self.intensity_augmentation != "none"):
+            raise InputError("training the head only computes each crop's features once, so it cannot flip, rotate "
+                             "or vary the crops per epoch: turn augmentation off")
         if self.preset == "purely-supervised":
             self.unsupervised_weight = 0.0
 
@@ -135,6 +146,25 @@ def _pad_batch(crops: Sequence[Crop], ks: Sequence[int]):
     same = all(i[0].shape == items[0][0].shape for i in items)
     return (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(lung),
             None if same else torch.from_numpy(valid))
+
+
+def _pad_features(features: Sequence[torch.Tensor], crops: Sequence[Crop]):
+    """Cached features (C, h, w) of crops padded to one shape, as :func:`_pad_batch`
+    pads images: zero features and a ``valid`` mask outside each crop."""
+    h = max(f.shape[1] for f in features)
+    w = max(f.shape[2] for f in features)
+    n, channels = len(features), features[0].shape[0]
+    x = torch.zeros((n, channels, h, w), dtype=torch.float32)
+    t = torch.full((n, h, w), -1, dtype=torch.int64)
+    lung = torch.zeros((n, h, w), dtype=torch.bool)
+    valid = torch.zeros((n, 1, h, w), dtype=torch.float32)
+    for i, (f, c) in enumerate(zip(features, crops)):
+        x[i, :, :f.shape[1], :f.shape[2]] = f.float()
+        t[i, :f.shape[1], :f.shape[2]] = torch.from_numpy(c.target)
+        lung[i, :f.shape[1], :f.shape[2]] = torch.from_numpy(c.lung)
+        valid[i, 0, :f.shape[1], :f.shape[2]] = 1
+    same = all(f.shape == features[0].shape for f in features)
+    return x, t, lung, None if same else valid
 
 
 def predict_crops(network: torch.nn.Module, crops: Sequence[Crop], device: torch.device) -> List[np.ndarray]:
@@ -197,6 +227,9 @@ class Trainer:
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
         self.inherited_pixel_spacing: Optional[Tuple[float, float]] = None  # of an --init model
         self.start_epoch = 0
+        # trainable="head": each crop's features, computed once when fit() starts (after
+        # initialize_from), kept in float16 on the CPU to halve their memory.
+        self._features: Dict[str, List[torch.Tensor]] = {}
 
     def initialize_from(self, model: LoadedModel) -> None:
         """Start from a trained model's weights (fine-tuning) instead of a random init.
@@ -326,6 +359,21 @@ class Trainer:
             order = order[:usable][self.rank::self.world]
         self.model.train()
         losses = []
+        if cfg.trainable == "head":
+            for i in range(0, len(order), cfg.batch_size):
+                idx = [int(j) for j in order[i:i + cfg.batch_size]]
+                x, t, lung, valid = _pad_features([self._features["train"][j] for j in idx],
+                                                  [self.train[j] for j in idx])
+                x, t, lung = x.to(self.device), t.to(self.device), lung.to(self.device)
+                valid = None if valid is None else valid.to(self.device)
+                logits = self.network.classify(x, valid)
+                loss = ild_loss(logits, t, lung, self.weights, cfg.unsupervised_weight, self.alpha,
+                                None if valid is None else valid[:, 0] > 0)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                losses.append(float(loss.detach()))
+            return float(np.mean(losses)) if losses else float("nan")
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
             x, t, lung, valid = _pad_batch([self._training_crop(epoch, int(j)) for j in idx],
@@ -366,6 +414,8 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise InputError(f"cannot make the run folder {self.out}: {e.strerror or e}") from None
+        if cfg.trainable == "head":
+            self._prepare_head_training()
         since_best = len(self.history) - 1 - max([i for i, r in enumerate(self.history) if r.best], default=-1) \
             if self.history else 0
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -373,7 +423,7 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             train_loss = self._epoch(epoch)
-            metrics = validation_metrics(self.network, self.val, self.device)
+            metrics = self._validate()
             bacc = metrics["balanced_accuracy"]
             improved = self.best_epoch < 0 or bacc >= self.best_bacc * (1 + cfg.min_rel_improvement)
             if improved:
@@ -396,10 +446,39 @@ class Trainer:
                 break
         return self._finish()
 
+    def _prepare_head_training(self) -> None:
+        """Freeze all but the head and compute every crop's features once."""
+        for p in self.network.parameters():
+            p.requires_grad_(False)
+        for p in self.network.head_parameters():
+            p.requires_grad_(True)
+        if self._features:
+            return
+        self.network.eval()
+        with torch.inference_mode():
+            for name, crops in (("train", self.train), ("val", self.val)):
+                self._features[name] = [
+                    self.network.features(torch.from_numpy(c.image)[None, None].to(self.device))[0]
+                    .to("cpu", torch.float16) for c in crops]
+        self.progress(f"features of {len(self.train) + len(self.val)} crops computed once; "
+                      f"training the head ({sum(p.numel() for p in self.network.head_parameters())} weights)")
+
+    def _validate(self) -> Dict[str, Any]:
+        if self.config.trainable != "head":
+            return validation_metrics(self.network, self.val, self.device)
+        self.network.eval()
+        cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+        with torch.inference_mode():
+            for f, c in zip(self._features["val"], self.val):
+                pred = self.network.classify(f.float()[None].to(self.device)).argmax(dim=1)[0].cpu().numpy() + 1
+                truth = np.where(c.target >= 0, c.target + 1, 0)
+                cm += confusion_matrix(truth, np.where(c.lung, pred, 0))
+        return summarize(cm)
+
     def _finish(self) -> Dict[str, Any]:
         if self.best_state is not None:
             self.network.load_state_dict(self.best_state)
-        metrics = validation_metrics(self.network, self.val, self.device)
+        metrics = self._validate()
         summary = {
             "best_epoch": self.best_epoch + 1, "epochs_run": len(self.history),
             "validation": metrics, "class_pixel_counts_train": self.class_counts.tolist(),
