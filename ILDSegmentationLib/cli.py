@@ -1,6 +1,7 @@
 """``ildseg``: the command line, a thin shell over the library.
 
 Errors the user can fix print one line (``ildseg: error: ...``) and exit with 2;
+a batch of ``ildseg segment`` in which some cases failed exits with 3 (batch.py);
 ``--debug`` shows the traceback. Ctrl-C or SIGTERM leaves no output file.
 """
 from __future__ import annotations
@@ -79,14 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     seg = sub.add_parser("segment", help="segment a chest CT into the six tissue classes")
-    seg.add_argument("ct", metavar="CT_PATH", help="CT in HU: .nrrd, .nii(.gz), .mha, or a DICOM series folder")
-    seg.add_argument("-o", "--output", required=True, metavar="OUT",
-                     help="label map: .nrrd, .nii.gz, .mha, or .seg.nrrd (Slicer segmentation with names, colors, terminology)")
+    seg.add_argument("ct", nargs="*", metavar="CT_PATH",
+                     help="CT in HU: .nrrd, .nii(.gz), .mha, or a DICOM series folder; several CTs or a folder of "
+                          "series (with --out-dir) make a batch")
+    seg.add_argument("-o", "--output", metavar="OUT",
+                     help="label map: .nrrd, .nii.gz, .mha, .seg.nrrd (Slicer segmentation with names, colors, "
+                          "terminology) or .dcm (DICOM Segmentation; the CT must be DICOM); in a batch, the file "
+                          "name in each case folder (default: labels.seg.nrrd)")
     seg.add_argument("--lung-mask", metavar="PATH|auto",
                      help="lung mask label map (any non-zero voxel is lung); 'auto' or absent computes one")
     seg.add_argument("--probabilities", metavar="OUT.nrrd", help="also write per-class probabilities (6-component image)")
     seg.add_argument("--report", metavar="report.json", help="write volumes, model, device and timings as JSON")
     seg.add_argument("--overlay", metavar="overlay.png", help="write a PNG montage of axial slices with the classes")
+    seg.add_argument("--dicom-seg", metavar="OUT.dcm",
+                     help="also write a DICOM Segmentation over the CT's DICOM series (needs highdicom: "
+                          "pip install 'ildsegmentation[dicom]')")
+    seg.add_argument("--out-dir", metavar="DIR",
+                     help="batch: one folder per case under DIR (labels, report.json and the other outputs, named "
+                          "by -o, --report, --overlay, --dicom-seg, --probabilities), and DIR/summary.csv; cases "
+                          "already complete are skipped. Exit code 3 when some cases failed")
+    seg.add_argument("--manifest", metavar="cases.csv",
+                     help="batch: CSV with columns ct and optionally case_id and lung_mask (paths relative to it)")
+    seg.add_argument("--overwrite", action="store_true", help="batch: redo cases whose outputs are already complete")
     _add_run_options(seg)
     _add_common(seg)
 
@@ -132,12 +147,22 @@ def _say_resampled(summary: dict, quiet: bool) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .pipeline import segment_file
+    if args.out_dir is not None or args.manifest is not None or len(args.ct) > 1:
+        from .batch import run_batch_command
+        return run_batch_command(args)
+    if not args.ct:
+        raise ILDSegError("no CT given: ildseg segment CT_PATH -o OUT (or several CTs with --out-dir DIR)")
+    if args.output is None:
+        raise ILDSegError("-o OUT is required for one CT (several CTs, a folder of series or --manifest "
+                          "write into --out-dir DIR)")
+    args.ct = args.ct[0]
     if args.lung_mask is None and not args.quiet:
         print("no --lung-mask given: computing the lung mask automatically", file=sys.stderr)
     bar = _Progress(args.quiet)
     try:
         summary = segment_file(args.ct, args.output, lung_mask=args.lung_mask, model=args.model, device=args.device,
                                probabilities=args.probabilities, report=args.report, overlay=args.overlay,
+                               dicom_seg=args.dicom_seg,
                                max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing, progress=bar)
     finally:
         bar.close()
@@ -149,6 +174,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     _print_summary(summary, args.quiet)
     if not args.quiet:
         print(f"labels written to {args.output}")
+        if args.dicom_seg:
+            print(f"DICOM Segmentation written to {args.dicom_seg}")
     return 0
 
 
@@ -233,6 +260,9 @@ def _interrupted_note(args: Optional[argparse.Namespace]) -> str:
     """What an interruption leaves behind, per command (the default: nothing said)."""
     command = getattr(args, "command", None)
     if command == "segment":
+        if getattr(args, "batch_out_dir", None):
+            return (f"; the cases that had finished are complete in {args.batch_out_dir}: "
+                    "rerun the same command to go on")
         if getattr(args, "outputs_complete", False):  # Ctrl-C while the summary printed
             return "; the outputs had been written completely"
         return "; no output was written"
@@ -266,7 +296,7 @@ def set_process_defaults() -> None:
 _INPUT_PATHS = {"ct": ("CT", True), "lung_mask": ("lung mask", True), "model": ("model file", False),
                 "init": ("model file", False), "manifest": ("manifest", False), "split": ("folds file", False)}
 #: Output path options (files or folders): a path the system cannot even look up is refused up front.
-_OUTPUT_PATHS = ("output", "out", "report", "probabilities", "overlay", "confusion", "json")
+_OUTPUT_PATHS = ("output", "out", "report", "probabilities", "overlay", "confusion", "json", "dicom_seg", "out_dir")
 
 
 def _check_input_paths(args: argparse.Namespace) -> None:
