@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--manifest", metavar="cases.csv",
                      help="batch: CSV with columns ct and optionally case_id and lung_mask (paths relative to it)")
     seg.add_argument("--overwrite", action="store_true", help="batch: redo cases whose outputs are already complete")
+    seg.add_argument("--crop-box", default="mask", choices=("mask", "aerated"),
+                     help="where each lung's crop is cut: mask = the mask's box + 32 px, as in the paper; aerated = "
+                          "the box of the aerated lung the mask outlines, found in the CT, so a mask border drawn a "
+                          "few pixels wider or narrower (another mask tool) does not change the labels (default: mask)")
+    seg.add_argument("--progress-lines", action="store_true",
+                     help="print progress as lines 'ildseg-progress FRACTION MESSAGE' on stdout instead of a bar "
+                          "(for a program that runs ildseg, such as the Slicer module)")
     _add_run_options(seg)
     _add_common(seg)
 
@@ -158,12 +165,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     args.ct = args.ct[0]
     if args.lung_mask is None and not args.quiet:
         print("no --lung-mask given: computing the lung mask automatically", file=sys.stderr)
-    bar = _Progress(args.quiet)
+    if args.progress_lines:
+        from .background import ProgressLines
+        bar = ProgressLines()
+    else:
+        bar = _Progress(args.quiet)
     try:
         summary = segment_file(args.ct, args.output, lung_mask=args.lung_mask, model=args.model, device=args.device,
                                probabilities=args.probabilities, report=args.report, overlay=args.overlay,
                                dicom_seg=args.dicom_seg,
-                               max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing, progress=bar)
+                               max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing,
+                               crop_box=args.crop_box, progress=bar)
     finally:
         bar.close()
     args.outputs_complete = True

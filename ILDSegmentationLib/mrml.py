@@ -619,25 +619,10 @@ def process(
     _require_slicer()
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
-    if scene is None:
-        raise InputError("no MRML scene given")
-    # -- check the inputs (nothing computed yet) --------------------------------------
-    if ct_node is not None and ct_node.GetScene() is not scene:
-        raise InputError(f"the CT '{ct_node.GetName()}' is not in this scene")
-    if output_segmentation_node is not None:
-        if not output_segmentation_node.IsA("vtkMRMLSegmentationNode"):
-            raise InputError(f"the output '{output_segmentation_node.GetName()}' is not a segmentation node")
-        if output_segmentation_node.GetScene() is not scene:
-            raise InputError(f"the output segmentation '{output_segmentation_node.GetName()}' is not in this scene")
-        if lung_mask_node is not None and output_segmentation_node is lung_mask_node:
-            raise InputError("the output segmentation cannot be the lung mask: choose another output "
-                             "(or none to create a new one)")
-    if lung_mask_node is not None and lung_mask_node is ct_node:
-        raise InputError("the lung mask cannot be the CT itself")
+    check_process_nodes(scene, ct_node, lung_mask_node, output_segmentation_node)
     stage = _stage(progress, cancel, 0.0, 0.02)
     stage(0.0, "Reading the CT")
     hu, geometry = volume_array_and_geometry(ct_node)
-    ct_ijk_to_ras = ijk_to_ras_matrix(ct_node)
     timings["read"] = time.perf_counter() - t_start
 
     # -- model ---------------------------------------------------------------------
@@ -656,10 +641,7 @@ def process(
     else:
         stage(1.0, f"Reading the lung mask '{lung_mask_node.GetName()}'")
         mask = lung_mask_from_node(lung_mask_node, ct_node, segment_ids)
-        source = lung_mask_node.GetName()
-        if lung_mask_node.IsA("vtkMRMLSegmentationNode"):
-            chosen = list(segment_ids) if segment_ids is not None else segment_ids_of(lung_mask_node)
-            source += f" (segments {', '.join(chosen)})"
+        source = lung_mask_description(lung_mask_node, segment_ids)
     timings["lung_mask"] = time.perf_counter() - t
 
     # -- network -------------------------------------------------------------------
@@ -677,23 +659,98 @@ def process(
     if is_cancelled(cancel):
         raise Cancelled("cancelled by the user; the scene was not changed")
 
-    # -- prepare everything that does not need the scene ---------------------------
     _stage(progress, cancel, 0.96, 0.0)(0.0, "Creating the segmentation")
     if is_cancelled(cancel):  # clicked while the GUI processed that last message
         raise Cancelled("cancelled by the user; the scene was not changed")
-    table = results_vtk_table(volumes)
-    probability_images: List[Any] = []
-    if probabilities and result.probabilities is not None:
-        for i in range(NUM_CLASSES):
-            holder = slicer.vtkMRMLScalarVolumeNode()
-            holder.SetIJKToRASMatrix(_numpy_to_vtk_matrix(ct_ijk_to_ras))
-            slicer.util.updateVolumeFromArray(holder, np.ascontiguousarray(result.probabilities[..., i]))
-            probability_images.append(holder)
+    info = loaded.info
+    return commit_results(
+        scene, ct_node, output_segmentation_node, result.labels, volumes,
+        result.probabilities if probabilities else None,
+        RunInfo(model_name=info.name, model_trained=bool(info.trained), model_sha256=getattr(loaded, "sha256", ""),
+                device=result.device, lung_mask_source=source,
+                network_pixel_spacing_mm=result.network_pixel_spacing_mm, resampled=result.resampled),
+        t_start=t_start, timings=timings, progress=progress)
 
-    # The Slicer panel processes events during the run: the user may have deleted a node.
+
+def check_process_nodes(scene: Any, ct_node: Any, lung_mask_node: Any, output_segmentation_node: Any) -> None:
+    """The checks :func:`process` makes on its nodes before any work (one-line
+    InputError): the nodes are in ``scene``, the output is a segmentation and is not
+    the lung mask, the lung mask is not the CT. Shared with the background run."""
+    if scene is None:
+        raise InputError("no MRML scene given")
+    if ct_node is not None and ct_node.GetScene() is not scene:
+        raise InputError(f"the CT '{ct_node.GetName()}' is not in this scene")
+    if output_segmentation_node is not None:
+        if not output_segmentation_node.IsA("vtkMRMLSegmentationNode"):
+            raise InputError(f"the output '{output_segmentation_node.GetName()}' is not a segmentation node")
+        if output_segmentation_node.GetScene() is not scene:
+            raise InputError(f"the output segmentation '{output_segmentation_node.GetName()}' is not in this scene")
+        if lung_mask_node is not None and output_segmentation_node is lung_mask_node:
+            raise InputError("the output segmentation cannot be the lung mask: choose another output "
+                             "(or none to create a new one)")
+    if lung_mask_node is not None and lung_mask_node is ct_node:
+        raise InputError("the lung mask cannot be the CT itself")
+
+
+def lung_mask_description(lung_mask_node: Any, segment_ids: Optional[Sequence[str]] = None) -> str:
+    """How the lung mask was given, as recorded on the output segmentation."""
+    if lung_mask_node is None:
+        return "computed automatically"
+    source = lung_mask_node.GetName()
+    if lung_mask_node.IsA("vtkMRMLSegmentationNode"):
+        chosen = list(segment_ids) if segment_ids is not None else segment_ids_of(lung_mask_node)
+        source += f" (segments {', '.join(chosen)})"
+    return source
+
+
+@dataclass
+class RunInfo:
+    """What a finished run records on its output segmentation (model, device, lung
+    mask, pixel size the network ran at), wherever it ran: in this process or in a
+    separate one (:mod:`.background`)."""
+
+    model_name: str
+    model_trained: bool
+    model_sha256: str
+    device: str
+    lung_mask_source: str
+    network_pixel_spacing_mm: Optional[Tuple[float, float]] = None
+    resampled: bool = False
+
+
+def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labels: np.ndarray,
+                   volumes: Dict[str, Any], probabilities: Optional[np.ndarray], run: RunInfo, *,
+                   t_start: Optional[float] = None, timings: Optional[Dict[str, float]] = None,
+                   progress: Optional[ProgressCallback] = None) -> ProcessResult:
+    """Write a finished run's results into the scene: the only step that changes it.
+
+    labels: uint8 K, J, I on the CT's grid (0 outside the lung, 1..6); volumes: as
+    :func:`~.report.class_volumes`; probabilities: float32 K, J, I, 6 or None.
+    output_segmentation_node None creates a segmentation; an existing one is updated
+    in place with the table and probability maps it references. A failure here removes
+    the nodes it created and restores the segmentation's previous content. Raises
+    InputError, writing nothing, when the CT or the output left the scene meanwhile
+    (the panel stays usable during a run)."""
+    _require_slicer()
+    t_start = time.perf_counter() if t_start is None else t_start
+    timings = {} if timings is None else timings
+    # The panel stays usable during a run: the user may have deleted a node.
     for node, what in ((ct_node, "CT"), (output_segmentation_node, "output segmentation")):
         if node is not None and node.GetScene() is not scene:
             raise InputError(f"the {what} was removed from the scene during the run; nothing was written")
+    labels = np.asarray(labels)
+    if labels.shape != tuple(slicer.util.arrayFromVolume(ct_node).shape):
+        raise InputError(f"the results ({labels.shape}) no longer fit the CT '{ct_node.GetName()}' "
+                         f"({tuple(slicer.util.arrayFromVolume(ct_node).shape)}); nothing was written")
+    ct_ijk_to_ras = ijk_to_ras_matrix(ct_node)
+    table = results_vtk_table(volumes)
+    probability_images: List[Any] = []
+    if probabilities is not None:
+        for i in range(NUM_CLASSES):
+            holder = slicer.vtkMRMLScalarVolumeNode()
+            holder.SetIJKToRASMatrix(_numpy_to_vtk_matrix(ct_ijk_to_ras))
+            slicer.util.updateVolumeFromArray(holder, np.ascontiguousarray(probabilities[..., i], dtype=np.float32))
+            probability_images.append(holder)
 
     # -- commit: the only step that changes the scene --------------------------------
     t = time.perf_counter()
@@ -705,7 +762,7 @@ def process(
             seg_node.CreateDefaultDisplayNodes()
         else:
             commit.backup(seg_node)
-        write_labels_to_segmentation(result.labels, ct_node, seg_node)
+        write_labels_to_segmentation(labels, ct_node, seg_node)
 
         table_node = _referenced(seg_node, RESULTS_TABLE_ROLE)
         if table_node is None or not table_node.IsA("vtkMRMLTableNode"):
@@ -740,11 +797,11 @@ def process(
             for node in stale:
                 remove_node(scene, node)
         seg_node.SetNodeReferenceID(INPUT_VOLUME_ROLE, ct_node.GetID())
-        info = loaded.info
-        for key, value in (("Model", info.name), ("ModelTrained", str(bool(info.trained)).lower()),
-                           ("ModelSHA256", getattr(loaded, "sha256", "")), ("Device", result.device),
-                           ("LungMask", source), ("InputVolume", ct_node.GetName()),
-                           ("NetworkPixelSpacingMm", " x ".join(f"{v:.4g}" for v in result.network_pixel_spacing_mm))):
+        spacing = run.network_pixel_spacing_mm
+        for key, value in (("Model", run.model_name), ("ModelTrained", str(bool(run.model_trained)).lower()),
+                           ("ModelSHA256", run.model_sha256), ("Device", run.device),
+                           ("LungMask", run.lung_mask_source), ("InputVolume", ct_node.GetName()),
+                           ("NetworkPixelSpacingMm", " x ".join(f"{v:.4g}" for v in spacing) if spacing else "")):
             seg_node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
         _place_in_hierarchy(scene, ct_node, commit.created)
     except BaseException:
@@ -755,10 +812,10 @@ def process(
         progress(1.0, "Done")
     return ProcessResult(
         segmentation_node=seg_node, table_node=table_node, probability_nodes=probability_nodes, volumes=volumes,
-        lung_mask_source=source, model_name=loaded.info.name, model_trained=bool(loaded.info.trained),
-        device=result.device, seconds=time.perf_counter() - t_start,
+        lung_mask_source=run.lung_mask_source, model_name=run.model_name, model_trained=bool(run.model_trained),
+        device=run.device, seconds=time.perf_counter() - t_start,
         created_node_ids=[n.GetID() for n in commit.created], timings=timings,
-        network_pixel_spacing_mm=result.network_pixel_spacing_mm, resampled=result.resampled)
+        network_pixel_spacing_mm=run.network_pixel_spacing_mm, resampled=run.resampled)
 
 
 def segment_ids_of(segmentation_node: Any) -> List[str]:
@@ -836,4 +893,5 @@ __all__ = [
     "resample_nearest", "lung_mask_from_node", "lung_mask_from_labelmap_node", "lung_mask_from_segmentation_node",
     "ensure_class_segments", "write_labels_to_segmentation", "results_vtk_table", "results_from_table",
     "segment_ids_of", "segments_to_array", "segment_tag", "remove_node", "RESULTS_TABLE_ROLE", "PROBABILITY_ROLE",
+    "RunInfo", "commit_results", "check_process_nodes", "lung_mask_description",
 ]
