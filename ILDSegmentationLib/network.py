@@ -156,20 +156,34 @@ class DilatedFCN(nn.Module):
             features.append(h)
         return torch.cat(features, dim=1) if self.config.concatenate else h
 
-    def classify(self, h: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Dropout, the 1x1 head and the classifier on :meth:`features`: logits."""
+    def classify(self, h: torch.Tensor, valid: Optional[torch.Tensor] = None, start: int = 0) -> torch.Tensor:
+        """Logits from :meth:`features` (``start=0``: dropout, the 1x1 head, the
+        classifier) or from :meth:`head_input` with the same ``start`` (the head's
+        blocks from index ``start`` on, and the classifier)."""
         count = None
         if valid is not None:
             valid = valid.to(h.dtype)
             count = valid.sum(dim=(2, 3), keepdim=True).clamp_min(1)
-        h = self.dropout(h)
-        for block in self.head:
+        if start == 0:
+            h = self.dropout(h)
+        for block in self.head[start:]:
             h = block(h, valid, count)
         return self.classifier(h)
 
-    def head_parameters(self) -> List[nn.Parameter]:
-        """The parameters :meth:`classify` uses (the 1x1 head and the classifier)."""
-        return [p for m in (self.head, self.classifier) for p in m.parameters()]
+    def head_input(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None, start: int = 0) -> torch.Tensor:
+        """What head block ``start`` reads, with the earlier blocks as in evaluation
+        (no dropout): fine-tuning only the later layers computes it once per crop."""
+        h = self.features(x, valid)
+        if start:
+            count = None if valid is None else valid.to(h.dtype).sum(dim=(2, 3), keepdim=True).clamp_min(1)
+            v = None if valid is None else valid.to(h.dtype)
+            for block in self.head[:start]:
+                h = block(h, v, count)
+        return h
+
+    def head_parameters(self, start: int = 0) -> List[nn.Parameter]:
+        """The parameters :meth:`classify` trains from head block ``start`` on."""
+        return [p for m in (*self.head[start:], self.classifier) for p in m.parameters()]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -66,10 +66,12 @@ def add_parsers(sub, common) -> None:
                         "to measure before/after and stop early (default 0.25)")
     f.add_argument("--epochs", type=int, default=40, help="at most this many epochs (default 40)")
     f.add_argument("--patience", type=int, default=10, help="stop after this many epochs without improvement (default 10)")
-    f.add_argument("--train-layers", default="head", choices=("head", "all"),
-                   help="head (default): only the 1x1 head learns, on features computed once (minutes on a CPU); "
-                        "all: every layer, with flips/rotations (for a GPU)")
-    f.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate (default 3e-5, a third of the paper's)")
+    f.add_argument("--train-layers", default="last", choices=("last", "head", "all"),
+                   help="last (default): the last 1x1 block and the classifier learn, on the earlier layers' output "
+                        "computed once (minutes on a CPU); head: the whole 1x1 head; all: every layer, with "
+                        "flips/rotations (for a GPU)")
+    f.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default 1e-3 for last/head, 3e-5 for all)")
     f.add_argument("--batch-size", type=int, default=4, help="crops per step (default 4)")
     f.add_argument("--crops-per-epoch", type=int, default=0, help="a seeded random N crops per epoch (default: all)")
     f.add_argument("--unsupervised-weight", type=float, default=0.1, help="entropy term weight w_u (paper: 0.1)")

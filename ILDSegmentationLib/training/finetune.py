@@ -12,14 +12,13 @@ slices. :func:`finetune` is that protocol started from a trained model:
 - the starting model is measured on the held-out annotations *before* training, and
   the best epoch *after*, by the same crop-level measure the trainer validates with,
   so that the user sees what the fine-tuning changed;
-- defaults (:class:`FinetuneSettings`) suit few annotations and a CPU: only the 1x1
-  head and the classifier learn (``train_layers="head"``), on the texture features of
-  the dilated layers computed once per crop, so an epoch costs a small fraction of a
-  full one (on 2 CPU cores a full step takes seconds per lung crop); a learning rate
-  a third of the paper's 1e-4 (the weights are already good; large steps would forget
-  what the simulator taught), at most 40 epochs, early stopping after 10 without
-  improvement on the held-out annotations. ``train_layers="all"`` trains every layer
-  with the paper's flips and rotations, for a GPU.
+- defaults (:class:`FinetuneSettings`) suit few annotations and a CPU, where a
+  full training step costs seconds per lung crop (2 cores): only the last 1x1 block
+  and the classifier learn (``train_layers="last"``, a few thousand weights), on what
+  the earlier layers make of each crop, computed once; learning rate 1e-3; at most 40
+  epochs, early stopping after 10 without improvement on the held-out annotations.
+  ``"head"`` trains the whole 1x1 head, ``"all"`` every layer with the paper's flips
+  and rotations and a learning rate a third of the paper's (for a GPU).
 
 Classes without any painted example are not taught: the loss never asks for them,
 so the fine-tuned model tends to predict them less. :func:`finetune` names them in
@@ -42,6 +41,10 @@ from .manifest import Case
 
 #: Scans needed before held-out annotations are whole scans rather than whole slices.
 MIN_SCANS_FOR_SCAN_SPLIT = 4
+#: Default Adam learning rate by the layers that learn: the paper's 1e-4 from scratch;
+#: a third of it for every layer of trained weights (large steps would forget what
+#: the simulator taught); 1e-3 for a few thousand head weights on fixed features.
+LR_BY_LAYERS = {"last": 1e-3, "head": 1e-3, "all": 3e-5}
 
 
 @dataclass
@@ -50,30 +53,35 @@ class FinetuneSettings:
 
     epochs: int = 40
     patience: int = 10
-    lr: float = 3e-5
+    lr: Optional[float] = None  # None: LR_BY_LAYERS[train_layers]
     batch_size: int = 4
     crops_per_epoch: int = 0  # 0: every training crop once per epoch
     val_fraction: float = 0.25
     unsupervised_weight: float = 0.1  # paper's w_u
     intensity_augmentation: str = "none"
     seed: int = 0
-    #: "head": only the 1x1 head and classifier learn, on texture features computed
-    #: once per crop (minutes on a CPU; no flips/rotations). "all": every layer, with
-    #: the paper's flips and rotations (for a GPU, or for many annotations).
-    train_layers: str = "head"
+    #: "last" (default): the last 1x1 block and the classifier learn, on what the
+    #: earlier layers make of each crop, computed once (minutes on a CPU); "head": the
+    #: whole 1x1 head (~10x the work of "last"); "all": every layer, with the paper's
+    #: flips and rotations (for a GPU). The first two cannot flip or rotate.
+    train_layers: str = "last"
+
+    @property
+    def learning_rate(self) -> float:
+        return LR_BY_LAYERS[self.train_layers] if self.lr is None else self.lr
 
     def check(self) -> None:
         if self.epochs < 1:
             raise InputError(f"--epochs must be 1 or more, not {self.epochs}")
         if self.patience < 1:
             raise InputError(f"--patience must be 1 or more, not {self.patience}")
-        if not (np.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"--lr must be a positive number, not {self.lr}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be 1 or more, not {self.batch_size}")
-        if self.train_layers not in ("head", "all"):
-            raise InputError(f"--train-layers must be head or all, not {self.train_layers}")
-        if self.train_layers == "head" and self.intensity_augmentation != "none":
+        if self.train_layers not in LR_BY_LAYERS:
+            raise InputError(f"--train-layers must be one of {', '.join(LR_BY_LAYERS)}, not {self.train_layers}")
+        if self.train_layers != "all" and self.intensity_augmentation != "none":
             raise InputError("--intensity-augmentation varies the crops every epoch, which needs --train-layers all")
         if not 0 < self.val_fraction < 1:
             raise InputError(f"--val-fraction must be between 0 and 1, not {self.val_fraction}")
@@ -174,7 +182,7 @@ def finetune(cases: Sequence[Case], start_model, out_dir: Path, settings: Finetu
         say("no examples of " + ", ".join(lacking) + ": the fine-tuned model is not taught these classes "
             "and may predict them less; paint a few regions of each to keep them")
     config = TrainConfig(preset=preset_of(start_model.info.network), epochs=settings.epochs,
-                         patience=settings.patience, lr=settings.lr,
+                         patience=settings.patience, lr=settings.learning_rate,
                          unsupervised_weight=settings.unsupervised_weight, batch_size=settings.batch_size,
                          crops_per_epoch=settings.crops_per_epoch, intensity=intensity.name,
                          intensity_augmentation=settings.intensity_augmentation, seed=settings.seed,

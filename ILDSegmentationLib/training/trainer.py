@@ -43,7 +43,7 @@ from .metrics import confusion_matrix, summarize
 
 log = logging.getLogger(__name__)
 
-TRAINABLE = ("all", "head")
+TRAINABLE = ("all", "head", "last")
 
 
 @dataclass
@@ -69,9 +69,11 @@ class TrainConfig:
     #: SHA-256 of the model file whose weights start the run ("" = He-normal init, as
     #: in the paper); part of the config so a resumed fine-tuning run must name it again.
     init_sha256: str = ""
-    #: Which weights learn: "all" (the paper) or "head" (the 1x1 head and classifier
-    #: only, on texture features computed once per crop; fine-tuning on a CPU, see
-    #: training/finetune.py). "head" cannot flip, rotate or vary crops per epoch.
+    #: Which weights learn: "all" (the paper); "head" (the 1x1 head and classifier, on
+    #: texture features computed once per crop); "last" (the last 1x1 block and the
+    #: classifier, on the earlier head's output computed once: ~10x cheaper than
+    #: "head"). The two latter are for fine-tuning on a CPU (training/finetune.py) and
+    #: cannot flip, rotate or vary crops per epoch.
     trainable: str = "all"
 
     def __post_init__(self) -> None:
@@ -98,7 +100,7 @@ class TrainConfig:
                 raise InputError(f"{name} must be {rule}, not {value}")
         if self.trainable not in TRAINABLE:
             raise InputError(f"unknown trainable layers '{self.trainable}' (choose from {', '.join(TRAINABLE)})")
-        if self.trainable == "head" and (self.augment or self.intensity_augmentation != "none"):
+        if self.trainable != "all" and (self.augment or self.intensity_augmentation != "none"):
             raise InputError("training the head only computes each crop's features once, so it cannot flip, rotate "
                              "or vary the crops per epoch: turn augmentation off")
         if self.preset == "purely-supervised":
@@ -359,14 +361,14 @@ class Trainer:
             order = order[:usable][self.rank::self.world]
         self.model.train()
         losses = []
-        if cfg.trainable == "head":
+        if cfg.trainable != "all":
             for i in range(0, len(order), cfg.batch_size):
                 idx = [int(j) for j in order[i:i + cfg.batch_size]]
                 x, t, lung, valid = _pad_features([self._features["train"][j] for j in idx],
                                                   [self.train[j] for j in idx])
                 x, t, lung = x.to(self.device), t.to(self.device), lung.to(self.device)
                 valid = None if valid is None else valid.to(self.device)
-                logits = self.network.classify(x, valid)
+                logits = self.network.classify(x, valid, self._head_start)
                 loss = ild_loss(logits, t, lung, self.weights, cfg.unsupervised_weight, self.alpha,
                                 None if valid is None else valid[:, 0] > 0)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -414,7 +416,7 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise InputError(f"cannot make the run folder {self.out}: {e.strerror or e}") from None
-        if cfg.trainable == "head":
+        if cfg.trainable != "all":
             self._prepare_head_training()
         since_best = len(self.history) - 1 - max([i for i, r in enumerate(self.history) if r.best], default=-1) \
             if self.history else 0
@@ -446,11 +448,16 @@ class Trainer:
                 break
         return self._finish()
 
+    @property
+    def _head_start(self) -> int:
+        """The first head block that learns (trainable "head" or "last")."""
+        return 0 if self.config.trainable == "head" else max(len(self.network.head) - 1, 0)
+
     def _prepare_head_training(self) -> None:
-        """Freeze all but the head and compute every crop's features once."""
+        """Freeze all but the trained head layers and compute what they read once per crop."""
         for p in self.network.parameters():
             p.requires_grad_(False)
-        for p in self.network.head_parameters():
+        for p in self.network.head_parameters(self._head_start):
             p.requires_grad_(True)
         if self._features:
             return
@@ -458,19 +465,20 @@ class Trainer:
         with torch.inference_mode():
             for name, crops in (("train", self.train), ("val", self.val)):
                 self._features[name] = [
-                    self.network.features(torch.from_numpy(c.image)[None, None].to(self.device))[0]
-                    .to("cpu", torch.float16) for c in crops]
-        self.progress(f"features of {len(self.train) + len(self.val)} crops computed once; "
-                      f"training the head ({sum(p.numel() for p in self.network.head_parameters())} weights)")
+                    self.network.head_input(torch.from_numpy(c.image)[None, None].to(self.device),
+                                            start=self._head_start)[0].to("cpu", torch.float16) for c in crops]
+        self.progress(f"features of {len(self.train) + len(self.val)} crops computed once; training "
+                      f"{sum(p.numel() for p in self.network.head_parameters(self._head_start))} weights of the head")
 
     def _validate(self) -> Dict[str, Any]:
-        if self.config.trainable != "head":
+        if self.config.trainable == "all":
             return validation_metrics(self.network, self.val, self.device)
         self.network.eval()
         cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
         with torch.inference_mode():
             for f, c in zip(self._features["val"], self.val):
-                pred = self.network.classify(f.float()[None].to(self.device)).argmax(dim=1)[0].cpu().numpy() + 1
+                logits = self.network.classify(f.float()[None].to(self.device), start=self._head_start)
+                pred = logits.argmax(dim=1)[0].cpu().numpy() + 1
                 truth = np.where(c.target >= 0, c.target + 1, 0)
                 cm += confusion_matrix(truth, np.where(c.lung, pred, 0))
         return summarize(cm)
