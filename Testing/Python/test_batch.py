@@ -251,3 +251,33 @@ def test_summary_row_takes_descriptors_and_warnings_from_the_report():
     assert row["distribution_dominant"] == "basal"
     assert row["input_warnings"] == "DICOM slices are unevenly spaced | air is -950 HU | lungs cut at the apex"
     assert row["seconds"] == 12.35 and row["status"] == "done"
+
+
+def test_real_cts_with_a_broken_series_the_others_finish_and_a_rerun_skips_them(dicom_dir, ricord_path, tmp_path):
+    """The bundled model on two real CTs (the DICOM series, the RICORD NIfTI) and a
+    copy of the series with a truncated slice: about a minute on 2 CPU cores."""
+    broken = tmp_path / "broken-series"
+    shutil.copytree(dicom_dir, broken)
+    cut = sorted(broken.glob("*.dcm"))[12]
+    cut.write_bytes(cut.read_bytes()[:4000])
+    out = tmp_path / "out"
+    args = ["segment", dicom_dir, broken, ricord_path, "--out-dir", out, "--device", "cpu"]
+    r = ildseg(*args)
+    assert r.returncode == 3, r.stderr
+    failed = [line for line in r.stderr.splitlines() if "failed" in line]
+    assert len(failed) == 1 and failed[0].startswith("ildseg: case broken-series failed: ") and cut.name in failed[0]
+    rows = _summary(out)
+    assert list(rows) == ["lung-pet-ct-dx-A0002", "broken-series", "ricord-000082-5mm"]
+    assert [r["status"] for r in rows.values()] == ["done", "failed", "done"]
+    for case in ("lung-pet-ct-dx-A0002", "ricord-000082-5mm"):
+        row = rows[case]
+        assert 500 < float(row["lung_volume_ml"]) < 8000  # an adult lung, or the part the scan covers
+        assert sum(float(row[f"percent_{c.segment_id}"]) for c in CLASSES) == pytest.approx(100, abs=0.01)
+        labels = sitk.ReadImage(str(out / case / "labels.seg.nrrd"))
+        report = json.loads((out / case / "report.json").read_text())
+        assert list(labels.GetSize()) == report["input"]["size_ijk"]
+    assert not (out / "broken-series").exists()
+
+    r = ildseg(*args)
+    assert r.returncode == 3 and "3 cases: 0 done, 2 already done (skipped), 1 failed" in r.stdout, r.stderr
+    assert [r["status"] for r in _summary(out).values()] == ["skipped", "failed", "skipped"]
