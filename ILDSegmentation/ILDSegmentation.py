@@ -11,13 +11,15 @@ real MRML core), so it can also be used from Slicer's Python console or a script
 
 Not for clinical use.
 """
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
-from typing import Annotated, Callable, List, Optional, Union
+from typing import Annotated, Callable, List, Optional, Tuple, Union
 
 import vtk
 
@@ -82,12 +84,89 @@ TERMINOLOGY_FILE = os.path.join("Resources", "ILDSegmentation.term.json")
 #: PyTorch extension instead (it picks the build matching the GPU driver).
 PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "scipy": "scipy>=1.7", "SimpleITK": "SimpleITK>=2.2"}
 
+#: The torch versions the library works with: the range pyproject.toml requires (a test
+#: keeps the two equal). Passed to PyTorch Utils when it installs torch, and checked
+#: against an installed torch without importing it.
+TORCH_REQUIREMENT = ">=2.1"
+
 DEVICE_CHOICES = ["Auto", "GPU", "CPU"]
 
-#: Memory one batch of slices may use. On a CPU, small batches cost no speed and keep
-#: the panel responsive (progress and Cancel are handled between batches).
+#: Memory one batch of slices may use. In Slicer's own process (logic.process, for
+#: scripts) small CPU batches keep the GUI responsive between batches; the panel's run
+#: is a separate process, which uses the command line's default for both.
 GPU_BATCH_MEMORY_MB = 1024
 CPU_BATCH_MEMORY_MB = 128
+BACKGROUND_BATCH_MEMORY_MB = 1024
+
+#: How often the panel looks at a run in a separate process (ms).
+POLL_INTERVAL_MS = 200
+#: ILDSegmentationLib.background.PROGRESS_PREFIX (not imported at module load).
+PROGRESS_LINE_PREFIX = "ildseg-progress "
+
+#: The library's messages name command-line options (they are shared with ildseg);
+#: in the panel they name the panel's controls instead.
+PANEL_WORDING = (
+    ("; run with --device cpu", "; choose CPU as the Device (Model and device section)"),
+    ("run with --device cpu", "choose CPU as the Device (Model and device section)"),
+    ("--device cpu", "Device: CPU"),
+    ("(see README, 'GPU users')", "(use the PyTorch Utils module to install a CUDA build)"),
+    (" (--max-memory)", ""),
+    ("(--pixel-spacing native)", "('Run at the model's pixel size' unchecked)"),
+    ("--pixel-spacing native", "'Run at the model's pixel size' unchecked"),
+    ("--pixel-spacing model", "'Run at the model's pixel size' checked"),
+    ("(rerun with --debug for details)", "(details in the Python console)"),
+    ("--lung-mask", "the Lung mask"),
+    ("--model", "the Model file"),
+    ("--probabilities", "'Also create per-class probability maps'"),
+)
+
+
+def forPanel(message: str) -> str:
+    """A library or command-line message reworded for the panel (its controls, not
+    ildseg's options)."""
+    text = str(message)
+    for cli, panel in PANEL_WORDING:
+        text = text.replace(cli, panel)
+    return text
+
+
+def versionTuple(version: str) -> Tuple[int, ...]:
+    """(2, 13, 0) for "2.13.0+cu121": the leading numeric release parts."""
+    parts = []
+    for part in str(version).split("+")[0].split("."):
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(part):  # "0rc1": the release ends here
+            break
+    return tuple(parts)
+
+
+def installedTorchVersion() -> Optional[str]:
+    """The installed torch's version from its package metadata: torch is not imported
+    (on Windows a loaded torch cannot be replaced by PyTorch Utils)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def torchVersionProblem(version: Optional[str]) -> Optional[str]:
+    """A message when ``version`` is older than TORCH_REQUIREMENT; None when it fits
+    (or no torch is installed: that is offered separately)."""
+    if version is None:
+        return None
+    minimum = versionTuple(TORCH_REQUIREMENT.lstrip(">="))
+    if versionTuple(version) >= minimum:
+        return None
+    return _("PyTorch {version} is installed, but ILD Segmentation needs PyTorch {requirement}. Open the PyTorch "
+             "Utils module, uninstall PyTorch, restart Slicer, then install it with the version requirement "
+             "'{requirement}'.").format(version=version, requirement=TORCH_REQUIREMENT)
 
 
 def torchImportProblem() -> Optional[str]:
@@ -215,6 +294,12 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = False
         self._startTime = 0.0
         self._lastResult = None
+        # The run in a separate process (ILDSegmentationLib.background.SegmentationJob),
+        # polled by a timer on the GUI thread; its results are dropped when the scene
+        # closes meanwhile.
+        self._job = None
+        self._discardJobResult = False
+        self._pollTimer = None
         # What the parameter node held when last seen, to act when the user changes it.
         self._seenLungMask = _NOT_SEEN
         self._seenInputVolume = _NOT_SEEN
@@ -228,6 +313,10 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = ILDSegmentationLogic()
         self.ui.progressBar.setVisible(False)
+        import qt
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self._onPollTimer)
         self.ui.resultsCollapsibleButton.collapsed = True
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -250,6 +339,12 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._cancelRequested = True
+        if self._job is not None:  # the module is reloaded or Slicer quits: stop the run
+            self._job.cancel()
+            self._job.cleanup()
+            self._job = None
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -263,6 +358,9 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRequested = True  # a running job must not write into a closing scene
+        if self._job is not None:
+            self._discardJobResult = True
+            self._job.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -381,9 +479,16 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceInfoLabel.text = _errorHtml(_("Cannot check the device: {error}").format(error=e))
 
     def _ensureDependencies(self) -> bool:
-        """First use: offer to install what is missing, after asking. Never at import."""
+        """First use: offer to install what is missing, after asking once. Never at
+        import. An installed torch older than the library needs is refused with the way
+        to replace it (checked from its metadata: torch is not imported here)."""
         missingTorch = not self.logic.torchAvailable()
         missingPip = self.logic.missingPipPackages()
+        problem = None if missingTorch else torchVersionProblem(installedTorchVersion())
+        if problem:
+            self.ui.statusLabel.text = problem
+            slicer.util.errorDisplay(problem, windowTitle=_("PyTorch too old"))
+            return False
         if not missingTorch and not missingPip:
             return True
         if missingTorch:
@@ -395,17 +500,20 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "Manager, restart Slicer, then open this module again."))
                 return False
             if not slicer.util.confirmOkCancelDisplay(_(
-                    "ILD Segmentation needs PyTorch, which is not installed yet.\n\n"
+                    "ILD Segmentation needs PyTorch {requirement}, which is not installed yet.\n\n"
                     "Install it now through the PyTorch extension? It picks the build that matches your "
-                    "GPU driver (or a CPU build). This downloads several hundred MB and may take minutes."),
-                    windowTitle=_("Install PyTorch")):
+                    "GPU driver (or a CPU build). This downloads several hundred MB and may take minutes."
+                    ).format(requirement=TORCH_REQUIREMENT), windowTitle=_("Install PyTorch")):
                 return False
+            # Asked once, here: PyTorch Utils must not ask again (askConfirmation=False),
+            # and no dialog may come up under the busy cursor of the installation.
             try:
                 with slicer.util.tryWithErrorDisplay(_("Installing PyTorch failed."), waitCursor=True):
-                    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)
+                    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                        askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
             except Exception:  # already shown to the user by tryWithErrorDisplay
                 return False
-            if torch is None:  # the user declined PyTorchUtils' own confirmation
+            if torch is None:
                 return False
         if missingPip:
             requirements = [PIP_REQUIREMENTS[name] for name in missingPip]
@@ -442,74 +550,96 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
         self._updateApplyButton()
 
-    def _onProgress(self, fraction: float, message: str) -> None:
-        """Called by the logic between slice batches: show progress and let Qt handle
-        events, so the panel stays responsive and the Cancel click is seen."""
-        self.ui.progressBar.value = int(round(100 * fraction))
-        elapsed = time.time() - self._startTime
-        self.ui.statusLabel.text = f"{message}  ({elapsed:.0f} s)"
-        slicer.app.processEvents()
-
-    def _isCancelRequested(self) -> bool:
-        return self._cancelRequested
-
     def onApplyButton(self) -> None:
         if self._running:
             self._cancelRequested = True
             self.ui.statusLabel.text = _("Cancelling...")
+            if self._job is not None:
+                self._job.cancel()
             self._updateApplyButton()
             return
         if not self._ensureDependencies():
             return
-        problem = torchImportProblem()  # torch is loaded here, on the first run
-        if problem:
-            self.ui.deviceInfoLabel.text = _errorHtml(problem)
-            self.ui.statusLabel.text = problem
-            slicer.util.errorDisplay(problem, windowTitle=_("PyTorch cannot be loaded"))
-            return
-        self.updateDeviceInfo()  # now that torch is loaded: the device it will use
-        self._run(self._parameterNode.device)
+        self._startJob()
 
-    def _run(self, device: str) -> None:
-        from ILDSegmentationLib.errors import Cancelled, DeviceError, ILDSegError
+    def _startJob(self) -> None:
+        """Start the run in a separate process: Slicer stays responsive (torch is
+        imported and the model loaded there, not here) and Cancel ends it at once.
+        Only writing the inputs to a temporary folder happens here, under a busy cursor."""
+        from ILDSegmentationLib.errors import ILDSegError
 
         p = self._parameterNode
         maskIsSegmentation = p.lungMask is not None and p.lungMask.IsA("vtkMRMLSegmentationNode")
-        self._setRunning(True)
-        result = None
-        retryOnCpu = False
         try:
-            result = self.logic.process(
-                p.inputVolume, p.lungMask, p.outputSegmentation,
-                lungSegmentIDs=list(p.lungSegmentIDs) if maskIsSegmentation else None,
-                modelPath=self.logic.resolveModelPath(p.useBundledModel, p.modelPath),
-                device=device, probabilities=p.probabilities,
-                pixelSpacing="model" if p.atModelPixelSpacing else "native",
-                progress=self._onProgress, cancel=self._isCancelRequested,
-                cpuFallback=False)  # ask the user instead (below)
-        except Cancelled:
-            self.ui.statusLabel.text = _("Cancelled. Nothing was changed.")
-        except DeviceError as e:
-            self.ui.statusLabel.text = str(e)
-            # Out of GPU memory even after the engine halved its batches: offer the CPU.
-            if device != "CPU" and "out of GPU memory" in str(e):
-                retryOnCpu = slicer.util.confirmOkCancelDisplay(
-                    _("The GPU ran out of memory, even with the smallest batches.\n\n"
-                      "Run on the CPU instead (slower)?"), windowTitle=_("Out of GPU memory"))
-            else:
-                slicer.util.errorDisplay(str(e))
+            with slicer.util.WaitCursor():
+                job = self.logic.startProcess(
+                    p.inputVolume, p.lungMask, p.outputSegmentation,
+                    lungSegmentIDs=list(p.lungSegmentIDs) if maskIsSegmentation else None,
+                    modelPath=self.logic.resolveModelPath(p.useBundledModel, p.modelPath),
+                    device=p.device, probabilities=p.probabilities,
+                    pixelSpacing="model" if p.atModelPixelSpacing else "native")
         except ILDSegError as e:
-            self.ui.statusLabel.text = str(e)
-            slicer.util.errorDisplay(str(e))
+            self.ui.statusLabel.text = forPanel(str(e))
+            slicer.util.errorDisplay(forPanel(str(e)))
+            return
         except Exception as e:
             logging.error(traceback.format_exc())
             self.ui.statusLabel.text = _("Failed: {error}").format(error=str(e).splitlines()[0] if str(e) else type(e).__name__)
             slicer.util.errorDisplay(_("Unexpected error: {error}").format(error=e), detailedText=traceback.format_exc())
-        finally:
-            self._setRunning(False)
-        if retryOnCpu:
-            self._run("CPU")
             return
+        self._job = job
+        self._discardJobResult = False
+        self._setRunning(True)
+        self.ui.statusLabel.text = job.message
+        self._pollTimer.start()
+
+    def _onPollTimer(self) -> None:
+        """A few times a second: the run's progress; at its end, its results. Never
+        blocks (the run's output is read by a thread that only fills a queue)."""
+        from ILDSegmentationLib.background import CANCELLED, FINISHED_STATES, SUCCEEDED
+        from ILDSegmentationLib.errors import ILDSegError
+
+        job = self._job
+        if job is None:
+            self._pollTimer.stop()
+            return
+        state = job.poll()
+        for line in job.new_lines:  # the run's own messages, for the Python console
+            if not line.startswith(PROGRESS_LINE_PREFIX):
+                logging.info(f"ILD Segmentation: {line}")
+        self.ui.progressBar.value = int(round(100 * job.fraction))
+        if state not in FINISHED_STATES:
+            if not self._cancelRequested:
+                self.ui.statusLabel.text = f"{job.message}  ({job.elapsed_s:.0f} s)"
+            return
+        self._pollTimer.stop()
+        self._job = None
+        result = None
+        if self._discardJobResult:  # the scene closed during the run
+            job.cleanup()
+            self.ui.statusLabel.text = _("Stopped: the scene was closed.")
+        elif state == SUCCEEDED:
+            try:
+                result = self.logic.finishProcess(job)
+            except ILDSegError as e:
+                self.ui.statusLabel.text = forPanel(str(e))
+                slicer.util.errorDisplay(forPanel(str(e)))
+            except Exception as e:
+                logging.error(traceback.format_exc())
+                self.ui.statusLabel.text = _("Failed: {error}").format(error=e)
+                slicer.util.errorDisplay(_("Unexpected error: {error}").format(error=e),
+                                         detailedText=traceback.format_exc())
+        elif state == CANCELLED:
+            self.ui.statusLabel.text = _("Cancelled. Nothing was changed.")
+        else:
+            message = forPanel(job.error or _("the run failed"))
+            if "torch" in message.lower():
+                message += " " + _("If PyTorch is broken, reinstall it: open the PyTorch Utils module, uninstall "
+                                   "PyTorch, restart Slicer, then install it again.")
+            self.ui.statusLabel.text = message
+            slicer.util.errorDisplay(message, windowTitle=_("ILD segmentation failed"),
+                                     detailedText="\n".join(job.child.lines))
+        self._setRunning(False)
         if result is not None:
             self._showResult(result)
 
@@ -527,6 +657,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 row=result.network_pixel_spacing_mm[0], column=result.network_pixel_spacing_mm[1]) + note
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}; lung {volume:.0f} mL.{note}").format(
             seconds=result.seconds, device=result.device, volume=result.volumes["lung_volume_ml"], note=note)
+        self.ui.deviceInfoLabel.text = _("Last run on: {device}").format(device=result.device)
 
     def onEditSegmentation(self) -> None:
         p = self._parameterNode
@@ -606,6 +737,9 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                 lines.append(f"{key.replace('_', ' ').capitalize()}: {provenance[key]}")
         if provenance.get("metrics"):
             lines.append(f"Metrics: {provenance['metrics']}")
+        if info.pixel_spacing_mm:
+            low, high = info.pixel_spacing_mm
+            lines.append(f"Trained at pixel sizes {low:.2f}-{high:.2f} mm")
         lines.append(f"File: {path}")
         return "<br>".join(lines)
 
@@ -642,8 +776,8 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         if not self.torchLoaded():
             if not self.torchAvailable():
                 return _("PyTorch is not installed yet: it will be offered when you click Segment ILD.")
-            return _("Device: {choice}. PyTorch is loaded, and the device checked, when you click "
-                     "Segment ILD.").format(choice=choice)
+            return _("Device: {choice}. PyTorch is loaded, and the device checked, in a separate process "
+                     "when you click Segment ILD; the device used is shown after the run.").format(choice=choice)
         try:
             import torch
             from ILDSegmentationLib.device import describe_device, select_device, why_no_gpu
@@ -672,7 +806,71 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
 
         return default_lung_segment_ids(segmentationNode)
 
-    # -- the job ---------------------------------------------------------------------
+    # -- the run in a separate process (the panel's) -----------------------------------
+    @staticmethod
+    def pythonExecutable() -> str:
+        """Slicer's Python: PythonSlicer (inside Slicer, sys.executable is Slicer
+        itself), as SlicerTotalSegmentator runs its command."""
+        from ILDSegmentationLib.errors import ILDSegError
+
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+        if os.path.basename(sys.executable).lower().startswith("python"):
+            return sys.executable  # a plain Python (e.g. PythonSlicer running this script)
+        raise ILDSegError(_("Slicer's Python (PythonSlicer) was not found next to Slicer; reinstall Slicer."))
+
+    @staticmethod
+    def backgroundDevice(choice: str) -> str:
+        """Panel choice (Auto / GPU / CPU) -> the command's --device, without importing
+        torch here: the separate process checks it and says why when no GPU is usable."""
+        choice = (choice or "Auto").strip().lower()
+        if choice == "cpu":
+            return "cpu"
+        if choice == "gpu":
+            return "mps" if sys.platform == "darwin" else "cuda"
+        return "auto"
+
+    def startProcess(self, inputVolume, lungMaskNode=None, outputSegmentationNode=None, lungSegmentIDs=None,
+                     modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
+                     pixelSpacing: str = "model"):
+        """Start the segmentation in a separate process and return the running
+        ILDSegmentationLib.background.SegmentationJob: poll() it (from a QTimer), cancel()
+        it, and after SUCCEEDED pass it to finishProcess(). Arguments as process().
+        Bad inputs raise ILDSegError here, before anything starts."""
+        from ILDSegmentationLib.background import SegmentationJob
+
+        job = SegmentationJob(
+            slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, segment_ids=lungSegmentIDs,
+            model=modelPath, device=self.backgroundDevice(device) if device in DEVICE_CHOICES else device,
+            probabilities=probabilities, pixel_spacing=pixelSpacing, max_memory_mb=BACKGROUND_BATCH_MEMORY_MB,
+            python=self.pythonExecutable(), env=slicer.util.startupEnvironment(),
+            temp_root=slicer.app.temporaryPath)
+        return job.start()
+
+    @staticmethod
+    def finishProcess(job):
+        """Load a finished run's results into its output nodes (the same nodes
+        process() writes); returns ILDSegmentationLib.mrml.ProcessResult."""
+        logging.info(f"ILD segmentation finished in a separate process in {job.elapsed_s:.1f} s")
+        return job.finish()
+
+    # -- the job in this process (scripts, the self-test) ---------------------------------
+    def releaseDeviceMemory(self) -> None:
+        """After a run in this process on a GPU: the kept model goes back to the CPU and
+        torch's cached GPU memory is released, so that Slicer and other modules get it
+        back. (The panel's run is a separate process: its memory goes when it ends.)"""
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return
+        if self._model is not None:
+            self._model.network.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        mps = getattr(torch, "mps", None)
+        if mps is not None and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            mps.empty_cache()
+
     def process(self, inputVolume, lungMaskNode=None, outputSegmentationNode=None, lungSegmentIDs=None,
                 modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
                 progress: Optional[Callable[[float, str], None]] = None,
@@ -692,6 +890,11 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         ILDSegmentationLib.mrml.ProcessResult (segmentation_node, table_node, ...).
         """
         from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.errors import ILDSegError
+
+        problem = torchImportProblem()  # torch is loaded here, on the first run
+        if problem:
+            raise ILDSegError(problem)
         from ILDSegmentationLib.device import select_device
 
         startTime = time.time()
@@ -699,11 +902,15 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         torchDevice = self.torchDevice(device) if device in DEVICE_CHOICES else device
         deviceType = select_device(torchDevice).type
         model = self.loadModel(modelPath)
-        result = mrml.process(
-            slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, model=model, device=torchDevice,
-            segment_ids=lungSegmentIDs, progress=progress, cancel=cancel, probabilities=probabilities,
-            max_memory_mb=CPU_BATCH_MEMORY_MB if deviceType == "cpu" else GPU_BATCH_MEMORY_MB,
-            cpu_fallback=cpuFallback, pixel_spacing=pixelSpacing)
+        try:
+            result = mrml.process(
+                slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, model=model, device=torchDevice,
+                segment_ids=lungSegmentIDs, progress=progress, cancel=cancel, probabilities=probabilities,
+                max_memory_mb=CPU_BATCH_MEMORY_MB if deviceType == "cpu" else GPU_BATCH_MEMORY_MB,
+                cpu_fallback=cpuFallback, pixel_spacing=pixelSpacing)
+        finally:
+            if deviceType != "cpu":
+                self.releaseDeviceMemory()
         logging.info(f"ILD segmentation completed in {time.time() - startTime:.1f} s on {result.device}")
         return result
 
@@ -852,6 +1059,19 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         self.assertIs(again.segmentation_node, seg)
         self.assertIs(again.table_node, result.table_node)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
+
+        self.delayDisplay("The panel's run: a separate process, results in the same nodes")
+        from ILDSegmentationLib.background import CANCELLED, SUCCEEDED
+
+        job = logic.startProcess(ct, mask, seg, device="CPU")
+        while job.poll() not in (SUCCEEDED, CANCELLED) and job.error is None:
+            slicer.app.processEvents()  # the panel's timer does this without a loop
+            time.sleep(0.05)
+        self.assertEqual(job.state, SUCCEEDED, job.error)
+        background = logic.finishProcess(job)
+        self.assertIs(background.segmentation_node, seg)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
+        self.assertTrue(np.array_equal(mrml.segments_to_array(seg, [c.segment_id for c in CLASSES], ct), labels))
 
         self.delayDisplay("Cancelling leaves the scene as it was")
         with self.assertRaises(Cancelled):

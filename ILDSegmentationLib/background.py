@@ -337,6 +337,8 @@ class BackgroundJob:
         self.fraction = 0.0
         self.message = "Starting"
         self.started_at: Optional[float] = None
+        #: The lines the child printed since the previous poll (for a log).
+        self.new_lines: List[str] = []
 
     @property
     def state(self) -> str:
@@ -371,7 +373,8 @@ class BackgroundJob:
         child failed or was cancelled, the temporary folder is removed at once."""
         if self.child is None:
             return RUNNING
-        for line in self.child.poll():
+        self.new_lines = self.child.poll()
+        for line in self.new_lines:
             self.handle_line(line)
         if self.child.state in (FAILED, CANCELLED):
             self.cleanup()
