@@ -261,15 +261,11 @@ def _warnings(report: Dict[str, Any]) -> List[str]:
     if given.get("note"):
         found.append(str(given["note"]))
     found += [str(w) for w in (given.get("hu_check") or {}).get("warnings", [])]
-    checks = report.get("input_checks")
-    if isinstance(checks, dict):
-        found += [str(w) for w in checks.get("warnings", [])]
-    elif isinstance(checks, list):
-        for item in checks:
-            if isinstance(item, str):
-                found.append(item)
-            elif isinstance(item, dict) and item.get("warning"):
-                found.append(str(item["warning"]))
+    # The input checks (suitability.py): a list of {check, status, detail}; those that
+    # warn, said as the command says them ("<check>: <detail>").
+    for item in report.get("input_checks") or []:
+        if isinstance(item, dict) and item.get("status") == "warning":
+            found.append(f"{str(item.get('check', '')).replace('_', ' ')}: {item.get('detail', '')}")
     return list(dict.fromkeys(found))  # in order, once each
 
 
@@ -322,9 +318,12 @@ class OutputNames:
     dicom_seg: Optional[str] = None
     overlay: Optional[str] = None
     probabilities: Optional[str] = None
+    #: Other outputs of :func:`~.pipeline.segment_file`: its keyword -> file name.
+    extra: Dict[str, str] = field(default_factory=dict)
 
     def all(self) -> List[str]:
-        return [n for n in (self.labels, self.dicom_seg, self.overlay, self.probabilities, self.report) if n]
+        named = (self.labels, self.dicom_seg, self.overlay, self.probabilities, *self.extra.values(), self.report)
+        return [n for n in named if n]
 
 
 def run_batch(cases: Sequence[BatchCase], out_dir: PathLike, *, names: Optional[OutputNames] = None,
@@ -371,6 +370,7 @@ def run_batch(cases: Sequence[BatchCase], out_dir: PathLike, *, names: Optional[
                     dicom_seg=case_dir / names.dicom_seg if names.dicom_seg else None,
                     overlay=case_dir / names.overlay if names.overlay else None,
                     probabilities=case_dir / names.probabilities if names.probabilities else None,
+                    **{keyword: case_dir / name for keyword, name in names.extra.items()},
                     progress=case_progress, **(segment_options or {}))
                 outcome = CaseOutcome(case, "done", report=report)
         except ILDSegError as e:
@@ -426,6 +426,9 @@ def run_batch_command(args: Any) -> int:
                         dicom_seg=_file_name(args.dicom_seg, "--dicom-seg"),
                         overlay=_file_name(args.overlay, "--overlay"),
                         probabilities=_file_name(args.probabilities, "--probabilities"))
+    for keyword, flag in (("table", "--table"), ("visual_report", "--visual-report")):  # outputs segment may add
+        if getattr(args, keyword, None) is not None:
+            names.extra[keyword] = _file_name(getattr(args, keyword), flag)
     if len(set(names.all())) != len(names.all()):
         raise InputError("two outputs of a case have the same file name")
     cases = cases_from_paths(args.ct) + (read_batch_manifest(args.manifest) if args.manifest else [])
@@ -442,9 +445,10 @@ def run_batch_command(args: Any) -> int:
     model = modelfile.load_model(args.model)
     segment_options: Dict[str, Any] = {"device": args.device, "max_memory_mb": args.max_memory,
                                        "pixel_spacing": args.pixel_spacing}
-    for option in ("crop_box",):  # run options that the segment command may add
+    # Run options that the segment command may add: its attribute -> segment_file's keyword.
+    for option, keyword in (("crop_box", "crop_box"), ("subpleural_band", "subpleural_band_mm")):
         if getattr(args, option, None) is not None:
-            segment_options[option] = getattr(args, option)
+            segment_options[keyword] = getattr(args, option)
     Inferer(model, device=args.device, max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing)
 
     from .cli import model_notice

@@ -242,14 +242,16 @@ def test_summary_row_takes_descriptors_and_warnings_from_the_report():
     report = {"lung_volume_ml": 4200.0,
               "classes": [{"label": c.label, "percent_of_lung": float(c.label)} for c in CLASSES],
               "input": {"note": "DICOM slices are unevenly spaced", "hu_check": {"warnings": ["air is -950 HU"]}},
-              "input_checks": {"warnings": ["lungs cut at the apex"]},
+              "input_checks": [{"check": "lung_coverage", "status": "warning", "detail": "lungs cut at the apex"},
+                               {"check": "slice_thickness", "status": "ok", "detail": "1.25 mm"}],
               "distribution": {"upper_lower_ratio": 0.5, "peripheral": {"percent": 61.0}, "dominant": "basal"},
               "timings_s": {"total": 12.345}, "device": "cpu", "model": {"sha256": "ab" * 32}}
     row = summary_row(CaseOutcome(BatchCase("c", Path("c.nrrd")), "done", report=report))
     assert row["lung_volume_ml"] == 4200.0 and row["percent_honeycombing"] == 6.0
     assert row["distribution_upper_lower_ratio"] == 0.5 and row["distribution_peripheral_percent"] == 61.0
     assert row["distribution_dominant"] == "basal"
-    assert row["input_warnings"] == "DICOM slices are unevenly spaced | air is -950 HU | lungs cut at the apex"
+    assert row["input_warnings"] == ("DICOM slices are unevenly spaced | air is -950 HU | "
+                                     "lung coverage: lungs cut at the apex")
     assert row["seconds"] == 12.35 and row["status"] == "done"
 
 
