@@ -15,13 +15,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .classes import NUM_CLASSES
-from .cropping import CropBox, crop_boxes, split_left_right
+from .cropping import CROP_BOX_CHOICES, CropBox, crop_boxes, crop_boxes_aerated, split_left_right
 from .device import describe_device, select_device
 from .errors import CancelCheck, Cancelled, DeviceError, InputError, LungMaskError, is_cancelled
 from .fastpath import FastCPUForward, supports as fast_cpu_supported, trim_heap
@@ -32,6 +32,9 @@ from .resolution import PIXEL_SPACING_CHOICES, InPlaneGrid, network_pixel_spacin
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[float, str], None]
+#: Places the crop boxes of one slice: (sides 0/1/2, HU slice, slice index) -> boxes,
+#: in the canonical view; for benchmarks that try other placements than the named ones.
+BoxFunction = Callable[[np.ndarray, np.ndarray, int], List[CropBox]]
 
 #: Crops are padded up to a multiple of this (pixels) so that crops of similar size
 #: share a batch; the padding is masked out, so results equal unpadded crops.
@@ -85,16 +88,26 @@ class Inferer:
         model was trained at, resampling CTs outside it in-plane and bringing the
         labels back (:mod:`.resolution`); "native" runs at the CT's own pixel size,
         as the paper did. Models that do not record their range run natively.
+    crop_box: how each lung's crop box is placed (:data:`~.cropping.CROP_BOX_CHOICES`):
+        "mask" (default, the paper's) boxes each lung's mask plus 32 pixels; "aerated"
+        boxes the aerated lung the mask outlines, found in the CT
+        (:func:`~.cropping.crop_boxes_aerated`), so that a mask border drawn a few
+        pixels wider or narrower does not move the box and change the labels. Labels
+        are written inside the mask either way. A callable (:data:`BoxFunction`) is
+        used as given (benchmarks).
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", max_memory_mb: float = 1024,
                  mixed_precision: bool = True, cpu_fallback: bool = True, fast_cpu: bool = True,
-                 pixel_spacing: str = "model") -> None:
+                 pixel_spacing: str = "model", crop_box: Union[str, BoxFunction] = "mask") -> None:
         if not (isinstance(max_memory_mb, (int, float)) and math.isfinite(max_memory_mb) and max_memory_mb > 0):
             raise InputError(f"the memory for a batch (--max-memory) must be a number of MB above 0, "
                              f"not {max_memory_mb}")
         if pixel_spacing not in PIXEL_SPACING_CHOICES:
             raise ValueError(f"pixel_spacing must be one of {PIXEL_SPACING_CHOICES}, not {pixel_spacing!r}")
+        if not callable(crop_box) and crop_box not in CROP_BOX_CHOICES:
+            raise ValueError(f"crop_box must be one of {CROP_BOX_CHOICES} or a function, not {crop_box!r}")
+        self.crop_box = crop_box
         self.pixel_spacing = pixel_spacing
         self.cpu_fallback = cpu_fallback
         self.model = model
@@ -187,7 +200,7 @@ class Inferer:
         boxes: List[CropBox] = []
         for z in range(sides.shape[0]):
             if wanted[z] and sides[z].any():
-                boxes.extend(crop_boxes(sides[z], z))
+                boxes.extend(self._boxes(sides[z], hu_c[z], z))
         if not boxes:
             raise LungMaskError("the lung mask is empty: nothing to segment")
         if hu_c.shape[1] * hu_c.shape[2] < 2:
@@ -235,6 +248,13 @@ class Inferer:
             seconds=t_end - t_start, timings={"prepare": t_prep - t_start, "network": t_end - t_prep})
 
     # -- internals ----------------------------------------------------------------
+    def _boxes(self, sides: np.ndarray, hu: np.ndarray, z: int) -> List[CropBox]:
+        if callable(self.crop_box):
+            return self.crop_box(sides, hu, z)
+        if self.crop_box == "aerated":
+            return crop_boxes_aerated(sides, hu, z)
+        return crop_boxes(sides, z)
+
     def _batches(self, boxes: Sequence[CropBox]) -> Iterator[List[CropBox]]:
         """Group crops of the same padded size, in slice order within a group, each
         batch within the pixel budget."""

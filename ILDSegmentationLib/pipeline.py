@@ -56,6 +56,7 @@ def segment_file(
     dicom_seg: Optional[PathLike] = None,
     max_memory_mb: float = 1024,
     pixel_spacing: str = "model",
+    crop_box: str = "mask",
     progress: Optional[ProgressCallback] = None,
     cancel: CancelCheck = None,
 ) -> Dict[str, Any]:
@@ -64,8 +65,9 @@ def segment_file(
     :class:`~ILDSegmentationLib.inference.Inferer`. ``output`` named ``.dcm``, or
     ``dicom_seg``, writes a DICOM Segmentation referencing the CT's DICOM series
     (:mod:`.dicomseg`; refused before any work for a CT that is not DICOM). ``model``:
-    a model file, None for the bundled one, or a model already loaded. Returns the report (also written
-    to ``report``)."""
+    a model file, None for the bundled one, or a model already loaded. ``crop_box``: "mask" (the paper's)
+    or "aerated" (a box the mask's exact border does not move), see the same. Returns
+    the report (also written to ``report``)."""
     t0 = time.perf_counter()
     # ``output`` named .dcm, or ``dicom_seg``: a DICOM Segmentation over the CT's series.
     from .dicomseg import check_dicom_source, is_dicom_seg_path, write_dicom_seg
@@ -91,7 +93,8 @@ def segment_file(
 
     # A batch passes the model it loaded once (batch.py); a path or None loads it here.
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, pixel_spacing=pixel_spacing)
+    inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, pixel_spacing=pixel_spacing,
+                      crop_box=crop_box)
     timings: Dict[str, float] = {}
 
     t = time.perf_counter()
@@ -131,6 +134,7 @@ def segment_file(
                   "provenance": info.provenance},
         "device": result.device,
         "pixel_spacing_mm": pixel_spacing_summary(result, info, pixel_spacing),
+        "crop_box": crop_box,
         "slices": {"total": result.slices_total, "with_lung": result.slices_with_lung, "lung_crops": result.crops},
         "outputs": {"labels": str(output)},
     }
