@@ -34,6 +34,7 @@ import collections
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -502,6 +503,129 @@ class SegmentationJob(BackgroundJob):
             self.cleanup()
 
 
+class FinetuneJob(BackgroundJob):
+    """``ildseg finetune`` in a separate process, for the panel's "Fine-tune".
+
+    Starts from ``start_model`` (None: the bundled model) on the training folder's
+    ``manifest``, writing into ``run_folder`` (which must not exist yet: a new folder
+    in the user's model folder, see :func:`~.trainingset.new_run_folder`). Progress
+    comes from the command's own lines: ``finetune: E epochs at most`` and, per epoch,
+    ``epoch N: loss ..., validation BACC ...``; the remaining time is estimated from
+    the epochs' durations (an upper bound: early stopping may end the run sooner).
+    On failure or cancel the run folder is removed, so no partial model ever shows up
+    among the user's models. :meth:`finish` returns the run's ``finetune.json``
+    (``before`` / ``after``: balanced and per-class accuracy on the held-out
+    annotations) with ``model`` the new model file.
+    """
+
+    what = "the fine-tuning process"
+
+    def __init__(self, manifest: str, run_folder: str, *, start_model: Optional[str] = None, epochs: int = 40,
+                 val_fraction: float = 0.25, device: str = "auto", time_limit_s: Optional[float] = None,
+                 extra_args: Sequence[str] = (), python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 temp_root: Optional[str] = None, library: Optional[str] = None) -> None:
+        super().__init__(python=python, env=env, temp_root=temp_root, library=library)
+        self.manifest = str(manifest)
+        self.run_folder = Path(run_folder)
+        self.start_model = None if start_model in (None, "") else str(start_model)
+        self.epochs = int(epochs)
+        self.val_fraction = float(val_fraction)
+        self.device = device
+        self.time_limit_s = time_limit_s
+        self.extra_args = [str(a) for a in extra_args]
+        #: From the command's output: at most this many epochs; (epoch, BACC) so far.
+        self.max_epochs: Optional[int] = None
+        self.epoch_results: List[Tuple[int, float]] = []
+        self._epoch_ends: List[float] = []
+        self._epochs_started_at: Optional[float] = None
+
+    def start(self) -> "FinetuneJob":
+        """Check the paths (one-line InputError) and start the child."""
+        from .errors import InputError
+
+        if not os.path.isfile(self.manifest):
+            raise InputError(f"the training set has no manifest yet ({self.manifest}): add an annotated case first")
+        if self.run_folder.exists():
+            raise InputError(f"the run folder exists already: {self.run_folder}")
+        if self.start_model is not None and not os.path.isfile(self.start_model):
+            raise InputError(f"the model file does not exist: {self.start_model}")
+        self._make_folder()
+        args = ["finetune", "--manifest", os.path.abspath(self.manifest), "--out", os.path.abspath(self.run_folder),
+                "--epochs", str(self.epochs), "--val-fraction", f"{self.val_fraction:g}", "--device", self.device]
+        if self.start_model is not None:
+            args += ["--model", os.path.abspath(self.start_model)]
+        if self.time_limit_s is not None:
+            args += ["--time-limit", f"{self.time_limit_s:g}"]
+        self.message = "Starting PyTorch and reading the training set"
+        try:
+            self._launch(args + self.extra_args)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    _FIRST = re.compile(r"^finetune: (\d+) epochs at most")
+    _EPOCH = re.compile(r"^epoch (\d+): loss [^,]+, validation BACC ([0-9.]+|nan)")
+
+    def handle_line(self, line: str) -> None:
+        first = self._FIRST.match(line)
+        if first:
+            self.max_epochs = int(first.group(1))
+            self.message = "Reading the annotated cases"
+            return
+        epoch = self._EPOCH.match(line)
+        now = time.monotonic()
+        if epoch:
+            n, bacc = int(epoch.group(1)), float(epoch.group(2))
+            self.epoch_results.append((n, bacc))
+            self._epoch_ends.append(now)
+            total = self.max_epochs or self.epochs
+            self.fraction = min(1.0, n / max(total, 1))
+            self.message = f"Epoch {n} of at most {total}: held-out balanced accuracy {bacc:.3f}"
+            return
+        if line.startswith("before: "):
+            self._epochs_started_at = now  # the epochs start after the "before" measure
+        if line.strip() and parse_progress_line(line) is None and not self.epoch_results:
+            self.message = " ".join(line.split())[:120]
+
+    @property
+    def remaining_s(self) -> Optional[float]:
+        """At most about this many seconds left: the mean of the last epochs' durations
+        times the epochs that may still run; None before the first epoch ended."""
+        if not self._epoch_ends:
+            return None
+        starts = ([self._epochs_started_at] if self._epochs_started_at is not None else []) + self._epoch_ends
+        durations = [b - a for a, b in zip(starts, starts[1:])] or [self._epoch_ends[0] - (self.started_at or 0.0)]
+        recent = durations[-3:]
+        left = (self.max_epochs or self.epochs) - self.epoch_results[-1][0]
+        return max(0.0, sum(recent) / len(recent) * left)
+
+    def poll(self) -> str:
+        state = super().poll()
+        if state in (FAILED, CANCELLED):
+            shutil.rmtree(self.run_folder, ignore_errors=True)
+        return state
+
+    def finish(self) -> Dict[str, Any]:
+        """After SUCCEEDED: the run's finetune.json as a dict (``model``: the new model
+        file). The temporary folder is removed; the run folder stays."""
+        from .errors import ILDSegError
+
+        if self.state != SUCCEEDED:
+            raise ILDSegError(f"{self.what} has not succeeded ({self.state})")
+        try:
+            report_path = self.run_folder / "finetune.json"
+            model = self.run_folder / "model.safetensors"
+            if not report_path.is_file() or not model.is_file():
+                raise ILDSegError(f"{self.what} ended without writing {model.name} and finetune.json "
+                                  f"into {self.run_folder}")
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+            report["model"] = str(model)
+            return report
+        finally:
+            self.cleanup()
+
+
 def _write_image(array: Any, geometry: Any, path: Path) -> None:
     """An array (K, J, I) with its LPS geometry as an uncompressed NRRD (speed over
     size: the file lives only as long as the run)."""
@@ -515,6 +639,6 @@ def _write_image(array: Any, geometry: Any, path: Path) -> None:
     sitk.WriteImage(image, str(path), False)
 
 
-__all__ = ["ProgressLines", "parse_progress_line", "ChildProcess", "BackgroundJob", "SegmentationJob",
+__all__ = ["ProgressLines", "parse_progress_line", "ChildProcess", "BackgroundJob", "SegmentationJob", "FinetuneJob",
            "child_environment", "library_folder", "PROGRESS_PREFIX", "RUNNING", "CANCELLING", "SUCCEEDED",
            "FAILED", "CANCELLED", "FINISHED_STATES"]
