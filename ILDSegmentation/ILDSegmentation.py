@@ -263,6 +263,9 @@ class ILDSegmentationParameterNode:
     per-class probability maps. atModelPixelSpacing: run the network at a pixel size
     within the model's training range (a CT outside it is resampled in-plane and the
     labels brought back); off runs at the CT's own pixel size, as the paper did.
+    annotationSegmentation: painted examples of the input CT (six class segments).
+    trainingFolder: the local training set (manifest.csv and one folder per case).
+    modelFolder: where fine-tuned models go. finetuneEpochs: at most this many epochs.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -276,6 +279,12 @@ class ILDSegmentationParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     probabilities: bool = False
     atModelPixelSpacing: bool = True
+    # Teaching it (issue 16). The folders are str, wired by hand to their path boxes
+    # (as modelPath): "" means none chosen.
+    annotationSegmentation: vtkMRMLSegmentationNode
+    trainingFolder: str = ""
+    modelFolder: str = ""
+    finetuneEpochs: int = 40
 
 
 #
@@ -300,6 +309,9 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._discardJobResult = False
         self._pollTimer = None
+        # Fine-tuning in a separate process (ILDSegmentationLib.background.FinetuneJob).
+        self._finetuneJob = None
+        self._finetuneTimer = None
         # What the parameter node held when last seen, to act when the user changes it.
         self._seenLungMask = _NOT_SEEN
         self._seenInputVolume = _NOT_SEEN
@@ -317,6 +329,10 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._onPollTimer)
+        self._finetuneTimer = qt.QTimer()
+        self._finetuneTimer.setInterval(4 * POLL_INTERVAL_MS)
+        self._finetuneTimer.connect("timeout()", self._onFinetuneTimer)
+        self.ui.finetuneProgressBar.setVisible(False)
         self.ui.resultsCollapsibleButton.collapsed = True
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -332,6 +348,12 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
         self.ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
+        self.ui.createAnnotationButton.connect("clicked(bool)", self.onCreateAnnotation)
+        self.ui.addToTrainingSetButton.connect("clicked(bool)", self.onAddToTrainingSet)
+        self.ui.trainingFolderLineEdit.connect("currentPathChanged(QString)", self.onTrainingFolderChanged)
+        self.ui.modelFolderLineEdit.connect("currentPathChanged(QString)", self.onModelFolderChanged)
+        self.ui.userModelComboBox.connect("activated(int)", self.onUserModelChosen)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
 
         self.initializeParameterNode()
         self.updateModelInfo()
@@ -345,6 +367,12 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = None
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        if self._finetuneJob is not None:  # its run folder is removed with it
+            self._finetuneJob.cancel()
+            self._finetuneJob.cleanup()
+            self._finetuneJob = None
+        if self._finetuneTimer is not None:
+            self._finetuneTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -426,6 +454,13 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelPathLineEdit.blockSignals(wasBlocked)
             self.updateModelInfo()
         self.ui.modelPathLineEdit.enabled = not p.useBundledModel and not self._running
+        for box, value, refresh in ((self.ui.trainingFolderLineEdit, p.trainingFolder, self.updateTrainingSetInfo),
+                                    (self.ui.modelFolderLineEdit, p.modelFolder, self.updateUserModels)):
+            if box.currentPath != value:
+                wasBlocked = box.blockSignals(True)
+                box.currentPath = value
+                box.blockSignals(wasBlocked)
+                refresh()
         self._updateApplyButton()
 
     def _updateApplyButton(self) -> None:
@@ -436,6 +471,12 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self.ui.editSegmentationButton.enabled = (
             not self._running and p is not None and mrml.has_segments(p.outputSegmentation))
+        self._updateTeachButtons()
+        if self._finetuneJob is not None and not self._running:
+            self.ui.applyButton.text = _("Segment ILD")
+            self.ui.applyButton.toolTip = _("Fine-tuning is running (see below)")
+            self.ui.applyButton.enabled = False
+            return
         if self._running:
             self.ui.applyButton.text = _("Cancelling...") if self._cancelRequested else _("Cancel")
             self.ui.applyButton.toolTip = _("Stop; the scene is left as it was")
@@ -659,18 +700,186 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seconds=result.seconds, device=result.device, volume=result.volumes["lung_volume_ml"], note=note)
         self.ui.deviceInfoLabel.text = _("Last run on: {device}").format(device=result.device)
 
+    # -- teaching it your site's disease (issue 16) ---------------------------------------
+    def _updateTeachButtons(self) -> None:
+        p = self._parameterNode
+        busy = self._running or self._finetuneJob is not None
+        haveCT = p is not None and p.inputVolume is not None
+        self.ui.createAnnotationButton.enabled = haveCT and not busy
+        self.ui.addToTrainingSetButton.enabled = (haveCT and not busy and p.annotationSegmentation is not None
+                                                  and bool(p.trainingFolder.strip()))
+        if self._finetuneJob is not None:
+            self.ui.finetuneButton.text = _("Cancel fine-tuning")
+            self.ui.finetuneButton.enabled = True
+        else:
+            self.ui.finetuneButton.text = _("Fine-tune")
+            self.ui.finetuneButton.enabled = (not self._running and p is not None and bool(p.trainingFolder.strip())
+                                              and bool(p.modelFolder.strip()))
+        for widget in (self.ui.trainingFolderLineEdit, self.ui.modelFolderLineEdit, self.ui.finetuneEpochsSpinBox,
+                       self.ui.annotationSelector):
+            widget.enabled = not busy
+
+    def onCreateAnnotation(self) -> None:
+        from ILDSegmentationLib.errors import ILDSegError
+
+        p = self._parameterNode
+        try:
+            node = self.logic.createAnnotationSegmentation(p.inputVolume)
+        except ILDSegError as e:
+            slicer.util.errorDisplay(forPanel(str(e)))
+            return
+        p.annotationSegmentation = node
+        self._openInSegmentEditor(node, p.inputVolume)
+
+    def onTrainingFolderChanged(self, path) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.trainingFolder = str(path or "")
+        self.updateTrainingSetInfo()
+
+    def onModelFolderChanged(self, path) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.modelFolder = str(path or "")
+        self.updateUserModels()
+
+    def updateTrainingSetInfo(self) -> None:
+        folder = self.ui.trainingFolderLineEdit.currentPath
+        try:
+            self.ui.trainingSetLabel.text = self.logic.trainingSetSummary(folder).message() if folder else ""
+        except Exception as e:  # a manifest the training CLI cannot read, an unreadable case
+            self.ui.trainingSetLabel.text = _errorHtml(forPanel(str(e)))
+
+    def updateUserModels(self) -> None:
+        """The user's models, newest first, in the combo box (item data: the file)."""
+        combo = self.ui.userModelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        try:
+            entries = self.logic.userModels(self.ui.modelFolderLineEdit.currentPath)
+        except Exception as e:
+            logging.error(traceback.format_exc())
+            entries = []
+            combo.addItem(_("Cannot list the models: {error}").format(error=e), "")
+        if not entries:
+            combo.addItem(_("(no models of your own yet)"), "")
+        for entry in entries:
+            combo.addItem(entry.label(), str(entry.path))
+        combo.blockSignals(wasBlocked)
+
+    def onUserModelChosen(self, index: int) -> None:
+        path = self.ui.userModelComboBox.itemData(index)
+        if path and self._parameterNode is not None:
+            self._parameterNode.useBundledModel = False
+            self._parameterNode.modelPath = str(path)
+
+    def onAddToTrainingSet(self) -> None:
+        from ILDSegmentationLib.errors import ILDSegError
+
+        p = self._parameterNode
+        maskIsSegmentation = p.lungMask is not None and p.lungMask.IsA("vtkMRMLSegmentationNode")
+        try:
+            with slicer.util.WaitCursor():
+                added, summary = self.logic.addToTrainingSet(
+                    p.trainingFolder, p.inputVolume, p.annotationSegmentation, p.lungMask,
+                    list(p.lungSegmentIDs) if maskIsSegmentation else None)
+        except ILDSegError as e:
+            self.ui.trainingSetLabel.text = _errorHtml(forPanel(str(e)))
+            slicer.util.errorDisplay(forPanel(str(e)))
+            return
+        except OSError as e:
+            slicer.util.errorDisplay(_("Cannot write into the training folder: {error}").format(error=e))
+            return
+        self.ui.trainingSetLabel.text = _("Case '{case}' added.").format(case=added.case_id) + " " + summary.message()
+
+    def onFinetuneButton(self) -> None:
+        from ILDSegmentationLib.errors import ILDSegError
+
+        if self._finetuneJob is not None:
+            self._finetuneJob.cancel()
+            self.ui.finetuneStatusLabel.text = _("Cancelling...")
+            self.ui.finetuneButton.enabled = False
+            return
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            job = self.logic.startFinetune(
+                p.trainingFolder, p.modelFolder, startModel=self.logic.resolveModelPath(p.useBundledModel, p.modelPath),
+                epochs=p.finetuneEpochs, device=p.device)
+        except ILDSegError as e:
+            self.ui.finetuneStatusLabel.text = forPanel(str(e))
+            slicer.util.errorDisplay(forPanel(str(e)))
+            return
+        self._finetuneJob = job
+        self.ui.finetuneProgressBar.value = 0
+        self.ui.finetuneProgressBar.setVisible(True)
+        self.ui.finetuneStatusLabel.text = job.message
+        self._updateApplyButton()
+        self._finetuneTimer.start()
+
+    def _onFinetuneTimer(self) -> None:
+        from ILDSegmentationLib.background import CANCELLED, FINISHED_STATES, SUCCEEDED
+        from ILDSegmentationLib.errors import ILDSegError
+
+        job = self._finetuneJob
+        if job is None:
+            self._finetuneTimer.stop()
+            return
+        state = job.poll()
+        for line in job.new_lines:
+            logging.info(f"ILD Segmentation fine-tuning: {line}")
+        self.ui.finetuneProgressBar.value = int(round(100 * job.fraction))
+        if state not in FINISHED_STATES:
+            if state != "cancelling":
+                text = f"{job.message}  ({job.elapsed_s / 60:.0f} min)"
+                remaining = job.remaining_s
+                if remaining is not None:
+                    text += " " + _("At most about {minutes:.0f} min left (it stops earlier when the held-out "
+                                    "accuracy stops improving).").format(minutes=max(1.0, remaining / 60))
+                self.ui.finetuneStatusLabel.text = text
+            return
+        self._finetuneTimer.stop()
+        self._finetuneJob = None
+        self.ui.finetuneProgressBar.setVisible(False)
+        if state == SUCCEEDED:
+            try:
+                report = self.logic.finishFinetune(job)
+            except ILDSegError as e:
+                self.ui.finetuneStatusLabel.text = forPanel(str(e))
+            else:
+                from ILDSegmentationLib.trainingset import describe_finetune
+
+                self.ui.finetuneStatusLabel.text = "<br>".join(
+                    [_("Fine-tuned. The new model is chosen for Segment ILD (the bundled one is unchanged).")]
+                    + describe_finetune(report))
+                self.updateUserModels()
+                p = self._parameterNode
+                if p is not None:
+                    p.useBundledModel = False
+                    p.modelPath = report["model"]
+        elif state == CANCELLED:
+            self.ui.finetuneStatusLabel.text = _("Fine-tuning cancelled; no model was written.")
+        else:
+            message = forPanel(job.error or _("fine-tuning failed"))
+            self.ui.finetuneStatusLabel.text = message
+            slicer.util.errorDisplay(message, windowTitle=_("Fine-tuning failed"),
+                                     detailedText="\n".join(job.child.lines))
+        self._updateApplyButton()
+
+    def _openInSegmentEditor(self, segmentationNode, volumeNode) -> None:
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.SegmentEditorWidget.editor
+        editor.setSegmentationNode(segmentationNode)
+        if volumeNode is not None:
+            if hasattr(editor, "setSourceVolumeNode"):
+                editor.setSourceVolumeNode(volumeNode)
+            else:  # Slicer before 5.4
+                editor.setMasterVolumeNode(volumeNode)
+
     def onEditSegmentation(self) -> None:
         p = self._parameterNode
         if p is None or p.outputSegmentation is None:
             return
-        slicer.util.selectModule("SegmentEditor")
-        editor = slicer.modules.SegmentEditorWidget.editor
-        editor.setSegmentationNode(p.outputSegmentation)
-        if p.inputVolume is not None:
-            if hasattr(editor, "setSourceVolumeNode"):
-                editor.setSourceVolumeNode(p.inputVolume)
-            else:  # Slicer before 5.4
-                editor.setMasterVolumeNode(p.inputVolume)
+        self._openInSegmentEditor(p.outputSegmentation, p.inputVolume)
 
 
 #
@@ -855,6 +1064,60 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         logging.info(f"ILD segmentation finished in a separate process in {job.elapsed_s:.1f} s")
         return job.finish()
 
+    # -- teaching it your site's disease (issue 16) ---------------------------------------
+    @staticmethod
+    def createAnnotationSegmentation(inputVolume):
+        """A segmentation with the six class segments, empty, over the CT, to paint in."""
+        from ILDSegmentationLib.trainingset import create_annotation_segmentation
+
+        return create_annotation_segmentation(slicer.mrmlScene, inputVolume)
+
+    @staticmethod
+    def addToTrainingSet(trainingFolder: str, inputVolume, annotationNode, lungMaskNode=None,
+                         lungSegmentIDs=None):
+        """Store the CT, its lung mask and the painted labels as a case of the training
+        folder's manifest; returns (the added case, the set's summary)."""
+        from ILDSegmentationLib.trainingset import add_case, summarize
+
+        added = add_case(trainingFolder, inputVolume, annotationNode, lungMaskNode, lungSegmentIDs)
+        return added, summarize(trainingFolder)
+
+    @staticmethod
+    def trainingSetSummary(trainingFolder: str):
+        from ILDSegmentationLib.trainingset import summarize
+
+        return summarize(trainingFolder)
+
+    @staticmethod
+    def userModels(modelFolder: str):
+        from ILDSegmentationLib.trainingset import list_models
+
+        return list_models(modelFolder)
+
+    def startFinetune(self, trainingFolder: str, modelFolder: str, startModel: Optional[str] = None,
+                      epochs: int = 40, device: str = "Auto", valFraction: float = 0.25):
+        """Fine-tune ``startModel`` (None: the bundled model) on the training folder in a
+        separate process, into a new run folder of ``modelFolder``; returns the running
+        ILDSegmentationLib.background.FinetuneJob (poll, cancel, then finishFinetune)."""
+        from ILDSegmentationLib.background import FinetuneJob
+        from ILDSegmentationLib.trainingset import MANIFEST_NAME, new_run_folder
+
+        if not str(trainingFolder or "").strip():
+            from ILDSegmentationLib.errors import InputError
+            raise InputError(_("choose a training folder first"))
+        job = FinetuneJob(
+            os.path.join(trainingFolder, MANIFEST_NAME), str(new_run_folder(modelFolder)), start_model=startModel,
+            epochs=epochs, val_fraction=valFraction,
+            device=self.backgroundDevice(device) if device in DEVICE_CHOICES else device,
+            python=self.pythonExecutable(), env=slicer.util.startupEnvironment(), temp_root=slicer.app.temporaryPath)
+        return job.start()
+
+    @staticmethod
+    def finishFinetune(job):
+        """The finished run's report (finetune.json; ``model``: the new model file)."""
+        logging.info(f"ILD Segmentation fine-tuning finished in {job.elapsed_s:.0f} s")
+        return job.finish()
+
     # -- the job in this process (scripts, the self-test) ---------------------------------
     def releaseDeviceMemory(self) -> None:
         """After a run in this process on a GPU: the kept model goes back to the CPU and
@@ -933,6 +1196,8 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         self.test_LungMaskResampling()
         self.setUp()
         self.test_SegmentSyntheticChest()
+        self.setUp()
+        self.test_TeachItYourSite()
 
     # -- helpers ---------------------------------------------------------------------
     @staticmethod
@@ -1080,3 +1345,30 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(ct), ctBefore))
         self.assertEqual(ct.GetMTime(), ctMTime)
         self.delayDisplay("Test passed")
+
+    def test_TeachItYourSite(self) -> None:
+        """Annotation segmentation, training folder and model folder (the fine-tuning
+        itself is tested outside Slicer, Testing/Python/test_trainingset.py)."""
+        import tempfile
+
+        import numpy as np
+        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.classes import CLASSES
+
+        self.delayDisplay("Annotating a case and adding it to a training folder")
+        logic = ILDSegmentationLogic()
+        ct, mask, ctGeometry, shape = self._syntheticChest()
+        annotation = logic.createAnnotationSegmentation(ct)
+        self.assertEqual(mrml.segment_ids_of(annotation), [c.segment_id for c in CLASSES])
+        lungs = mrml.lung_mask_from_node(mask, ct)
+        painted = np.zeros(shape, np.uint8)
+        painted[..., 2][lungs[..., 2] > 0] = 1  # one axial slice painted healthy
+        mrml.write_labels_to_segmentation(painted, ct, annotation)
+        with tempfile.TemporaryDirectory() as folder:
+            added, summary = logic.addToTrainingSet(folder, ct, annotation, mask)
+            self.assertEqual(summary.cases, 1)
+            self.assertEqual(summary.pixels["Healthy"], int(painted.astype(bool).sum()))
+            self.assertIn("No examples yet of", summary.message())
+            self.assertTrue(os.path.isfile(os.path.join(folder, "manifest.csv")))
+            self.assertEqual(logic.userModels(folder), [])
+        self.delayDisplay("Training folder OK")

@@ -364,6 +364,32 @@ def list_models(folder: PathLike) -> List[ModelEntry]:
     return entries
 
 
+def describe_finetune(report: Dict[str, Any]) -> List[str]:
+    """Lines for the panel from a fine-tuning report (finetune.json): the held-out
+    balanced accuracy before and after, then per class (n/a: no held-out pixel of
+    that class), then the classes the training set did not teach."""
+    before, after = report.get("before") or {}, report.get("after") or {}
+
+    def share(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{100.0 * value:.1f} %"
+
+    held = report.get("held_out") or {}
+    lines = [f"Held-out balanced accuracy: {share(before.get('balanced_accuracy'))} before, "
+             f"{share(after.get('balanced_accuracy'))} after"
+             + (f" (held out: {held.get('unit')} {', '.join(map(str, held.get('items') or []))})" if held else "")]
+    per_before = before.get("per_class_accuracy") or {}
+    per_after = after.get("per_class_accuracy") or {}
+    for c in CLASSES:
+        if c.name in per_before or c.name in per_after:
+            lines.append(f"{c.name}: {share(per_before.get(c.name))} -> {share(per_after.get(c.name))}")
+    lacking = report.get("classes_without_examples") or []
+    if lacking:
+        lines.append("Not taught (no examples): " + ", ".join(lacking))
+    if report.get("model"):
+        lines.append(f"Model: {report['model']}")
+    return lines
+
+
 def new_run_folder(model_folder: PathLike, prefix: str = "finetune") -> Path:
     """A new, not yet existing run folder path in the user's model folder (created
     if needed), named by date and time. The bundled model's folder is refused."""
@@ -385,4 +411,5 @@ def new_run_folder(model_folder: PathLike, prefix: str = "finetune") -> Path:
 
 
 __all__ = ["create_annotation_segmentation", "annotated_volume", "annotation_labels", "add_case", "AddedCase",
-           "summarize", "TrainingSetSummary", "list_models", "ModelEntry", "new_run_folder", "MANIFEST_NAME"]
+           "summarize", "TrainingSetSummary", "list_models", "ModelEntry", "new_run_folder", "describe_finetune",
+           "MANIFEST_NAME"]

@@ -236,14 +236,18 @@ def test_parameter_node_is_bound_to_the_ui(ui, tree):
     # every bound name is a parameter; every parameter but the segment list (wired
     # by hand to the segment selector) has a widget of a type connectGui supports
     assert set(bound) <= set(fields)
-    # wired by hand: the segment list (to the segment selector) and the model path
-    assert set(fields) - set(bound) == {"lungSegmentIDs", "modelPath"}
-    supported = {"qMRMLNodeComboBox", "QCheckBox", "QComboBox"}
+    # wired by hand: the segment list (to the segment selector) and the path boxes
+    assert set(fields) - set(bound) == {"lungSegmentIDs", "modelPath", "trainingFolder", "modelFolder"}
+    supported = {"qMRMLNodeComboBox", "QCheckBox", "QComboBox", "QSpinBox"}
     assert set(bound.values()) <= supported
     assert "Choice" in fields["device"] and bound["device"] == "QComboBox"
     for expected in ("inputVolume", "lungMask", "lungSegmentIDs", "useBundledModel", "modelPath", "device",
-                     "outputSegmentation", "probabilities", "atModelPixelSpacing"):
+                     "outputSegmentation", "probabilities", "atModelPixelSpacing", "annotationSegmentation",
+                     "trainingFolder", "modelFolder", "finetuneEpochs"):
         assert expected in fields
+    assert fields["finetuneEpochs"] == "int" and bound["finetuneEpochs"] == "QSpinBox"
+    assert fields["trainingFolder"] == fields["modelFolder"] == "str"
+    assert fields["annotationSegmentation"] == "vtkMRMLSegmentationNode"
 
 
 # ----------------------------------------------------------------------------------
@@ -825,3 +829,40 @@ def test_extension_screenshot_is_a_picture_in_the_repository():
         while lines[at - 1 - len(comment)].startswith("#"):
             comment.append(lines[at - 1 - len(comment)])
         assert "PLACEHOLDER" in " ".join(comment), key
+
+
+def test_teach_section_only_wires_the_logic(ui, tree):
+    """Issue 16, the panel: every step goes through the logic (which delegates to
+    ILDSegmentationLib.trainingset / background, tested on the real MRML core and a
+    real child process); fine-tuning is polled from a timer, with Cancel and the
+    remaining time; the new model becomes the chosen model file; the bundled one is
+    never the output."""
+    names = _ui_widgets(ui)
+    for widget, cls in (("teachCollapsibleButton", "ctkCollapsibleButton"), ("annotationSelector", "qMRMLNodeComboBox"),
+                        ("createAnnotationButton", "QPushButton"), ("trainingFolderLineEdit", "ctkPathLineEdit"),
+                        ("addToTrainingSetButton", "QPushButton"), ("trainingSetLabel", "QLabel"),
+                        ("modelFolderLineEdit", "ctkPathLineEdit"), ("userModelComboBox", "QComboBox"),
+                        ("finetuneButton", "QPushButton"), ("finetuneProgressBar", "QProgressBar"),
+                        ("finetuneStatusLabel", "QLabel")):
+        assert names.get(widget) == cls, widget
+    widget = _class_methods(tree, "ILDSegmentationWidget")
+    logic = _class_methods(tree, "ILDSegmentationLogic")
+    assert _calls(widget["onCreateAnnotation"], "logic.createAnnotationSegmentation")
+    assert _calls(widget["onAddToTrainingSet"], "logic.addToTrainingSet")
+    add = ast.unparse(widget["onAddToTrainingSet"])
+    assert "summary.message()" in add and "forPanel(" in add
+    assert _calls(widget["onFinetuneButton"], "logic.startFinetune") and "self._finetuneJob.cancel()" in \
+        ast.unparse(widget["onFinetuneButton"])
+    assert "_onFinetuneTimer" in ast.unparse(widget["setup"])
+    poll = ast.unparse(widget["_onFinetuneTimer"])
+    assert "job.poll()" in poll and "job.remaining_s" in poll and "describe_finetune(report)" in poll
+    assert "p.modelPath = report['model']" in poll and "p.useBundledModel = False" in poll
+    assert "updateUserModels()" in poll
+    for name, library in (("createAnnotationSegmentation", "create_annotation_segmentation"),
+                          ("addToTrainingSet", "add_case"), ("userModels", "list_models"),
+                          ("startFinetune", "FinetuneJob(")):
+        assert library in ast.unparse(logic[name]), name
+    assert "new_run_folder(modelFolder)" in ast.unparse(logic["startFinetune"])
+    widget_source = "\n".join(ast.unparse(f) for f in widget.values())
+    assert "processEvents" not in widget_source and "trainingset." not in widget_source.replace(
+        "from ILDSegmentationLib.trainingset import describe_finetune", "")

@@ -276,6 +276,10 @@ def test_finetune_in_the_background_gives_a_selectable_model(training_folder, tm
     for key in ("before", "after"):
         assert 0.0 <= report[key]["balanced_accuracy"] <= 1.0
         assert set(report[key]["per_class_accuracy"]) == {c.name for c in CLASSES}
+    lines = trainingset.describe_finetune(report)
+    assert lines[0].startswith("Held-out balanced accuracy: ") and " before, " in lines[0]
+    assert any(line.startswith("Healthy: ") and " -> " in line for line in lines)
+    assert lines[-1] == f"Model: {run / 'model.safetensors'}"
     (entry,) = trainingset.list_models(models)
     assert entry.path == run / "model.safetensors" and entry.finetune["after"] == report["after"]
     assert entry.provenance["initialized_from"]["sha256"] == bundled
