@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--probabilities", metavar="OUT.nrrd", help="also write per-class probabilities (6-component image)")
     seg.add_argument("--report", metavar="report.json", help="write volumes, model, device and timings as JSON")
     seg.add_argument("--overlay", metavar="overlay.png", help="write a PNG montage of axial slices with the classes")
+    seg.add_argument("--table", metavar="regions.csv",
+                     help="write the volume (mL) and percent of each class per region as CSV: whole lung, each lung, "
+                          "upper/middle/lower zone of each lung, subpleural band and core")
+    seg.add_argument("--visual-report", metavar="report.png|.pdf",
+                     help="write a one-page visual report: axial overlay, coronal view with the zones, patterns per "
+                          "zone, distribution and input checks (needs matplotlib)")
+    seg.add_argument("--subpleural-band", type=float, default=None, metavar="MM",
+                     help="width of the subpleural band, in mm from the costal pleura in the axial plane "
+                          "(default: 10)")
     seg.add_argument("--dicom-seg", metavar="OUT.dcm",
                      help="also write a DICOM Segmentation over the CT's DICOM series (needs highdicom: "
                           "pip install 'ildsegmentation[dicom]')")
@@ -135,10 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(summary: dict, quiet: bool) -> None:
+    from .regions import format_regions
     from .report import format_table
     if quiet:
         return
     print(format_table(summary))
+    regions = format_regions(summary)
+    if regions:
+        print(regions)
     print(f"device: {summary['device']}   time: {summary['timings_s']['total']:.1f} s "
           f"({', '.join(f'{k} {v:.1f}' for k, v in summary['timings_s'].items() if k != 'total')})")
 
@@ -152,9 +165,24 @@ def _say_resampled(summary: dict, quiet: bool) -> None:
               f"(--pixel-spacing native turns this off)", file=sys.stderr)
 
 
+def _say_input_checks(summary: dict, quiet: bool) -> None:
+    """A prone scan said so, on stderr beside the other notes about the input (the
+    input checks' warnings were logged by the pipeline as they were found)."""
+    if quiet:
+        return
+    for c in summary.get("input_checks", []):
+        if c["check"] == "patient_position" and c["status"] == "ok" and "prone" in c["detail"]:
+            print(f"input check: patient position: {c['detail']}", file=sys.stderr)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from .pipeline import segment_file
     if args.out_dir is not None or args.manifest is not None or len(args.ct) > 1:
+        given = [name for name, value in (("--table", args.table), ("--visual-report", args.visual_report),
+                                          ("--subpleural-band", args.subpleural_band)) if value is not None]
+        if given:
+            raise ILDSegError(f"{', '.join(given)}: for one CT only, not in a batch (each case's report.json "
+                              "holds its regions, and summary.csv its distribution)")
         from .batch import run_batch_command
         return run_batch_command(args)
     if not args.ct:
@@ -173,7 +201,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         summary = segment_file(args.ct, args.output, lung_mask=args.lung_mask, model=args.model, device=args.device,
                                probabilities=args.probabilities, report=args.report, overlay=args.overlay,
-                               dicom_seg=args.dicom_seg,
+                               dicom_seg=args.dicom_seg, table=args.table, visual_report=args.visual_report,
+                               **({} if args.subpleural_band is None else
+                                  {"subpleural_band_mm": args.subpleural_band}),
                                max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing,
                                crop_box=args.crop_box, progress=bar)
     finally:
@@ -184,10 +214,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(notice, file=sys.stderr)
     _say_resampled(summary, args.quiet)
     _print_summary(summary, args.quiet)
+    _say_input_checks(summary, args.quiet)
     if not args.quiet:
         print(f"labels written to {args.output}")
         if args.dicom_seg:
             print(f"DICOM Segmentation written to {args.dicom_seg}")
+        for key, what in (("table", "regions table"), ("visual_report", "visual report")):
+            if key in summary["outputs"]:
+                print(f"{what} written to {summary['outputs'][key]}")
     return 0
 
 
@@ -308,7 +342,8 @@ def set_process_defaults() -> None:
 _INPUT_PATHS = {"ct": ("CT", True), "lung_mask": ("lung mask", True), "model": ("model file", False),
                 "init": ("model file", False), "manifest": ("manifest", False), "split": ("folds file", False)}
 #: Output path options (files or folders): a path the system cannot even look up is refused up front.
-_OUTPUT_PATHS = ("output", "out", "report", "probabilities", "overlay", "confusion", "json", "dicom_seg", "out_dir")
+_OUTPUT_PATHS = ("output", "out", "report", "probabilities", "overlay", "confusion", "json", "dicom_seg", "out_dir",
+                 "table", "visual_report")
 
 
 def _check_input_paths(args: argparse.Namespace) -> None:

@@ -20,10 +20,13 @@ import numpy as np
 from . import __version__
 from .atomicfile import atomic_path, check_writable
 from .errors import InputError
+from .geometry import as_volume, canonical_view
 from .inference import CancelCheck, Inferer, ProgressCallback, SegmentationResult
 from .io import check_ct_plausible, output_kind, probability_output_kind, read_ct, read_lung_mask, write_label_map, write_probabilities
 from .modelfile import LoadedModel, ModelInfo, load_model
+from .regions import DEFAULT_BAND_MM, region_maps, regional_volumes, table_csv
 from .report import class_volumes
+from .suitability import input_checks, warning_lines
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
@@ -54,6 +57,9 @@ def segment_file(
     report: Optional[PathLike] = None,
     overlay: Optional[PathLike] = None,
     dicom_seg: Optional[PathLike] = None,
+    table: Optional[PathLike] = None,
+    visual_report: Optional[PathLike] = None,
+    subpleural_band_mm: float = DEFAULT_BAND_MM,
     max_memory_mb: float = 1024,
     pixel_spacing: str = "model",
     crop_box: str = "mask",
@@ -67,7 +73,13 @@ def segment_file(
     (:mod:`.dicomseg`; refused before any work for a CT that is not DICOM). ``model``:
     a model file, None for the bundled one, or a model already loaded. ``crop_box``: "mask" (the paper's)
     or "aerated" (a box the mask's exact border does not move), see the same. Returns
-    the report (also written to ``report``)."""
+    the report (also written to ``report``).
+
+    ``table``: CSV of the volumes per region and class; ``visual_report``: one-page PNG
+    or PDF (needs matplotlib); ``subpleural_band_mm``: width of the subpleural band
+    (:mod:`.regions`). The report holds the regional volumes, the distribution
+    descriptors and the input checks (:mod:`.suitability`).
+    """
     t0 = time.perf_counter()
     # ``output`` named .dcm, or ``dicom_seg``: a DICOM Segmentation over the CT's series.
     from .dicomseg import check_dicom_source, is_dicom_seg_path, write_dicom_seg
@@ -79,7 +91,15 @@ def segment_file(
         probability_output_kind(probabilities)
     if overlay is not None and not str(overlay).lower().endswith(".png"):
         raise InputError(f"the overlay is a PNG picture: name it .png, not {Path(overlay).name}")
-    outputs = [Path(p) for p in (output, probabilities, report, overlay, dicom_seg) if p is not None]
+    if table is not None and not str(table).lower().endswith(".csv"):
+        raise InputError(f"the regions table is CSV: name it .csv, not {Path(table).name}")
+    if visual_report is not None:
+        from .visual_report import check_available
+        check_available(visual_report)
+    if not (isinstance(subpleural_band_mm, (int, float)) and 0 < subpleural_band_mm <= 100):
+        raise InputError(f"the subpleural band must be wider than 0 and at most 100 mm, not {subpleural_band_mm}")
+    outputs = [Path(p) for p in (output, probabilities, report, overlay, dicom_seg, table, visual_report)
+               if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise InputError("two outputs have the same file name")
     for p in outputs:
@@ -124,6 +144,15 @@ def segment_file(
 
     volumes = class_volumes(labels, ct.geometry)
     info = loaded.info
+    t = time.perf_counter()
+    view = canonical_view(ct.geometry)
+    maps = region_maps(view.to_canonical(as_volume(labels)), view.canonical_spacing(ct.geometry), subpleural_band_mm)
+    regional = regional_volumes(labels, ct.geometry, maps=maps)
+    checks = input_checks(ct.array, labels, ct.geometry, dicom_files=ct.dicom_files,
+                          model_pixel_range=info.pixel_spacing_mm, network_pixel_mm=result.network_pixel_spacing_mm)
+    for line in warning_lines({"input_checks": checks}):  # said, never refused
+        log.warning(f"input check: {line}")
+    timings["regions"] = time.perf_counter() - t
     summary: Dict[str, Any] = {
         "ildseg_version": __version__,
         "input": {"ct": str(ct_path), "size_ijk": list(ct.image.GetSize()), "spacing_mm": list(ct.image.GetSpacing()),
@@ -136,6 +165,8 @@ def segment_file(
         "pixel_spacing_mm": pixel_spacing_summary(result, info, pixel_spacing),
         "crop_box": crop_box,
         "slices": {"total": result.slices_total, "with_lung": result.slices_with_lung, "lung_crops": result.crops},
+        **regional,
+        "input_checks": checks,
         "outputs": {"labels": str(output)},
     }
 
@@ -158,6 +189,17 @@ def segment_file(
             title = f"ILD segmentation - {Path(str(ct_path)).name} - model: {info.name}"
             written.append(render_overlay(ct.array, labels, ct.geometry, overlay, title=title))
             summary["outputs"]["overlay"] = str(overlay)
+        if table is not None:
+            with atomic_path(table) as tmp:
+                Path(tmp).write_text(table_csv({**volumes, **regional}), encoding="utf-8")
+            written.append(Path(table))
+            summary["outputs"]["table"] = str(table)
+        if visual_report is not None:
+            from .visual_report import render_visual_report
+            title = f"ILD patterns - {Path(str(ct_path)).name} - model: {info.name}"
+            written.append(render_visual_report(ct.array, labels, ct.geometry, summary, visual_report, title=title,
+                                                maps=maps))
+            summary["outputs"]["visual_report"] = str(visual_report)
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}

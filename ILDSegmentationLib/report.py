@@ -35,3 +35,27 @@ def format_table(volumes: Dict[str, Any]) -> str:
         rows.append(f"{c['label']:>5}  {c['name']:<22} {c['volume_ml']:>12.1f} {c['percent_of_lung']:>10.1f}")
     rows.append(f"{'':>5}  {'Lung (total)':<22} {volumes['lung_volume_ml']:>12.1f} {100.0 if volumes['lung_voxels'] else 0.0:>10.1f}")
     return "\n".join(rows)
+
+
+def panel_results(report: Dict[str, Any]) -> Dict[str, Any]:
+    """What a results panel (the 3D Slicer module's) shows of a run, from its report
+    dict, with no Slicer needed:
+
+    * ``columns``: the regions table's column names (:data:`.regions.TABLE_COLUMNS`);
+    * ``rows``: one list of values per region x class, in that column order: the whole
+      lung, each lung, each lung's upper/middle/lower zone, the subpleural band and the
+      core (``volume_ml`` in mL, ``percent_of_region`` in percent of that region's lung);
+    * ``distribution``: the printed descriptors (lower/upper, subpleural, left/right,
+      fibrotic extent) as text lines;
+    * ``warnings``: one line per input check that warns (``<check>: <detail>``), empty
+      when the scan looks suitable.
+
+    A report without ``regions`` (written by an older ildseg) gives the whole-lung rows only."""
+    from .regions import TABLE_COLUMNS, format_regions, table_rows
+    from .suitability import warning_lines
+    rows = [[r[c] for c in TABLE_COLUMNS] for r in table_rows(report)]
+    text = format_regions(report)
+    start = text.find("distribution")
+    return {"columns": list(TABLE_COLUMNS), "rows": rows,
+            "distribution": text[start:].splitlines() if start >= 0 else [],
+            "warnings": warning_lines(report)}

@@ -55,6 +55,7 @@ from .classes import by_label
 from .cropping import split_left_right
 from .errors import InputError, LungMaskError
 from .geometry import CanonicalView, Geometry, as_volume, canonical_view
+from .regions import inplane_distance, inside_chest_wall, slice_hulls
 
 log = logging.getLogger(__name__)
 
@@ -652,55 +653,16 @@ class _Case:
         self._coarse()
 
     # ---- the chest wall: where "subpleural" is measured from -------------------------------
+    # One definition for the simulator and for the regional report (regions.py): depth
+    # in the axial plane from the costal pleura, the mediastinal pleura not counting.
     def _slice_hulls(self) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
-        """Per axial slice, the convex hull of both lungs as an interval of columns
-        [lo, hi] (mm) per row. Non-lung inside the hull is the mediastinum, heart and
-        hila; outside it, the chest wall. Subpleural patterns of ILD (reticulation,
-        honeycombing) lie along the costal pleura, not along the heart, so depth is
-        measured from the chest wall."""
-        from scipy.spatial import ConvexHull
-        hulls: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-        _, sy, sx = self.sp
-        rows = np.arange(self.ct.shape[1]) * sy
-        for z in np.flatnonzero(self.lung.any(axis=(1, 2))):
-            m = self.lung[z]
-            edge = m & ~ndimage.binary_erosion(m)
-            pts = np.argwhere(edge).astype(float) * (sy, sx)
-            if len(pts) < 4:
-                continue
-            try:
-                hull = ConvexHull(pts)
-            except Exception:  # degenerate (collinear) lung outline: no mediastinum here
-                continue
-            lo = np.full(rows.shape, -np.inf)
-            hi = np.full(rows.shape, np.inf)
-            # Half-planes a*row + b*col + c <= 0, grown half a pixel.
-            for a, b, c in hull.equations:
-                c = c - 0.5 * max(sy, sx)
-                if abs(b) < 1e-9:
-                    outside = a * rows + c > 0
-                    lo[outside], hi[outside] = np.inf, -np.inf
-                elif b > 0:
-                    hi = np.minimum(hi, (-c - a * rows) / b)
-                else:
-                    lo = np.maximum(lo, (-c - a * rows) / b)
-            hulls[int(z)] = (lo, hi)
-        return hulls
+        """Per axial slice, the lungs' convex hull (see :func:`.regions.slice_hulls`)."""
+        return slice_hulls(self.lung, self.sp)
 
     def _not_chest_wall(self, s: Tuple[slice, slice, slice], step: Tuple[int, int, int] = (1, 1, 1)) -> np.ndarray:
-        """Lung or inside the lungs' hull (see _slice_hulls) for the box s, sampled
-        every `step` voxels: the distance to its complement is the depth under the
-        costal or diaphragmatic pleura."""
-        ks = np.arange(s[0].start, s[0].stop, step[0])
-        js = np.arange(s[1].start, s[1].stop, step[1])
-        is_ = np.arange(s[2].start, s[2].stop, step[2])
-        out = self.lung[np.ix_(ks, js, is_)]
-        cols = (is_ * self.sp[2])[None, :]
-        for n, k in enumerate(ks):
-            hull = self._hulls.get(int(k))
-            if hull is not None:
-                out[n] |= (cols >= hull[0][js, None]) & (cols <= hull[1][js, None])
-        return out
+        """Lung or inside the lungs' hull for the box s, sampled every `step` voxels
+        (see :func:`.regions.inside_chest_wall`)."""
+        return inside_chest_wall(self.lung, self._hulls, self.sp, s, step)
 
     # ---- placement maps on a coarse grid (about 3 mm) ---------------------------------
     def _coarse(self) -> None:
@@ -710,7 +672,7 @@ class _Case:
         lung_c = self.sides[sl]
         csp = tuple(s * f for s, f in zip(self.sp, self.cstep))
         inner = self._not_chest_wall(tuple(slice(0, n) for n in self.ct.shape), self.cstep)
-        self.c_dist = _inplane_distance(inner, csp[1:])
+        self.c_dist = inplane_distance(inner, csp[1:])
         self.c_sides = lung_c
         idx = np.nonzero(lung_c)
         self.c_idx = np.stack(idx, 1)
@@ -794,7 +756,7 @@ class _Case:
         sub = sub[:, :ny * step[1], :nx * step[2]].reshape(nz, ny, step[1], nx, step[2]).all(axis=(2, 4))
         sampling = (self.sp[0], self.sp[1] * step[1], self.sp[2] * step[2])
         if in_plane:
-            d = _inplane_distance(sub, sampling[1:])
+            d = inplane_distance(sub, sampling[1:])
         else:
             d = ndimage.distance_transform_edt(sub, sampling=sampling).astype(np.float32)
         weights = [_interp_weights((box.units[ax] - origin[ax] - (step[ax] - 1) / 2.0) / step[ax], d.shape[ax])
@@ -1269,20 +1231,6 @@ class _Case:
             volume_ml=round(float(np.count_nonzero(region) * self.voxel_ml), 3),
             subpleural=bool(subpleural), annotated=bool(annotated), annotated_ml=round(float(annotated_ml), 3),
             parameters=params)
-
-
-def _inplane_distance(mask: np.ndarray, spacing: Sequence[float], far: float = 1000.0) -> np.ndarray:
-    """Per axial slice, distance (mm) from each True pixel to the nearest False one;
-    ``far`` in slices without any False pixel. Subpleural is judged in the axial
-    image, as a radiologist reads it, so the distance is in plane: an apex or a
-    base cut obliquely by the slice is not all "subpleural"."""
-    out = np.zeros(mask.shape, np.float32)
-    for z in range(mask.shape[0]):
-        if mask[z].all():
-            out[z] = far
-        elif mask[z].any():
-            out[z] = ndimage.distance_transform_edt(mask[z], sampling=spacing)
-    return out
 
 
 def _stochastic_round(x: float, rng: np.random.Generator) -> int:
