@@ -690,6 +690,13 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.outputSegmentation = result.segmentation_node
         slicer.util.setSliceViewerLayers(background=p.inputVolume)
         self.ui.resultsTableView.setMRMLTableNode(result.table_node)
+        # Issue 15: per region volumes, and what the CT tells about its acquisition.
+        self.ui.regionsTableView.setMRMLTableNode(result.regions_table_node)
+        self.ui.regionsLabel.setVisible(result.regions_table_node is not None)
+        self.ui.regionsTableView.setVisible(result.regions_table_node is not None)
+        self.ui.inputChecksLabel.text = self.describeInputChecks(result.warnings)
+        self.ui.distributionLabel.text = "<br>".join(
+            line.replace("&", "&amp;").replace("<", "&lt;") for line in result.distribution)
         self.ui.resultsCollapsibleButton.collapsed = False
         self._updateApplyButton()
         note = "" if result.model_trained else _(" WARNING: untrained model, the labels are meaningless.")
@@ -874,6 +881,16 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 editor.setSourceVolumeNode(volumeNode)
             else:  # Slicer before 5.4
                 editor.setMasterVolumeNode(volumeNode)
+
+    @staticmethod
+    def describeInputChecks(warnings: List[str]) -> str:
+        """The input checks' warnings as HTML for the panel (orange: the run was not
+        stopped), or a line saying the scan looks like the paper's HRCT."""
+        if not warnings:
+            return _("Input checks: the CT looks like the HRCT the method was made for.")
+        items = "".join("<li>" + forPanel(w).replace("&", "&amp;").replace("<", "&lt;") + "</li>" for w in warnings)
+        return ("<span style='color:#c06000'><b>" + _("Input checks: the labels may be less reliable because")
+                + "</b><ul>" + items + "</ul></span>")
 
     def onEditSegmentation(self) -> None:
         p = self._parameterNode

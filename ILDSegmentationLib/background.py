@@ -496,9 +496,11 @@ class SegmentationJob(BackgroundJob):
                                resampled=bool(spacing.get("resampled")))
             timings = {k: float(v) for k, v in (report.get("timings_s") or {}).items() if k != "total"}
             volumes = class_volumes(labels, self._geometry)
+            # Regions table and input warnings as the command computed them (its report).
+            panel = mrml.panel_summary(labels, self._geometry, report=report)
             return mrml.commit_results(self.scene, self.ct_node, self.output_segmentation_node, labels, volumes,
                                        probabilities, run, t_start=time.perf_counter() - self.elapsed_s,
-                                       timings=timings)
+                                       timings=timings, panel=panel)
         finally:
             self.cleanup()
 

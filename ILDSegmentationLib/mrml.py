@@ -50,6 +50,7 @@ ProgressCallback = Callable[[float, str], None]
 #: Node reference roles from the output segmentation to the nodes made with it, so a
 #: second run finds and updates them (and they are saved with the scene).
 RESULTS_TABLE_ROLE = "ildsegResultsTable"
+REGIONS_TABLE_ROLE = "ildsegRegionsTable"
 PROBABILITY_ROLE = "ildsegProbabilityMap"
 INPUT_VOLUME_ROLE = "ildsegInputVolume"
 #: Prefix of the attributes recording how a segmentation was made.
@@ -507,6 +508,60 @@ class ProcessResult:
     #: when the CT was resampled into the model's training range.
     network_pixel_spacing_mm: Optional[Tuple[float, float]] = None
     resampled: bool = False
+    #: Per region x class volumes (ILDSegmentationLib.regions.TABLE_COLUMNS), or None.
+    regions_table_node: Any = None
+    #: One line per input check that warns (ILDSegmentationLib.suitability), and the
+    #: distribution descriptors, as text lines.
+    warnings: List[str] = field(default_factory=list)
+    distribution: List[str] = field(default_factory=list)
+
+
+def panel_summary(labels: np.ndarray, geometry: Geometry, hu: Optional[np.ndarray] = None,
+                  model_pixel_range: Optional[Sequence[float]] = None,
+                  network_pixel_mm: Optional[Sequence[float]] = None,
+                  report: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What the panel shows beyond the class volumes: the regions table rows, the
+    distribution descriptors and the input-check warnings
+    (:func:`~.report.panel_results`). From a run's ``report`` (ildseg segment's JSON)
+    when given, else computed here from the labels (and the CT in HU for the input
+    checks) as ``ildseg segment`` computes them."""
+    from .report import class_volumes, panel_results
+
+    if report is None:
+        from .regions import regional_volumes
+        from .suitability import input_checks
+
+        report = {**class_volumes(labels, geometry), **regional_volumes(labels, geometry)}
+        if hu is not None:
+            report["input_checks"] = input_checks(hu, labels, geometry, model_pixel_range=model_pixel_range,
+                                                  network_pixel_mm=network_pixel_mm)
+    return panel_results(report)
+
+
+def regions_vtk_table(panel: Dict[str, Any]) -> Any:
+    """A vtkTable of :func:`panel_summary`'s ``columns`` and ``rows``: text columns as
+    strings, counts as integers, volumes and percents as doubles (NaN where none)."""
+    _require_slicer()
+    columns, rows = list(panel["columns"]), list(panel["rows"])
+    table = vtk.vtkTable()
+    for index, name in enumerate(columns):
+        values = [row[index] for row in rows]
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, str) for v in present):
+            array = vtk.vtkStringArray()
+            for v in values:
+                array.InsertNextValue("" if v is None else str(v))
+        elif present and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in present):
+            array = vtk.vtkLongLongArray()
+            for v in values:
+                array.InsertNextValue(0 if v is None else int(v))
+        else:
+            array = vtk.vtkDoubleArray()
+            for v in values:
+                array.InsertNextValue(float("nan") if v is None else float(v))
+        array.SetName(name)
+        table.AddColumn(array)
+    return table
 
 
 def _stage(progress: Optional[ProgressCallback], cancel: CancelCheck, start: float, span: float) -> ProgressCallback:
@@ -663,13 +718,19 @@ def process(
     if is_cancelled(cancel):  # clicked while the GUI processed that last message
         raise Cancelled("cancelled by the user; the scene was not changed")
     info = loaded.info
+    t = time.perf_counter()
+    panel = panel_summary(result.labels, geometry, hu, model_pixel_range=info.pixel_spacing_mm,
+                          network_pixel_mm=result.network_pixel_spacing_mm)
+    timings["regions"] = time.perf_counter() - t
+    if is_cancelled(cancel):
+        raise Cancelled("cancelled by the user; the scene was not changed")
     return commit_results(
         scene, ct_node, output_segmentation_node, result.labels, volumes,
         result.probabilities if probabilities else None,
         RunInfo(model_name=info.name, model_trained=bool(info.trained), model_sha256=getattr(loaded, "sha256", ""),
                 device=result.device, lung_mask_source=source,
                 network_pixel_spacing_mm=result.network_pixel_spacing_mm, resampled=result.resampled),
-        t_start=t_start, timings=timings, progress=progress)
+        t_start=t_start, timings=timings, progress=progress, panel=panel)
 
 
 def check_process_nodes(scene: Any, ct_node: Any, lung_mask_node: Any, output_segmentation_node: Any) -> None:
@@ -721,13 +782,16 @@ class RunInfo:
 def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labels: np.ndarray,
                    volumes: Dict[str, Any], probabilities: Optional[np.ndarray], run: RunInfo, *,
                    t_start: Optional[float] = None, timings: Optional[Dict[str, float]] = None,
-                   progress: Optional[ProgressCallback] = None) -> ProcessResult:
+                   progress: Optional[ProgressCallback] = None,
+                   panel: Optional[Dict[str, Any]] = None) -> ProcessResult:
     """Write a finished run's results into the scene: the only step that changes it.
 
     labels: uint8 K, J, I on the CT's grid (0 outside the lung, 1..6); volumes: as
     :func:`~.report.class_volumes`; probabilities: float32 K, J, I, 6 or None.
     output_segmentation_node None creates a segmentation; an existing one is updated
-    in place with the table and probability maps it references. A failure here removes
+    in place with the tables and probability maps it references. ``panel``
+    (:func:`panel_summary`): the regions table (a second table node) and the input
+    warnings to return. A failure here removes
     the nodes it created and restores the segmentation's previous content. Raises
     InputError, writing nothing, when the CT or the output left the scene meanwhile
     (the panel stays usable during a run)."""
@@ -744,6 +808,7 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labe
                          f"({tuple(slicer.util.arrayFromVolume(ct_node).shape)}); nothing was written")
     ct_ijk_to_ras = ijk_to_ras_matrix(ct_node)
     table = results_vtk_table(volumes)
+    regions_table = regions_vtk_table(panel) if panel is not None and panel.get("rows") else None
     probability_images: List[Any] = []
     if probabilities is not None:
         for i in range(NUM_CLASSES):
@@ -767,6 +832,9 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labe
         table_node = _referenced(seg_node, RESULTS_TABLE_ROLE)
         if table_node is None or not table_node.IsA("vtkMRMLTableNode"):
             table_node = commit.new_node("vtkMRMLTableNode", f"{seg_node.GetName()} volumes")
+        regions_node = _referenced(seg_node, REGIONS_TABLE_ROLE)
+        if regions_table is not None and (regions_node is None or not regions_node.IsA("vtkMRMLTableNode")):
+            regions_node = commit.new_node("vtkMRMLTableNode", f"{seg_node.GetName()} regions")
         probability_nodes: List[Any] = []
         for i, holder in enumerate(probability_images):
             node = _referenced(seg_node, PROBABILITY_ROLE, i)
@@ -779,6 +847,16 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labe
         table_node.SetAndObserveTable(table)
         _describe_table(table_node)
         seg_node.SetNodeReferenceID(RESULTS_TABLE_ROLE, table_node.GetID())
+        if regions_table is not None:
+            regions_node.SetAndObserveTable(regions_table)
+            regions_node.SetColumnUnitLabel("region_volume_ml", "mL")
+            regions_node.SetColumnUnitLabel("volume_ml", "mL")
+            regions_node.SetColumnUnitLabel("percent_of_region", "%")
+            regions_node.SetColumnDescription("percent_of_region", "share of the region's lung")
+            regions_node.SetLocked(True)
+            seg_node.SetNodeReferenceID(REGIONS_TABLE_ROLE, regions_node.GetID())
+        else:
+            regions_node = None
         for i, (node, holder) in enumerate(zip(probability_nodes, probability_images)):
             node.CopyOrientation(holder)
             node.SetAndObserveImageData(holder.GetImageData())
@@ -815,7 +893,9 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labe
         lung_mask_source=run.lung_mask_source, model_name=run.model_name, model_trained=bool(run.model_trained),
         device=run.device, seconds=time.perf_counter() - t_start,
         created_node_ids=[n.GetID() for n in commit.created], timings=timings,
-        network_pixel_spacing_mm=run.network_pixel_spacing_mm, resampled=run.resampled)
+        network_pixel_spacing_mm=run.network_pixel_spacing_mm, resampled=run.resampled,
+        regions_table_node=regions_node, warnings=list((panel or {}).get("warnings") or []),
+        distribution=list((panel or {}).get("distribution") or []))
 
 
 def segment_ids_of(segmentation_node: Any) -> List[str]:
@@ -893,5 +973,6 @@ __all__ = [
     "resample_nearest", "lung_mask_from_node", "lung_mask_from_labelmap_node", "lung_mask_from_segmentation_node",
     "ensure_class_segments", "write_labels_to_segmentation", "results_vtk_table", "results_from_table",
     "segment_ids_of", "segments_to_array", "segment_tag", "remove_node", "RESULTS_TABLE_ROLE", "PROBABILITY_ROLE",
-    "RunInfo", "commit_results", "check_process_nodes", "lung_mask_description",
+    "RunInfo", "commit_results", "check_process_nodes", "lung_mask_description", "panel_summary",
+    "regions_vtk_table", "REGIONS_TABLE_ROLE",
 ]

@@ -189,12 +189,25 @@ def test_background_run_writes_what_the_in_process_run_writes(env, model, tmp_pa
     rows = mrml.results_from_table(result.table_node)
     assert rows[-1][mrml.COL_VOXELS] == int((background_labels > 0).sum())
 
+    # issue 15 in the panel: the regions table and the input checks, the same from both runs
+    from ILDSegmentationLib.regions import TABLE_COLUMNS
+    regions = mrml.results_from_table(result.regions_table_node)
+    assert seg.GetNodeReference(mrml.REGIONS_TABLE_ROLE) is result.regions_table_node
+    assert list(regions[0]) == list(TABLE_COLUMNS)
+    assert {r["region"] for r in regions} >= {"lung", "right lung", "left lung"}
+    assert len(regions) == len(mrml.results_from_table(in_process.regions_table_node)) > len(CLASSES)
+    whole = [r for r in regions if r["region"] == "lung"]
+    assert [r["voxels"] for r in whole] == [row[mrml.COL_VOXELS] for row in rows[:-1]]
+    assert any(w.startswith("slice thickness") for w in result.warnings)  # 5 mm slices
+    assert result.warnings == in_process.warnings and result.distribution == in_process.distribution
+
     # again into the same output: the same nodes, updated
     count = scene.GetNumberOfNodes()
     again = SegmentationJob(scene, ct, mask, seg, device="cpu", probabilities=True, temp_root=str(tmp_path)).start()
     assert again.wait(600) == SUCCEEDED, again.error
     second = again.finish()
     assert second.segmentation_node is seg and second.table_node is result.table_node
+    assert second.regions_table_node is result.regions_table_node
     assert scene.GetNumberOfNodes() == count + len(CLASSES) * 2  # six probability maps and their display nodes
     probs = slicer.util.arrayFromVolume(second.probability_nodes[0])
     assert probs.shape == CT_SHAPE and 0.0 <= probs.min() and probs.max() <= 1.0

@@ -866,3 +866,23 @@ def test_teach_section_only_wires_the_logic(ui, tree):
     widget_source = "\n".join(ast.unparse(f) for f in widget.values())
     assert "processEvents" not in widget_source and "trainingset." not in widget_source.replace(
         "from ILDSegmentationLib.trainingset import describe_finetune", "")
+
+
+def test_results_show_the_regions_table_and_the_input_checks(ui, tree):
+    """Issue 15 in the panel: the result's regions table (a table node made by
+    mrml.commit_results, tested in test_background.py) and the input checks'
+    warnings, reworded for the panel."""
+    names = _ui_widgets(ui)
+    assert names["regionsTableView"] == "qMRMLTableView" and names["inputChecksLabel"] == "QLabel"
+    show = ast.unparse(_class_methods(tree, "ILDSegmentationWidget")["_showResult"])
+    assert "setMRMLTableNode(result.regions_table_node)" in show
+    assert "describeInputChecks(result.warnings)" in show and "result.distribution" in show
+    method = _class_methods(tree, "ILDSegmentationWidget")["describeInputChecks"]
+    method.decorator_list = []
+    ns = _module_namespace(tree, {"PANEL_WORDING", "forPanel"})
+    exec(compile(ast.Module([method], []), str(MODULE_PY), "exec"), ns)
+    assert "looks like the HRCT" in ns["describeInputChecks"]([])
+    html = ns["describeInputChecks"](["slice thickness: 5.0 mm slices <thick>",
+                                      "pixel size: outside the range (--pixel-spacing native)"])
+    assert "<li>slice thickness: 5.0 mm slices &lt;thick></li>" in html
+    assert "--pixel-spacing" not in html and "Run at the model's pixel size" in html
