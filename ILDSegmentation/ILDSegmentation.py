@@ -437,6 +437,11 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not mrml.output_fits_input(p.outputSegmentation, p.inputVolume):
                 p.outputSegmentation = None  # the other CT's results stay as they are
                 return
+            from ILDSegmentationLib.trainingset import annotation_fits_input
+
+            if not annotation_fits_input(p.annotationSegmentation, p.inputVolume):
+                p.annotationSegmentation = None  # another CT's examples: never added with this CT
+                return
         maskIsSegmentation = p.lungMask is not None and p.lungMask.IsA("vtkMRMLSegmentationNode")
         self.ui.lungSegmentsLabel.setVisible(maskIsSegmentation)
         self.ui.lungSegmentSelector.setVisible(maskIsSegmentation)
@@ -837,7 +842,8 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneProgressBar.value = int(round(100 * job.fraction))
         if state not in FINISHED_STATES:
             if state != "cancelling":
-                text = f"{job.message}  ({job.elapsed_s / 60:.0f} min)"
+                elapsed = int(job.elapsed_s)
+                text = f"{job.message}  ({elapsed // 60}:{elapsed % 60:02d})"
                 remaining = job.remaining_s
                 if remaining is not None:
                     text += " " + _("At most about {minutes:.0f} min left (it stops earlier when the held-out "

@@ -90,6 +90,14 @@ def annotated_volume(annotation_node: Any) -> Any:
     return annotation_node.GetNodeReference(ANNOTATED_VOLUME_ROLE) if annotation_node is not None else None
 
 
+def annotation_fits_input(annotation_node: Any, ct_node: Any) -> bool:
+    """False when ``annotation_node`` was made for another CT than ``ct_node`` (its
+    painted voxels describe that CT, not this one). A segmentation made elsewhere
+    (no recorded CT) fits any CT."""
+    made_for = annotated_volume(annotation_node)
+    return made_for is None or ct_node is None or made_for.GetID() == ct_node.GetID()
+
+
 def annotation_labels(annotation_node: Any, ct_node: Any) -> np.ndarray:
     """uint8 K, J, I labels on the CT's grid: class label where a class segment is
     painted, 0 elsewhere (not annotated). Segments are matched to classes by ID, else
@@ -197,6 +205,10 @@ def add_case(folder: PathLike, ct_node: Any, annotation_node: Any, lung_mask_nod
     if root.exists() and not root.is_dir():
         raise InputError(f"the training folder is a file: {root}")
     hu, geometry = mrml.volume_array_and_geometry(ct_node)
+    if annotation_node is not None and not annotation_fits_input(annotation_node, ct_node):
+        raise InputError(f"'{annotation_node.GetName()}' holds annotations of the CT "
+                         f"'{annotated_volume(annotation_node).GetName()}', not of '{ct_node.GetName()}': choose "
+                         "that CT as input, or create an annotation segmentation for this one")
     labels = annotation_labels(annotation_node, ct_node)
     if not labels.any():
         raise InputError(f"nothing is painted in '{annotation_node.GetName()}': paint a few regions of the classes "
@@ -410,6 +422,6 @@ def new_run_folder(model_folder: PathLike, prefix: str = "finetune") -> Path:
     return chosen
 
 
-__all__ = ["create_annotation_segmentation", "annotated_volume", "annotation_labels", "add_case", "AddedCase",
+__all__ = ["create_annotation_segmentation", "annotated_volume", "annotation_fits_input", "annotation_labels", "add_case", "AddedCase",
            "summarize", "TrainingSetSummary", "list_models", "ModelEntry", "new_run_folder", "describe_finetune",
            "MANIFEST_NAME"]

@@ -864,8 +864,11 @@ def test_teach_section_only_wires_the_logic(ui, tree):
         assert library in ast.unparse(logic[name]), name
     assert "new_run_folder(modelFolder)" in ast.unparse(logic["startFinetune"])
     widget_source = "\n".join(ast.unparse(f) for f in widget.values())
-    assert "processEvents" not in widget_source and "trainingset." not in widget_source.replace(
-        "from ILDSegmentationLib.trainingset import describe_finetune", "")
+    assert "processEvents" not in widget_source
+    # the annotations of one CT are never added with another (as the output, defect 4)
+    handler = ast.unparse(widget["_onParameterNodeModified"])
+    assert "annotation_fits_input(p.annotationSegmentation, p.inputVolume)" in handler
+    assert "p.annotationSegmentation = None" in handler
 
 
 def test_results_show_the_regions_table_and_the_input_checks(ui, tree):

@@ -170,6 +170,18 @@ def test_cases_never_overwrite_each_other(env, tmp_path):
     assert first.folder.is_dir()
 
 
+def test_annotations_of_another_ct_are_refused(env, tmp_path):
+    scene, ct, mask, annotation, _ = _case(env)
+    other = add_ct(scene, name="other CT")
+    assert trainingset.annotation_fits_input(annotation, ct)
+    assert not trainingset.annotation_fits_input(annotation, other)
+    assert trainingset.annotation_fits_input(annotation, None)
+    folder = tmp_path / "set"
+    with pytest.raises(InputError, match="holds annotations of the CT 'CT', not of 'other CT'"):
+        trainingset.add_case(folder, other, annotation, mask)
+    assert not (folder / "manifest.csv").exists()
+
+
 def test_nothing_painted_is_refused_and_nothing_written(env, tmp_path):
     scene = env.scene
     ct = add_ct(scene)
