@@ -155,21 +155,23 @@ def costal_pleura_depth(lung: np.ndarray, spacing: Sequence[float]) -> np.ndarra
 
     Works inside the lungs' bounding box grown by two pixels, whose border lies outside
     the hulls (they reach at most half a pixel beyond the lung), so distances are those
-    of the whole slice."""
+    of the whole slice. float32, the same shape as ``lung``."""
     lung = np.asarray(lung, bool)
     out = np.zeros(lung.shape, np.float32)
     if not lung.any():
         return out
     hulls = slice_hulls(lung, spacing)
-    box = []
-    for axis in range(3):
+    rows_cols = []
+    for axis in (1, 2):
         idx = np.flatnonzero(lung.any(axis=tuple(a for a in range(3) if a != axis)))
-        margin = 0 if axis == 0 else 2
-        box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, lung.shape[axis])))
-    box_t = (box[0], box[1], box[2])
-    inner = inside_chest_wall(lung, hulls, spacing, box_t)
-    depth = inplane_distance(inner, spacing[1:])
-    out[box_t] = np.where(lung[box_t], depth, 0.0)
+        rows_cols.append(slice(max(int(idx[0]) - 2, 0), min(int(idx[-1]) + 3, lung.shape[axis])))
+    # Slice by slice: no volume-sized temporaries (a 512 x 512 x 500 CT is 130 M voxels).
+    for z in np.flatnonzero(lung.any(axis=(1, 2))):
+        box = (slice(int(z), int(z) + 1), rows_cols[0], rows_cols[1])
+        inner = inside_chest_wall(lung, hulls, spacing, box)
+        depth = inplane_distance(inner, spacing[1:])[0]
+        here = lung[box][0]
+        out[box][0][here] = depth[here]
     return out
 
 
@@ -215,9 +217,9 @@ def region_maps(lung_c: np.ndarray, spacing: Sequence[float], band_mm: float = D
     side = split_left_right(lung)
     zone = np.zeros(lung.shape, np.uint8)
     for s, _ in SIDES:
-        this = side == s
-        per_slice = zone_of_slices(this.any(axis=(1, 2)))
-        zone[this] = np.broadcast_to(per_slice[:, None, None], lung.shape)[this]
+        per_slice = zone_of_slices((side == s).any(axis=(1, 2)))
+        for z in np.flatnonzero(per_slice):
+            zone[z][side[z] == s] = per_slice[z]
     depth = costal_pleura_depth(lung, spacing)
     sp = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
     return RegionMaps(side, zone, depth, lung & (depth <= band_mm), float(band_mm), sp)
@@ -259,16 +261,23 @@ def regional_volumes(labels: np.ndarray, geometry: Geometry, band_mm: float = DE
     if maps is None:
         maps = region_maps(lab_c, view.canonical_spacing(geometry), band_mm)
     ml = geometry.voxel_volume_ml
-    lung = lab_c != 0
-    lab = lab_c[lung].astype(np.int64)
-    side = maps.side[lung].astype(np.int64)
-    zone = maps.zone[lung].astype(np.int64)
-    sub = maps.subpleural[lung]
-    # side 1..2 x zone 1..3 x label 0..6, in one pass.
-    code = ((side - 1) * 3 + (zone - 1)) * _NCLS + lab
-    sz_counts = np.bincount(code, minlength=6 * _NCLS).reshape(2, 3, _NCLS)
-    depth_counts = np.stack([np.bincount(lab[sub], minlength=_NCLS), np.bincount(lab[~sub], minlength=_NCLS)])
-    total = np.bincount(lab, minlength=_NCLS)
+    # Counts per side (1..2) x zone (1..3) x label (0..6) and per depth x label, slice by
+    # slice so that no array of all the lung's voxels is made.
+    sz_counts = np.zeros(6 * _NCLS, np.int64)
+    depth_counts = np.zeros((2, _NCLS), np.int64)
+    for z in range(lab_c.shape[0]):
+        in_lung = lab_c[z] != 0
+        if not in_lung.any():
+            continue
+        lab = lab_c[z][in_lung].astype(np.intp)
+        side = maps.side[z][in_lung].astype(np.intp)
+        zone = maps.zone[z][in_lung].astype(np.intp)
+        sub = maps.subpleural[z][in_lung]
+        sz_counts += np.bincount(((side - 1) * 3 + (zone - 1)) * _NCLS + lab, minlength=6 * _NCLS)
+        depth_counts[0] += np.bincount(lab[sub], minlength=_NCLS)
+        depth_counts[1] += np.bincount(lab[~sub], minlength=_NCLS)
+    sz_counts = sz_counts.reshape(2, 3, _NCLS)
+    total = sz_counts.sum(axis=(0, 1))
 
     regions, sides = [], []
     for si, (_, side_name) in enumerate(SIDES):

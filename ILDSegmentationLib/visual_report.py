@@ -95,11 +95,11 @@ def render_visual_report(hu: np.ndarray, labels: np.ndarray, geometry: Geometry,
 
     fig = Figure(figsize=PAGE_INCHES, dpi=DPI)
     import textwrap
-    fig.suptitle(textwrap.fill(title or "ILD pattern report", 90), fontsize=10)
-    fig.text(0.5, 0.955, "Research software, not for clinical use: labels of a model trained on simulated patterns",
+    fig.suptitle(textwrap.fill(title or "ILD pattern report", 100), fontsize=9, y=0.993, va="top")
+    fig.text(0.5, 0.952, "Research software, not for clinical use: read the model card before reading its labels",
              ha="center", fontsize=7, color="darkred")
-    grid = fig.add_gridspec(4, 2, height_ratios=[1.25, 1.0, 0.95, 0.8], width_ratios=[1.45, 1.0],
-                            left=0.06, right=0.97, top=0.93, bottom=0.03, hspace=0.35, wspace=0.12)
+    grid = fig.add_gridspec(4, 2, height_ratios=[1.25, 1.0, 0.8, 0.55], width_ratios=[1.45, 1.0],
+                            left=0.06, right=0.97, top=0.94, bottom=0.03, hspace=0.35, wspace=0.12)
 
     # Axial montage.
     ax = fig.add_subplot(grid[0, 0])
