@@ -4,6 +4,11 @@ when the lung mask's border moves by a few pixels, as it does between mask tools
 
     python bench/mask_stability.py [--ct NAME|PATH ...] [--slices 10] [--policies mask,aerated]
                                    [--model MODEL] [--json out.json] [--data DIR] [--device cpu]
+    python bench/mask_stability.py --from-json run1.json run2.json ... [--json pooled.json]
+
+All seven CTs with 10 slices take about 15-30 minutes on 2 busy cores; one CT per run
+(``--ct NAME --json NAME.json``, 2-4 minutes each) and ``--from-json`` to pool them
+keep each job short.
 
 For each CT (default: the real HU CTs of ``../shared/data``, the six CC BY CTs and
 RICORD 000082):
@@ -349,7 +354,7 @@ def format_report(cases: Dict[str, Dict[str, Any]], summary: Dict[str, Any]) -> 
             p = c["policies"][policy]["perturbations"]
             cells.append(f"{_pct(p['dilate3']['percent'])} / {_pct(p['smooth']['percent'])} / "
                          f"{_pct(p['erode3']['percent'])}")
-        lines.append(f"| {name} | {len(c['slices'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {len(c['slices']) if 'slices' in c else '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -367,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model file (.safetensors); default: the bundled model")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="write every figure and the machine as JSON")
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="RUN.json",
+                   help="run nothing: pool the CTs of earlier --json runs (one CT per run keeps each run short) "
+                        "and print their tables; with --json, write the pooled report")
     return p
 
 
@@ -379,8 +387,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
+def _pool_runs(args: argparse.Namespace) -> int:
+    """--from-json: the CTs of several runs, pooled (each run's machine is kept)."""
+    cases: Dict[str, Dict[str, Any]] = {}
+    runs = []
+    for path in args.from_json:
+        try:
+            run = json.loads(Path(path).read_text())
+            run_cases, policies = run["cases"], run["settings"]["policies"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path} is not a report of this benchmark ({exc})") from None
+        runs.append({"file": str(path), "date": run.get("date"), "machine": run.get("machine"),
+                     "model": run.get("model"), "settings": run.get("settings"), "seconds": run.get("seconds")})
+        for name, case in run_cases.items():
+            if name in cases:
+                raise InputError(f"CT {name} is in more than one run")
+            cases[name] = case
+    policies = [p for p in runs[0]["settings"]["policies"] if all(p in c["policies"] for c in cases.values())]
+    if not policies:
+        raise InputError("the runs share no crop-box policy")
+    summary = summarize(cases, policies)
+    print(format_report(cases, summary))
+    models = {(r["model"] or {}).get("sha256") for r in runs}
+    if len(models) > 1:
+        print("\nwarning: the runs used different models", file=sys.stderr)
+    if args.json is not None:
+        from ILDSegmentationLib.atomicfile import atomic_path
+        with atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps({"runs": runs, "summary": summary, "cases": cases}, indent=1))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     import os
+    if args.from_json:
+        return _pool_runs(args)
     from ILDSegmentationLib.bench import machine_info
     from ILDSegmentationLib.inference import Inferer
     from ILDSegmentationLib.modelfile import load_model

@@ -213,3 +213,25 @@ def test_segment_command_takes_the_crop_box_and_reports_it(tmp_path):
     bad = ildseg(*common, "-o", tmp_path / "bad.nrrd", "--crop-box", "convex")
     assert bad.returncode == 2 and "--crop-box" in bad.stderr
     assert not (tmp_path / "bad.nrrd").exists()
+
+
+def test_runs_of_one_ct_each_pool_voxel_by_voxel(tmp_path, capsys):
+    """--from-json pools CTs measured in separate (short) runs, weighting by voxels."""
+    import json
+
+    def case(kept, n):
+        ref = np.ones((1, 1, n), np.uint8)
+        new = ref.copy()
+        new[0, 0, kept:] = 2
+        a = ms.agreement(ref, new, ref > 0)
+        return {"policies": {"mask": {"seconds": 1.0, "vs_mask": ms.agreement(ref, ref, ref > 0),
+                                      "perturbations": {name: a for name, _, _ in ms.PERTURBATIONS}}}}
+    for name, kept, n in (("a", 99, 100), ("b", 280, 300)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"settings": {"policies": ["mask"]}, "model": {"sha256": "x"}, "cases": {name: case(kept, n)}}))
+    out = tmp_path / "pooled.json"
+    assert ms.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(out)]) == 0
+    pooled = json.loads(out.read_text())["summary"]["mask"]["perturbations"]["dilate3"]
+    assert pooled["voxels"] == 400 and pooled["percent"] == pytest.approx(100 * 379 / 400)
+    assert "| a |" in capsys.readouterr().out
+    assert ms.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 2  # a CT twice
