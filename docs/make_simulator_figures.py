@@ -37,8 +37,10 @@ from ILDSegmentationLib.io import read_ct  # noqa: E402
 from ILDSegmentationLib.simulate import PATTERNS, simulate_case  # noqa: E402
 
 WINDOW = (-600 - 750, -600 + 750)  # lung window: level -600 HU, width 1500 HU
-CASES = (("dicom", "lung-pet-ct-dx-A0002", "Lung-PET-CT-Dx A0002: 0.65 x 0.65 mm, 8 mm slices"),
-         ("ricord", "ricord-000082/ricord-000082-5mm.nii.gz", "RICORD 000082: 1.41 x 1.41 mm, 5 mm slices"))
+# Only CC BY backgrounds: these pictures are committed. RICORD (CC BY-NC, evaluation
+# only) may be drawn into a folder outside the repository with --with-ricord.
+CASES = (("dicom", "lung-pet-ct-dx-A0002", "Lung-PET-CT-Dx A0002: 0.65 x 0.65 mm, 8 mm slices"),)
+RICORD_CASE = ("ricord", "ricord-000082/ricord-000082-5mm.nii.gz", "RICORD 000082: 1.41 x 1.41 mm, 5 mm slices")
 
 
 def _best_slice(truth: np.ndarray, label: int):
@@ -126,11 +128,13 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--out", default=str(REPO / "docs" / "img"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--with-ricord", action="store_true",
+                    help="also RICORD 000082 (non-commercial data: write it outside the repository with --out)")
     ap.add_argument("--crop-mm", type=float, default=90.0)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rel, title in CASES:
+    for name, rel, title in CASES + ((RICORD_CASE,) if args.with_ricord else ()):
         path = Path(args.data) / rel
         if not path.exists():
             print(f"skipping {name}: {path} not found")
