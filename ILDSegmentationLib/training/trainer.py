@@ -361,28 +361,21 @@ class Trainer:
             order = order[:usable][self.rank::self.world]
         self.model.train()
         losses = []
-        if cfg.trainable != "all":
-            for i in range(0, len(order), cfg.batch_size):
-                idx = [int(j) for j in order[i:i + cfg.batch_size]]
+        head_only = cfg.trainable != "all"
+        for i in range(0, len(order), cfg.batch_size):
+            idx = [int(j) for j in order[i:i + cfg.batch_size]]
+            if head_only:  # what the trained layers read, computed once (no flips)
                 x, t, lung, valid = _pad_features([self._features["train"][j] for j in idx],
                                                   [self.train[j] for j in idx])
-                x, t, lung = x.to(self.device), t.to(self.device), lung.to(self.device)
-                valid = None if valid is None else valid.to(self.device)
-                logits = self.network.classify(x, valid, self._head_start)
-                loss = ild_loss(logits, t, lung, self.weights, cfg.unsupervised_weight, self.alpha,
-                                None if valid is None else valid[:, 0] > 0)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                losses.append(float(loss.detach()))
-            return float(np.mean(losses)) if losses else float("nan")
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            x, t, lung, valid = _pad_batch([self._training_crop(epoch, int(j)) for j in idx],
-                                           [int(ks[j]) for j in idx])
+            else:
+                x, t, lung, valid = _pad_batch([self._training_crop(epoch, j) for j in idx],
+                                               [int(ks[j]) for j in idx])
             x, t, lung = x.to(self.device), t.to(self.device), lung.to(self.device)
             valid = None if valid is None else valid.to(self.device)
-            logits = self.model(x, valid) if valid is not None else self.model(x)
+            if head_only:
+                logits = self.network.classify(x, valid, self._head_start)
+            else:
+                logits = self.model(x, valid) if valid is not None else self.model(x)
             loss = ild_loss(logits, t, lung, self.weights, cfg.unsupervised_weight, self.alpha,
                             None if valid is None else valid[:, 0] > 0)
             self.optimizer.zero_grad(set_to_none=True)
