@@ -34,7 +34,9 @@ def representative_slices(labels_c: np.ndarray, count: int) -> List[int]:
     return sorted({int(with_lung[int(round(p * (with_lung.size - 1)))]) for p in positions})
 
 
-def _tile(hu: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float) -> Image.Image:
+def blend(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A slice (HU, labels 0..6) in the lung window with the class colours blended
+    in: float RGB in [0, 1], shape (rows, columns, 3)."""
     level, width = LUNG_WINDOW
     grey = np.clip((hu.astype(np.float32) - (level - width / 2)) / width, 0, 1)
     rgb = np.repeat(grey[..., None], 3, axis=2)
@@ -42,7 +44,11 @@ def _tile(hu: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float) -> I
         sel = labels == c.label
         if sel.any():
             rgb[sel] = (1 - ALPHA) * rgb[sel] + ALPHA * np.asarray(c.color)
-    img = Image.fromarray((rgb * 255).astype(np.uint8))
+    return rgb
+
+
+def _tile(hu: np.ndarray, labels: np.ndarray, row_mm: float, col_mm: float) -> Image.Image:
+    img = Image.fromarray((blend(hu, labels) * 255).astype(np.uint8))
     h_mm, w_mm = hu.shape[0] * row_mm, hu.shape[1] * col_mm
     scale = TILE / max(h_mm, w_mm)
     return img.resize((max(1, int(round(w_mm * scale))), max(1, int(round(h_mm * scale)))), Image.NEAREST)

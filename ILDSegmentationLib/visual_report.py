@@ -23,7 +23,7 @@ from .atomicfile import atomic_path
 from .classes import CLASSES
 from .errors import InputError
 from .geometry import Geometry, as_volume, canonical_view
-from .overlay import ALPHA, LUNG_WINDOW, _tile, representative_slices
+from .overlay import _tile, blend, representative_slices
 from .regions import SIDES, RegionMaps, region_maps
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -43,17 +43,6 @@ def check_available(path: PathLike) -> None:
     except ImportError:
         raise InputError("the visual report needs matplotlib: pip install matplotlib "
                          "(or ildsegmentation[report])") from None
-
-
-def _rgb(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    level, width = LUNG_WINDOW
-    grey = np.clip((hu.astype(np.float32) - (level - width / 2)) / width, 0, 1)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    for c in CLASSES:
-        sel = labels == c.label
-        if sel.any():
-            rgb[sel] = (1 - ALPHA) * rgb[sel] + ALPHA * np.asarray(c.color)
-    return rgb
 
 
 def _montage(hu_c: np.ndarray, lab_c: np.ndarray, row_mm: float, col_mm: float,
@@ -117,7 +106,7 @@ def render_visual_report(hu: np.ndarray, labels: np.ndarray, geometry: Geometry,
     lung = lab_c != 0
     per_row = lung.sum(axis=(0, 2))
     row = int(np.argmax(per_row)) if per_row.any() else lab_c.shape[1] // 2
-    ax.imshow(_rgb(hu_c[:, row, :], lab_c[:, row, :]), interpolation="nearest", aspect="equal",
+    ax.imshow(blend(hu_c[:, row, :], lab_c[:, row, :]), interpolation="nearest", aspect="equal",
               extent=(0, lab_c.shape[2] * col_mm, lab_c.shape[0] * slice_mm, 0))
     for side, name in SIDES:
         this = maps.side == side
