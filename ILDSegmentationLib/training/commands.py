@@ -170,12 +170,26 @@ def _folds_from_file(path: str, cases) -> List[List[str]]:
     return folds
 
 
+def _check_time_limit(value) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise InputError(f"--time-limit must be a finite number of seconds above 0, not {value}")
+
+
+def _check_run_folder(out: Path) -> None:
+    """The run folder can be made (or used) and written. The folder itself is made
+    when training starts, so that an early error leaves none."""
+    from ..atomicfile import check_writable
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot make the run folder {out}: {existing} is a file")
+    check_writable(existing / ".ildseg-run-probe")
+
+
 def cmd_train(args) -> int:
     from .dataset import class_pixel_counts, load_case_crops
     from .split import split_scans
     from .manifest import manifest_sha256, read_manifest
     from .trainer import TrainConfig, Trainer
-    from ..atomicfile import check_writable
     config = TrainConfig(preset=args.preset, epochs=args.epochs, patience=args.patience,
                          min_rel_improvement=args.min_rel_improvement, lr=args.lr,
                          unsupervised_weight=args.unsupervised_weight, entropy_scaling=args.entropy_scaling,
@@ -192,17 +206,12 @@ def cmd_train(args) -> int:
                          "or choose a new --out folder")
     if args.split and (args.folds is not None or args.val_fraction is not None):
         raise InputError("--split gives the folds: leave out --folds and --val-fraction")
-    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
-        raise InputError(f"--time-limit must be a finite number of seconds above 0, not {args.time_limit}")
+    _check_time_limit(args.time_limit)
     if args.folds is None:
         args.folds = 5
     if args.folds < 2:
         raise InputError(f"--folds must be 2 or more, not {args.folds}")
-    # The folder itself is made when training starts, so that an early error leaves none.
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise InputError(f"cannot make the run folder {out}: {existing} is a file")
-    check_writable(existing / ".ildseg-run-probe")
+    _check_run_folder(out)
     cases = read_manifest(args.manifest)
     if args.val_fraction is not None:
         if not 0 < args.val_fraction < 1:
@@ -266,7 +275,6 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     from .finetune import FinetuneSettings, finetune
     from .manifest import manifest_sha256, read_manifest
-    from ..atomicfile import check_writable
     from ..modelfile import load_model
     settings = FinetuneSettings(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
                                 crops_per_epoch=args.crops_per_epoch, val_fraction=args.val_fraction,
@@ -274,17 +282,13 @@ def cmd_finetune(args) -> int:
                                 intensity_augmentation=args.intensity_augmentation, seed=args.seed,
                                 train_layers=args.train_layers)
     settings.check()
-    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
-        raise InputError(f"--time-limit must be a finite number of seconds above 0, not {args.time_limit}")
+    _check_time_limit(args.time_limit)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a run folder, and {out} is a file")
     if (out / "checkpoint.safetensors").exists() or (out / "finetune.json").exists():
         raise InputError(f"{out} holds an earlier run: choose a new --out folder")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise InputError(f"cannot make the run folder {out}: {existing} is a file")
-    check_writable(existing / ".ildseg-run-probe")
+    _check_run_folder(out)
     cases = read_manifest(args.manifest)
     start = load_model(args.model)
     provenance = {"trained_on": f"manifest {Path(args.manifest).name}", "manifest_sha256": manifest_sha256(args.manifest),
