@@ -286,50 +286,57 @@ def _worker_manual(spec: Dict[str, Any]) -> Dict[str, Any]:
             "peak_gpu_mb": _gpu_peak_mb(torch, spec["device"]), "threads": torch.get_num_threads()}
 
 
-def _worker_training(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Crops per second of one training step (forward, loss, backward, Adam), batch
-    of one crop as in the paper, for the memory layouts (and precisions) that keep
-    results equal."""
-    torch = _worker_setup(spec)
-    import torch.nn.functional as F
-    from .device import describe_device, select_device
-    from .network import DilatedFCN
-    device = select_device(spec["device"])
-    shapes = [tuple(s) for s in spec["train_shapes"]]
-    variants: List[Tuple[str, bool, Optional[Any]]] = [("float32 NCHW", False, None),
-                                                       ("float32 channels-last", True, None)]
-    if device.type == "cuda":
-        variants.append(("bf16 autocast channels-last", True, torch.bfloat16))
-    out: Dict[str, Any] = {}
-    for name, channels_last, autocast in variants:
-        torch.manual_seed(0)
-        net = DilatedFCN().to(device).train()
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        net = net.to(memory_format=fmt)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-        data = [(torch.randn(1, 1, h, w, device=device).contiguous(memory_format=fmt),
-                 torch.randint(0, 6, (1, h, w), device=device)) for h, w in shapes]
+def _synthetic_crops(shapes: Sequence[Sequence[int]], n: int, seed: int) -> List[Any]:
+    """``n`` training crops cycling through ``shapes``: lung-like intensities (hu1000),
+    an elliptic lung, about 15 % of it annotated with the six classes (the share of
+    the bundled model's training crops)."""
+    from .training.dataset import Crop
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(n):
+        h, w = shapes[i % len(shapes)]
+        yy, xx = np.mgrid[:h, :w]
+        lung = ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.42 * w)) ** 2 < 1
+        image = np.where(lung, -0.85, 0.04) + rng.normal(0, 0.05, (h, w))
+        target = np.where(lung & (rng.random((h, w)) < 0.15), rng.integers(0, 6, (h, w)), -1)
+        crops.append(Crop(f"bench{i}", i, 0, image.astype(np.float32), target.astype(np.int64), lung))
+    return crops
 
-        def step(x: Any, y: Any) -> None:
-            opt.zero_grad(set_to_none=True)
-            ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else _null()
-            with ctx:
-                loss = F.cross_entropy(net(x).float(), y)
-            loss.backward()
-            opt.step()
-        for x, y in data:  # warm-up (oneDNN / cuDNN pick their kernels per shape)
-            step(x, y)
-        _sync(device)
-        times = []
-        for _ in range(int(spec["train_steps"])):
-            for x, y in data:
-                t = time.perf_counter()
-                step(x, y)
-                _sync(device)
-                times.append(time.perf_counter() - t)
-        # Median, not minimum: a training run lasts hours, so typical steps matter.
-        out[name] = {"crops_per_second": 1.0 / float(np.median(times)), "steps": len(times)}
-    return {"device": describe_device(device), "crop_shapes": [list(s) for s in shapes], "variants": out,
+
+def _worker_training(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Crops per second of ``ildseg train``'s epochs (training steps and the validation
+    that ends each epoch) on synthetic crops, for one trainer: ``reference`` (the
+    straightforward implementation: float32, torch's dropout, padded batches, the loss
+    read back every step, validation crop by crop, glibc's default heap) or ``fast``
+    (the defaults, in a training process's heap setting). Each runs in its own
+    process, since the heap setting is the process's."""
+    torch = _worker_setup(spec)
+    from .device import describe_device
+    from .training.trainer import TrainConfig, Trainer
+    fast = spec["trainer"] == "fast"
+    if fast:
+        from .training.allocator import keep_freed_memory
+        keep_freed_memory()
+    shapes = spec["train_shapes"]
+    train = _synthetic_crops(shapes, int(spec["train_crops"]), 0)
+    val = _synthetic_crops(shapes, max(1, int(spec["train_crops"]) // 4), 1)
+    options = {} if fast else {"fast": False, "precision": "fp32"}
+    config = TrainConfig(device=spec["device"], batch_size=int(spec["batch_size"]), intensity="hu1000", **options)
+    trainer = Trainer(config, train, val, Path(spec["out"]))
+    if not fast:
+        trainer.network.dropout = torch.nn.Dropout(trainer.network.config.dropout)
+    trainer.run_epoch(0)  # warm-up: oneDNN and cuDNN choose their kernels per shape
+    _sync(trainer.device)
+    epochs = int(spec["train_epochs"])
+    wall, cpu = time.perf_counter(), time.process_time()
+    for epoch in range(1, 1 + epochs):
+        trainer.run_epoch(epoch)
+    _sync(trainer.device)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    n = len(train) * epochs
+    return {"device": describe_device(trainer.device), "precision": trainer.precision, "crops": n,
+            "validation_crops_per_epoch": len(val), "crop_shapes": [list(s) for s in shapes],
+            "batch_size": config.batch_size, "crops_per_second": n / wall, "cpu_seconds_per_crop": cpu / n,
             "peak_gpu_mb": _gpu_peak_mb(torch, spec["device"]), "threads": torch.get_num_threads()}
 
 
@@ -484,8 +491,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave a case out (repeatable)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads in every case (default: torch's default, the physical cores)")
-    parser.add_argument("--train-steps", type=int, default=None, metavar="N",
-                        help="timed training steps per crop shape (default 3; 1 with --quick)")
+    parser.add_argument("--train-epochs", type=int, default=None, metavar="N",
+                        help="timed training epochs of 8 crops and 2 validation crops, after one of warm-up "
+                             "(default 2; 1 with --quick, 4 crops)")
+    parser.add_argument("--train-batch-size", type=int, default=1, metavar="N",
+                        help="crops per training step (default 1, as ildseg train)")
     parser.add_argument("--model", metavar="FILE", help="model file (.safetensors); default: the bundled model")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     parser.add_argument("--max-memory", type=float, default=1024, metavar="MB",
@@ -541,6 +551,25 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
+def training_lines(tr: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The report's training lines: each trainer's crops per second, and the speed-up."""
+    lines: List[str] = []
+    for name, t in tr.items():
+        if "error" in t:
+            lines.append(f"training, {name} trainer: failed: {t['error'][:100]}")
+            continue
+        shapes = " and ".join(f"{h}x{w}" for h, w in t["crop_shapes"])
+        lines.append(f"training, {name} trainer ({t['device']}, {t['precision']}, crops {shapes}, batch "
+                     f"{t['batch_size']}, validation included): {t['crops_per_second']:.2f} crops/s, "
+                     f"{t['cpu_seconds_per_crop']:.2f} CPU s/crop")
+    if set(tr) == {"reference", "fast"} and all("error" not in t for t in tr.values()):
+        ref, new = tr["reference"], tr["fast"]
+        lines.append(f"training speed-up, fast over reference: "
+                     f"{new['crops_per_second'] / ref['crops_per_second']:.2f}x (wall), "
+                     f"{ref['cpu_seconds_per_crop'] / new['cpu_seconds_per_crop']:.2f}x (CPU time)")
+    return lines
+
+
 def format_report(report: Dict[str, Any]) -> str:
     """The table printed by ``ildseg bench``."""
     m = report["machine"]
@@ -588,13 +617,7 @@ def format_report(report: Dict[str, Any]) -> str:
         if all(c.get("peak_rss_minus_ct_and_labels_mb") is not None for c in sc):
             mem = ", ".join(f"{c['slices']} slices {c['peak_rss_minus_ct_and_labels_mb']:.0f}" for c in sc)
             lines.append(f"scaling, peak resident memory minus the CT and label arrays (MB): {mem}")
-    tr = s.get("training")
-    if tr and "error" not in tr:
-        per = ", ".join(f"{k} {v['crops_per_second']:.2f}" for k, v in tr["variants"].items())
-        shapes = " and ".join(f"{h}x{w}" for h, w in tr["crop_shapes"])
-        lines.append(f"training ({tr['device']}, crops {shapes}, batch 1, fwd+bwd+Adam), crops/s: {per}")
-    elif tr:
-        lines.append(f"training: failed: {tr['error'][:100]}")
+    lines += training_lines(s.get("training") or {})
     lines.append(f"peak memory budget per case: CT size x {MEMORY_FACTOR} + {MEMORY_ALLOWANCE_MB} MB")
     return "\n".join(lines)
 
@@ -612,7 +635,7 @@ def run(args: argparse.Namespace) -> int:
     long_slices = getattr(args, "long_slices", None) or (24 if quick else 300)
     scaling = [float(f) for f in str(getattr(args, "scaling", "1,2,4") or "").split(",") if f.strip()]
     repeat = max(1, int(getattr(args, "repeat", 1) or 1))
-    train_steps = getattr(args, "train_steps", None) or (1 if quick else 3)
+    train_epochs = getattr(args, "train_epochs", None) or (1 if quick else 2)
     from .device import select_device
     device = str(select_device(getattr(args, "device", "auto") or "auto"))
     base_spec = {"device": device, "model": getattr(args, "model", None),
@@ -731,8 +754,17 @@ def run(args: argparse.Namespace) -> int:
         if "training" not in skip:
             say("training throughput")
             shapes = [[96, 80], [128, 96]] if quick else [[224, 160], [320, 240]]
-            report["training"] = _spawn(dict(base_spec, kind="training", train_shapes=shapes,
-                                             train_steps=train_steps), tmp, "training")
+            # Side by side in one run; the two alternate, so a machine busy with
+            # something else slows both alike.
+            runs_t: Dict[str, List[Dict[str, Any]]] = {"reference": [], "fast": []}
+            for r in range(repeat):
+                for trainer in runs_t:
+                    runs_t[trainer].append(_spawn(dict(
+                        base_spec, kind="training", trainer=trainer, train_shapes=shapes, train_epochs=train_epochs,
+                        train_crops=4 if quick else 8, batch_size=getattr(args, "train_batch_size", 1),
+                        out=str(tmp / f"train_{trainer}_{r}")), tmp, f"training_{trainer}_{r}"))
+            report["training"] = {k: max(v, key=lambda r: r.get("crops_per_second", -1.0))
+                                  for k, v in runs_t.items()}
         report["table"] = table
         text = format_report(report)
         del report["table"]

@@ -11,6 +11,7 @@ the zero "same" padding of an unpadded crop would see them.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -67,6 +68,12 @@ class InstanceNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None,
                 count: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # Under autocast (training's ``precision="bf16"``) the statistics of a
+            # whole crop would lose digits in 8 mantissa bits: take them in float32,
+            # and let the next convolution cast back down.
+            x = x.float()
+            valid = None if valid is None else valid.float()
         if valid is None:
             return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=EPS)
         mean = (x * valid).sum(dim=(2, 3), keepdim=True) / count
@@ -74,6 +81,30 @@ class InstanceNorm(nn.Module):
         var = (centred * centred).sum(dim=(2, 3), keepdim=True) / count
         scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + EPS)
         return centred * scale + self.bias.view(1, -1, 1, 1) * valid
+
+
+class ByteDropout(nn.Dropout):
+    """``nn.Dropout`` with the same distribution, drawn ~7x more cheaply.
+
+    The paper's dropout (0.5) acts on the 321-channel concatenation, tens of millions
+    of values per crop; torch's CPU ``bernoulli_`` draws one random number per value
+    and took 12-21 % of a training step (profiled on a 2-core Xeon). Here every draw
+    of the generator gives seven random bytes, and a value is kept when its byte is
+    at least ``256 p``: exactly Bernoulli(1 - p) for the paper's p = 0.5 and for
+    every multiple of 1/256. Other rates, and any device but the CPU (where
+    ``bernoulli_`` is a fast vectorized kernel), use torch's own dropout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        threshold = self.p * 256
+        if (not self.training or self.p == 0 or x.device.type != "cpu" or threshold != int(threshold)
+                or self.inplace or sys.byteorder != "little"):
+            return super().forward(x)
+        n = x.numel()
+        draws = torch.empty((n + 6) // 7, dtype=torch.int64).random_()  # 63 random bits each
+        # Little-endian: bytes 0-6 of each draw are uniform; byte 7 holds the sign bit.
+        keep = draws.view(torch.uint8).view(-1, 8)[:, :7].reshape(-1)[:n].view(x.shape) >= int(threshold)
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
 class Block(nn.Module):
@@ -113,7 +144,7 @@ class DilatedFCN(nn.Module):
         self.dilated = nn.ModuleList(layers)
         concat_channels = config.in_channels + config.width * len(config.dilations)
         cin = concat_channels if config.concatenate else config.width
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = ByteDropout(config.dropout)
         head: List[Block] = []
         for w in config.head:
             head.append(Block(cin, w, 1, 1, config.norm, config.norm_skip))

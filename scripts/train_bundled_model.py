@@ -165,7 +165,8 @@ def write_banks(work: Path) -> None:
 
 
 def train(bank: Path, out: Path, exclude: Sequence[str], time_limit: float, device: str, batch_size: int,
-          lr: float, crops_per_epoch: int, seed: int, init: Path = None) -> Dict:
+          lr: float, crops_per_epoch: int, seed: int, init: Path = None, precision: str = "auto",
+          patience: int = 50) -> Dict:
     """One run from the crop banks (no CT files needed); resumes when ``out`` holds a
     checkpoint of the same run."""
     from ILDSegmentationLib.modelfile import load_model
@@ -184,9 +185,9 @@ def train(bank: Path, out: Path, exclude: Sequence[str], time_limit: float, devi
         crops, groups = load_crop_bank(f, intensity)
         for c, g in zip(crops, groups):
             (val_crops if g == "val" else train_crops).append(c)
-    config = TrainConfig(preset="proposed", epochs=100_000, patience=50, lr=lr, batch_size=batch_size,
+    config = TrainConfig(preset="proposed", epochs=100_000, patience=patience, lr=lr, batch_size=batch_size,
                          crops_per_epoch=crops_per_epoch, intensity=INTENSITY, intensity_augmentation="scanner",
-                         seed=seed, device=device)
+                         seed=seed, device=device, precision=precision)
     provenance = {"trained_on": "simulated ILD patterns in " + ", ".join(used) + " (CC BY, ../shared/data)",
                   "command": " ".join(["scripts/train_bundled_model.py", *sys.argv[1:]]),
                   "backgrounds": used, "excluded_backgrounds": sorted(exclude),
@@ -200,7 +201,50 @@ def train(bank: Path, out: Path, exclude: Sequence[str], time_limit: float, devi
         provenance["initialized_from"] = {"file": Path(init).name, "sha256": trainer.config.init_sha256}
     if trainer.resume():
         print(f"[{out.name}] resumed at epoch {trainer.start_epoch + 1}", flush=True)
+    print(f"[{out.name}] {trainer.device}, {trainer.precision}, {torch_threads()} thread(s)", flush=True)
     return trainer.fit(time_limit_s=time_limit)
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+#: The bundled runs: run folder name -> the CT it leaves out (None: the shipped model).
+RUNS = {"all": None, "no-cptac": "cptac-lscc-c3n-00247", "no-lidc1": "lidc-idri-0001"}
+#: Where their compact state (checkpoint: weights, best weights, optimizer, history;
+#: log.csv) is committed, so that training accumulates across machines and sessions.
+STATE = REPO / "training_runs"
+#: The shipped run went on from the bundled model of 2026-12-04 (its GPU run's own
+#: checkpoint was lost with that machine); the leave-one-CT-out runs could not (that
+#: model saw their held-out CTs), so they start from the paper's initialization.
+INIT = {"all": REPO / "ILDSegmentationLib" / "models" / "default.safetensors"}
+
+
+def keep_training(bank: Path, runs: Sequence[str], slice_s: float, opts: Dict, state: Path = STATE) -> None:
+    """Train the bundled runs in turn, ``slice_s`` seconds each (to the end of the epoch
+    running then), round and round until every run has ended by early stopping, or
+    until stopped (SIGTERM, Ctrl-C): what is lost then is the epoch in progress, every
+    finished epoch is in its run's checkpoint, ready to commit and resume."""
+    pending = list(runs)
+    while pending:
+        for name in list(pending):
+            # --init is part of a run's settings: named again on every resume.
+            train(bank, state / name, [RUNS[name]] if RUNS[name] else [], time_limit=slice_s,
+                  init=INIT.get(name), **opts)
+            if _early_stopped(state / name):
+                pending.remove(name)
+                print(f"[{name}] ended by early stopping", flush=True)
+
+
+def _early_stopped(out: Path) -> bool:
+    """Whether the run in ``out`` ended by the paper's early stopping (not by time)."""
+    from safetensors import safe_open
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["ildseg_checkpoint"])
+    history = meta["history"]
+    best = max((i for i, r in enumerate(history) if r["best"]), default=-1)
+    return len(history) - 1 - best >= meta["config"]["patience"]
 
 
 def evaluate(work: Path, model: Path, heldout: str) -> Path:
@@ -308,6 +352,10 @@ def main() -> None:
     common.add_argument("--lr", type=float, default=3e-4)
     common.add_argument("--crops-per-epoch", type=int, default=400)
     common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    common.add_argument("--patience", type=int, default=50, help="early stopping patience in epochs (paper: 50)")
+    common.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's choice; 1 leaves the other cores free)")
     p = sub.add_parser("prepare")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--work", type=Path, required=True)
@@ -325,18 +373,34 @@ def main() -> None:
     i.add_argument("--work", type=Path, required=True)
     i.add_argument("--final", type=Path, required=True)
     i.add_argument("--loco", nargs="+", required=True, help="RUN:CT pairs")
+    k = sub.add_parser("continue", parents=[common],
+                       help="train the bundled runs in turn (their state in training_runs/) until early stopping")
+    k.add_argument("--bank", type=Path, required=True)
+    k.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    k.add_argument("--slice", type=float, default=900.0, help="seconds per run before the next one's turn")
+    k.add_argument("--state", type=Path, default=STATE)
     a = sub.add_parser("all", parents=[common])
     a.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     a.add_argument("--work", type=Path, required=True)
     a.add_argument("--jobs", type=int, default=2)
     a.add_argument("--install", action="store_true")
     args = ap.parse_args()
+    if getattr(args, "threads", 0):
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.step in ("train", "continue", "all"):
+        from ILDSegmentationLib.training.allocator import keep_freed_memory
+        keep_freed_memory()  # this process trains: see allocator.py
     opts = lambda: dict(time_limit=args.time_limit, device=args.device, batch_size=args.batch_size,  # noqa: E731
-                        lr=args.lr, crops_per_epoch=args.crops_per_epoch, seed=args.seed)
+                        lr=args.lr, crops_per_epoch=args.crops_per_epoch, seed=args.seed, precision=args.precision,
+                        patience=args.patience)
     if args.step == "prepare":
         prepare(args.data, args.work, args.jobs)
     elif args.step == "train":
         train(args.bank, args.out, args.exclude, init=args.init, **opts())
+    elif args.step == "continue":
+        keep_training(args.bank, args.runs, args.slice,
+                      {k: v for k, v in opts().items() if k != "time_limit"}, args.state)
     elif args.step == "evaluate":
         print(json.loads(evaluate(args.work, args.model, args.heldout).read_text())["balanced_accuracy"])
     elif args.step == "install":

@@ -43,6 +43,9 @@ def add_parsers(sub, common) -> None:
     t.add_argument("--entropy-scaling", default="ratio", choices=ENTROPY_SCALINGS,
                    help="a in -a*w_u*sum(p log p): labeled/unlabeled pixel ratio (default) or 1")
     t.add_argument("--batch-size", type=int, default=1, help="crops per step (paper: 1)")
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="arithmetic of training: bf16 autocast (norm statistics, loss and weights in float32), "
+                        "fp32 (the paper's), or auto (default): bf16 where the device runs it natively")
     t.add_argument("--crops-per-epoch", type=int, default=0,
                    help="0 (paper): every crop once per epoch; N: a seeded random N crops per epoch")
     t.add_argument("--intensity", default="hu", choices=list(INTENSITY_PRESETS), help="input intensity handling")
@@ -196,7 +199,7 @@ def cmd_train(args) -> int:
                          batch_size=args.batch_size, crops_per_epoch=args.crops_per_epoch,
                          augment=not args.no_augment, intensity=args.intensity,
                          intensity_augmentation=args.intensity_augmentation,
-                         seed=args.seed, device=args.device)
+                         seed=args.seed, device=args.device, precision=args.precision)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a run folder, and {out} is a file")
@@ -251,6 +254,8 @@ def cmd_train(args) -> int:
     if args.val_fraction is not None:
         # --val-fraction F is carried out as fold 0 of round(1/F) folds; say what was asked.
         provenance["val_fraction"] = args.val_fraction
+    from .allocator import keep_freed_memory
+    keep_freed_memory()  # this command's own process: see allocator.py
     trainer = Trainer(config, train, val, Path(args.out), provenance=provenance, progress=say)
     if args.init:
         from ..modelfile import load_model

@@ -160,7 +160,8 @@ def finetune(cases: Sequence[Case], start_model, out_dir: Path, settings: Finetu
     from ..atomicfile import atomic_path
     from ..device import select_device
     from ..modelfile import default_model_path
-    from .trainer import TrainConfig, Trainer, validation_metrics
+    from .trainer import TrainConfig, Trainer
+    from .validation import validation_metrics
     settings.check()
     say = progress or (lambda msg: None)
     out_dir = Path(out_dir)

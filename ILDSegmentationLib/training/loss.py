@@ -57,20 +57,19 @@ def ild_loss(logits: torch.Tensor, target: torch.Tensor, lung: torch.Tensor, wei
     logits (N, C, H, W); target (N, H, W) int64 class index or -1 when unannotated;
     lung (N, H, W) bool; valid (N, H, W) bool for padded batches (pixels outside a
     crop take no part)."""
+    # One expression for the whole batch, with no host synchronisation (no .any(),
+    # no boolean indexing): on a GPU the step runs without waiting for the host.
     logp = F.log_softmax(logits.float(), dim=1)
     inside = lung if valid is None else lung & valid
     labeled = (target >= 0) & inside
     unlabeled = inside & ~labeled
     safe_target = target.clamp_min(0)
     nll = -logp.gather(1, safe_target.unsqueeze(1)).squeeze(1) * weights.to(logp.device)[safe_target]
-    losses = []
-    for n in range(logits.shape[0]):
-        supervised = nll[n][labeled[n]].sum()
-        count = labeled[n].sum() + unlabeled[n].sum()
-        total = supervised
-        if unsupervised_weight > 0 and unlabeled[n].any():
-            p = logp[n].exp()
-            entropy = -(p * logp[n]).sum(dim=0)
-            total = total + alpha * unsupervised_weight * entropy[unlabeled[n]].sum()
-        losses.append(total / count.clamp_min(1))
-    return torch.stack(losses).mean()
+    zero = logp.new_zeros(())
+    total = torch.where(labeled, nll, zero).sum(dim=(1, 2))
+    if unsupervised_weight > 0:
+        # where(), not a product with the mask: p log p is NaN where p underflows to 0.
+        entropy = -(logp.exp() * logp).sum(dim=1)
+        total = total + alpha * unsupervised_weight * torch.where(unlabeled, entropy, zero).sum(dim=(1, 2))
+    count = (labeled | unlabeled).sum(dim=(1, 2)).clamp_min(1)
+    return (total / count).mean()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ILDSegmentationLib.training.trainer import TrainConfig, Trainer
 import SimpleITK as sitk
 import torch
 
@@ -257,17 +259,31 @@ def test_run_writes_json_with_the_required_keys(tmp_path):
     assert report["machine"]["torch"] == torch.__version__
 
 
-def test_training_throughput_worker():
+@pytest.mark.parametrize("trainer", ["reference", "fast"])
+def test_training_throughput_worker_runs_the_real_trainer(trainer, tmp_path):
     t = time.perf_counter()
-    out = bench._worker_training({"device": "cpu", "train_shapes": [[40, 36], [30, 20]], "train_steps": 2})
+    out = bench._worker_training({"device": "cpu", "train_shapes": [[40, 36], [30, 20]], "train_epochs": 2,
+                                  "train_crops": 4, "batch_size": 2, "trainer": trainer, "out": str(tmp_path)})
     elapsed = time.perf_counter() - t
-    assert set(out["variants"]) == {"float32 NCHW", "float32 channels-last"}
-    assert out["crop_shapes"] == [[40, 36], [30, 20]]
-    for v in out["variants"].values():
-        assert v["steps"] == 4  # 2 steps x 2 crops, after a warm-up step per crop
-        # A median step lasts less than the whole call (which ran 3 x 2 x 2 steps), and
-        # more than 0.1 ms (forward, backward and Adam over 130,056 weights).
-        assert 12 / elapsed < v["crops_per_second"] < 1e4
+    assert out["crop_shapes"] == [[40, 36], [30, 20]] and out["batch_size"] == 2
+    assert out["crops"] == 8 and out["validation_crops_per_epoch"] == 1  # 2 timed epochs of 4 crops
+    # The timed epochs are part of the call (which also ran a warm-up epoch and set up).
+    assert 8 / elapsed < out["crops_per_second"] < 1e4 and out["cpu_seconds_per_crop"] > 0
+    assert out["precision"] == ("fp32" if trainer == "reference" else
+                                Trainer(TrainConfig(device="cpu"), _one_crop(), _one_crop(), tmp_path).precision)
+
+
+def _one_crop():
+    return bench._synthetic_crops([[20, 24]], 1, 0)
+
+
+def test_training_report_prints_both_trainers_and_the_speed_up():
+    t = {"device": "cpu", "precision": "bf16", "crop_shapes": [[8, 8]], "batch_size": 1, "cpu_seconds_per_crop": 1.0}
+    text = "\n".join(bench.training_lines({
+        "reference": dict(t, precision="fp32", crops_per_second=0.5, cpu_seconds_per_crop=2.0),
+        "fast": dict(t, crops_per_second=1.25, cpu_seconds_per_crop=0.8)}))
+    assert "reference trainer (cpu, fp32" in text and "fast trainer (cpu, bf16" in text
+    assert "fast over reference: 2.50x (wall), 2.50x (CPU time)" in text
 
 
 def test_bench_refuses_a_missing_or_unreadable_ct_in_one_line(tmp_path, capsys):

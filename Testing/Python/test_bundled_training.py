@@ -72,3 +72,52 @@ def test_all_backgrounds_and_a_wrong_name(script, banks, tmp_path):
     with pytest.raises(SystemExit, match="no crop bank"):
         script.train(banks, tmp_path / "x", ["chest-c"], time_limit=1e-9, device="cpu", batch_size=2, lr=1e-3,
                      crops_per_epoch=2, seed=0)
+
+
+def test_continue_trains_every_run_in_turn_until_early_stopping(script, banks, tmp_path, monkeypatch):
+    """`continue` goes round the runs (their state under one folder) until each has
+    ended by early stopping; what it leaves per run is the compact state to commit."""
+    monkeypatch.setattr(script, "RUNS", {"all": None, "no-b": "chest-b"})
+    monkeypatch.setattr(script, "INIT", {})
+    state = tmp_path / "state"
+    script.keep_training(banks, ["all", "no-b"], 1e-9, dict(device="cpu", batch_size=2, lr=1e-3, crops_per_epoch=2,
+                                                            seed=0, patience=1), state)
+    for name in ("all", "no-b"):
+        assert script._early_stopped(state / name)
+        assert (state / name / "checkpoint.safetensors").stat().st_size < 3e6  # compact: ~2 MB a run
+        rows = (state / name / "log.csv").read_text().splitlines()
+        assert len(rows) >= 3  # header + at least two epochs (patience 1)
+    prov = load_model(state / "no-b" / "model.safetensors").info.provenance
+    assert prov["excluded_backgrounds"] == ["chest-b"]
+
+
+def test_gpu_script_runs_its_three_steps_on_a_machine_without_simpleitk(banks, tmp_path):
+    """scripts/gpu_run.sh with a tiny budget on the CPU, where the GPU machine's lack of
+    SimpleITK is reproduced by an import hook: so that the first GPU minute is never spent
+    debugging it."""
+    import os
+    import subprocess
+    import sys
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoSimpleITK:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'SimpleITK':\n"
+        "            raise ImportError('no SimpleITK on this machine (as on the lent GPU)')\n"
+        "sys.meta_path.insert(0, _NoSimpleITK())\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, DEVICE="cpu", RUNS="all", SLICES="2", PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(hook), str(REPO)]))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_run.sh"), str(banks), str(out), "1"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    log = (out / "gpu.log").read_text()
+    assert proc.returncode == 0, log[-2000:]
+    assert "training bench reference: exit 0" in log and "training bench fast: exit 0" in log
+    assert "all: exit 0" in log and "engine bench: exit 0" in log, log[-2000:]
+    assert (out / "training_runs" / "all" / "checkpoint.safetensors").exists()
+    assert not (out / "training_runs" / "all" / "model.safetensors").exists()  # only the compact state comes back
+    assert (out / "engine.json").exists()
+    probe = subprocess.run([sys.executable, "-c", "import SimpleITK"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "no SimpleITK on this machine" in probe.stderr  # the hook does block it

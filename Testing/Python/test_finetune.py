@@ -13,7 +13,8 @@ from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
 from ILDSegmentationLib.training.dataset import load_case_crops
 from ILDSegmentationLib.training.finetune import hold_out
 from ILDSegmentationLib.training.manifest import read_manifest
-from ILDSegmentationLib.training.trainer import TrainConfig, Trainer, validation_metrics
+from ILDSegmentationLib.training.trainer import TrainConfig, Trainer
+from ILDSegmentationLib.training.validation import validation_metrics
 
 from training_data import make_manifest
 

@@ -30,6 +30,7 @@ from ILDSegmentationLib.geometry import Geometry
 from ILDSegmentationLib.inference import Inferer
 from ILDSegmentationLib.network import DilatedFCN, NetworkConfig
 from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+from ILDSegmentationLib.training import batching as batching_module
 from ILDSegmentationLib.training import trainer as trainer_module
 from ILDSegmentationLib.training.dataset import Crop, crops_from_arrays, dihedral
 from ILDSegmentationLib.training.loss import ild_loss
@@ -193,7 +194,7 @@ def test_every_crop_meets_all_eight_flips_and_rotations(monkeypatch, tmp_path):
     def spy(array, k):
         seen.append(k)
         return dihedral(array, k)
-    monkeypatch.setattr(trainer_module, "dihedral", spy)
+    monkeypatch.setattr(batching_module, "dihedral", spy)
     # One batch of all 40 equal-shaped crops: the draw is per crop whatever the batch
     # size, and one step keeps this fast.
     Trainer(TrainConfig(preset="no-dilation", device="cpu", intensity="hu1000", batch_size=40), crops, crops[:1], tmp_path / "a")._epoch(0)
@@ -231,7 +232,7 @@ def test_early_stopping_is_relative_half_percent_with_patience_and_keeps_the_bes
     seen_states = []
     cm = np.diag([5, 5, 0, 0, 0, 0])
 
-    def scripted(network, crops, device):
+    def scripted(network, crops, device, **how):  # how: the fast path and autocast, irrelevant here
         seen_states.append({k: v.detach().clone() for k, v in network.state_dict().items()})
         out = summarize(cm)
         if len(seen_states) <= len(script):
