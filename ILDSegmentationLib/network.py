@@ -88,7 +88,7 @@ class ByteDropout(nn.Dropout):
 
     The paper's dropout (0.5) acts on the 321-channel concatenation, tens of millions
     of values per crop; torch's CPU ``bernoulli_`` draws one random number per value
-    and took 12-21 % of a training step (profiled on a 2-core Xeon). Here every draw
+    and took 12-21 % of a training step (profiled on a 2-core AMD EPYC). Here every draw
     of the generator gives seven random bytes, and a value is kept when its byte is
     at least ``256 p``: exactly Bernoulli(1 - p) for the paper's p = 0.5 and for
     every multiple of 1/256. Other rates, and any device but the CPU (where

@@ -3,7 +3,7 @@
 Each training step allocates activations of tens to hundreds of MB. glibc serves
 blocks above its mmap threshold with fresh ``mmap`` pages and unmaps them on free, so
 every step pays for zeroing new pages: a one-epoch ``ildseg train`` run on a 2-core
-Xeon made 20 million minor page faults, system time 36 % of all CPU time. With mmap
+CPU made 20 million minor page faults, system time 36 % of all CPU time. With mmap
 off and trimming deferred, freed blocks are reused: that run took 62.5 s instead of
 86 s (1.38x), at a higher peak memory (3.3 -> 5.9 GB for batches of 4).
 

@@ -82,7 +82,7 @@ class TrainConfig:
     #: convolutions in bfloat16, the instance-norm statistics, the loss and the
     #: weights in float32); "auto" (default): bf16 where the device computes it
     #: natively (a CPU with AVX512-BF16/AMX, a CUDA GPU with bf16), else fp32. The
-    #: paper trained in float32; bf16 measured 1.8x faster per step on a 2-core Xeon,
+    #: paper trained in float32; bf16 measured 1.8x faster per step on a 2-core AMD EPYC,
     #: gradients agreeing with fp32 to a cosine >= 0.99 (test_trainer_speed.py).
     precision: str = "auto"
     #: False runs the reference implementation: padded batches through the masked

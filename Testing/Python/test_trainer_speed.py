@@ -161,7 +161,7 @@ def test_unknown_precision_is_refused():
 def test_training_processes_keep_freed_memory_instead_of_faulting_in_new_pages():
     """After keep_freed_memory, a training step reuses the memory the previous steps
     freed instead of mapping (and faulting in) fresh pages. Measured here on 2-core
-    Xeons: ~850 minor faults per step against 5,700-20,000 with glibc's defaults."""
+    AMD EPYCs: ~850 minor faults per step against 5,700-20,000 with glibc's defaults."""
     code = """
 import resource, sys, torch
 import torch.nn.functional as F
