@@ -43,13 +43,16 @@ done
 echo "== 2. bundled runs, ${TRAIN_SECONDS} s each, side by side"
 declare -A EXCLUDE=([all]="" [no-cptac]="cptac-lscc-c3n-00247" [no-lidc1]="lidc-idri-0001")
 declare -A INIT=([all]="--init ILDSegmentationLib/models/default.safetensors" [no-cptac]="" [no-lidc1]="")
+pids=()
 for name in $RUNS; do
   ( timeout $((TRAIN_SECONDS + 120)) "$PY" scripts/train_bundled_model.py train --bank "$BANK" \
       --out "$OUT/training_runs/$name" --device "$DEVICE" --time-limit "$TRAIN_SECONDS" ${INIT[$name]} \
       ${TRAIN_ARGS:-} ${EXCLUDE[$name]:+--exclude ${EXCLUDE[$name]}} > "$OUT/train-$name.log" 2>&1
     echo "$name: exit $? $(tail -n 1 "$OUT/train-$name.log")" ) &
+  pids+=($!)
 done
-wait
+# The runs only: a bare `wait` would also wait for the log's tee (bash >= 5.1), forever.
+wait "${pids[@]}"
 for name in $RUNS; do rm -f "$OUT/training_runs/$name"/{model.safetensors,learning_curves.png,confusion.png}; done
 
 echo "== 3. inference benchmark ($DEVICE, $SLICES slices)"
