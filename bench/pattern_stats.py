@@ -186,9 +186,9 @@ def _through_jpeg(hu: np.ndarray) -> np.ndarray:
 def simulated_cases(case_dirs: Sequence[Path]) -> Iterator[Tuple[str, np.ndarray, np.ndarray, np.ndarray, float]]:
     """(case id, hu, truth, lung mask, pixel mm) in the canonical view, from the
     manifest.csv of ``ildseg simulate`` output folders."""
-    from ILDSegmentationLib.geometry import canonical_view
+    from ILDSegmentationLib.imaging.geometry import canonical_view
     import SimpleITK as sitk
-    from ILDSegmentationLib.io import read_ct, read_image, read_lung_mask
+    from ILDSegmentationLib.imaging.io import read_ct, read_image, read_lung_mask
     for folder in case_dirs:
         folder = Path(folder)
         with open(folder / "manifest.csv", newline="") as f:
@@ -207,7 +207,7 @@ def simulated_cases(case_dirs: Sequence[Path]) -> Iterator[Tuple[str, np.ndarray
 
 
 def rd_as_volume(a: np.ndarray) -> np.ndarray:
-    from ILDSegmentationLib.geometry import as_volume
+    from ILDSegmentationLib.imaging.geometry import as_volume
     return as_volume(np.asarray(a))
 
 
@@ -267,6 +267,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.cli import set_process_defaults
+    from ILDSegmentationLib.commands.cli import set_process_defaults
     set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
     sys.exit(main())

@@ -64,9 +64,9 @@ def m(name, path, old, new, *tests, equivalent=None) -> Mutant:
     return Mutant(name, path, old, new, tuple(tests), equivalent)
 
 
-NET, CROP, GEO = f"{LIB}/network.py", f"{LIB}/cropping.py", f"{LIB}/geometry.py"
+NET, CROP, GEO = f"{LIB}/engine/network.py", f"{LIB}/engine/cropping.py", f"{LIB}/imaging/geometry.py"
 LOSS, TRAIN, DATA = f"{LIB}/training/loss.py", f"{LIB}/training/trainer.py", f"{LIB}/training/dataset.py"
-AUG, MODEL, ATOMIC = f"{LIB}/training/augment.py", f"{LIB}/modelfile.py", f"{LIB}/atomicfile.py"
+AUG, MODEL, ATOMIC = f"{LIB}/training/augment.py", f"{LIB}/engine/modelfile.py", f"{LIB}/imaging/atomicfile.py"
 P = f"{T}/test_protocol.py"
 FAST_FORWARD = f"{T}/test_bench.py::test_fast_forward_equals_forward_for_every_configuration"
 

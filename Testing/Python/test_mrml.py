@@ -1,4 +1,4 @@
-"""ILDSegmentationLib.mrml against Slicer's real MRML core (the slicer-core wheel).
+"""ILDSegmentationLib.slicer.mrml against Slicer's real MRML core (the slicer-core wheel).
 
 No fake slicer, qt or MRML: every node, logic, import/export and storage node here
 is Slicer's own C++ code. The whole file is skipped where slicer-core is not
@@ -25,11 +25,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     pytest.skip("Slicer's MRML core is not importable (pip install slicer-core, Python >= 3.10); "
                 "the same code is exercised inside Slicer by the module's self-test", allow_module_level=True)
 
-from ILDSegmentationLib import mrml
+from ILDSegmentationLib.slicer import mrml
 from ILDSegmentationLib.classes import CLASSES
 from ILDSegmentationLib.errors import Cancelled, DeviceError, InputError, LungMaskError, ModelFileError
-from ILDSegmentationLib.geometry import Geometry, canonical_view
-from ILDSegmentationLib.inference import Inferer
+from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
+from ILDSegmentationLib.engine.inference import Inferer
 from ILDSegmentationLib.terminology import TERMINOLOGY_CONTEXT, parse_terminology_entry, terminology_entry
 
 vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
@@ -103,7 +103,7 @@ def env():
 
 @pytest.fixture(scope="module")
 def model():
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.engine.modelfile import load_model
     return load_model(device="cpu")
 
 
@@ -186,7 +186,7 @@ def test_oblique_ct_geometry_ras_to_lps_and_axial_axis(env):
 def test_geometry_matches_simpleitk_reading_of_the_saved_volume(env, tmp_path):
     """An independent check of the RAS -> LPS conversion: Slicer writes the node,
     SimpleITK (LPS) reads it back, both geometries must agree."""
-    from ILDSegmentationLib.io import read_ct
+    from ILDSegmentationLib.imaging.io import read_ct
 
     ct = add_ct(env.scene)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -549,7 +549,7 @@ def test_out_of_gpu_memory_error_changes_nothing(env, model, monkeypatch):
     it finally gives up (cpu_fallback=False, as the Slicer panel asks, to offer the
     CPU) the error reaches the caller and the scene is unchanged. No GPU here: the
     engine is replaced by one that reports the engine's error."""
-    import ILDSegmentationLib.inference as inference
+    import ILDSegmentationLib.engine.inference as inference
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""The synthetic chest CT of ``ildseg demo`` (ILDSegmentationLib.phantom).
+"""The synthetic chest CT of ``ildseg demo`` (ILDSegmentationLib.simulation.phantom).
 
 The default phantom is built once per module (about 2 s); determinism is checked on
 a coarser grid of the same anatomy so the tests stay fast.
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ILDSegmentationLib.geometry import Geometry, canonical_view
-from ILDSegmentationLib.phantom import Phantom, _Grid, _tube_coverage, make_chest_phantom
+from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
+from ILDSegmentationLib.simulation.phantom import Phantom, _Grid, _tube_coverage, make_chest_phantom
 
 SMALL = dict(size=96, n_slices=28, spacing=(3.8, 3.8, 10.0))  # same chest, coarse grid
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ILDSegmentationLib import background, trainingset
-from ILDSegmentationLib.background import CANCELLED, FAILED, SUCCEEDED, FinetuneJob
+from ILDSegmentationLib.slicer import background, trainingset
+from ILDSegmentationLib.slicer.background import CANCELLED, FAILED, SUCCEEDED, FinetuneJob
 
 
 # ----------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def test_finetune_lines_give_progress_and_an_upper_bound_of_the_remaining_time(m
 # ----------------------------------------------------------------------------------
 slicer = pytest.importorskip("slicer", reason="Slicer's MRML core is not importable (pip install slicer-core, "
                              "Python >= 3.10); inside Slicer the module's self-test runs the same code")
-from ILDSegmentationLib import mrml  # noqa: E402
+from ILDSegmentationLib.slicer import mrml  # noqa: E402
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
 from ILDSegmentationLib.errors import InputError  # noqa: E402
 from ILDSegmentationLib.terminology import terminology_entry  # noqa: E402
@@ -125,7 +125,7 @@ def test_segments_painted_by_hand_are_matched_by_name(env):
 
 
 def test_add_case_writes_a_case_the_training_cli_reads(env, tmp_path):
-    from ILDSegmentationLib.io import read_ct
+    from ILDSegmentationLib.imaging.io import read_ct
     from ILDSegmentationLib.training.annotations import read_annotation
     from ILDSegmentationLib.training.manifest import read_manifest
 
@@ -223,7 +223,7 @@ def test_summary_counts_the_set_and_names_classes_without_examples(env, tmp_path
 
 
 def test_model_folder_lists_models_with_their_provenance_only(tmp_path):
-    from ILDSegmentationLib.modelfile import load_model, save_model
+    from ILDSegmentationLib.engine.modelfile import load_model, save_model
 
     bundled = load_model()
     folder = tmp_path / "my models"
@@ -247,7 +247,7 @@ def test_model_folder_lists_models_with_their_provenance_only(tmp_path):
 
 
 def test_new_run_folders_are_new_and_never_the_bundled_models_folder(tmp_path):
-    from ILDSegmentationLib.modelfile import default_model_path
+    from ILDSegmentationLib.engine.modelfile import default_model_path
 
     first = trainingset.new_run_folder(tmp_path / "models")
     first.mkdir()
@@ -270,7 +270,7 @@ def training_folder(tmp_path_factory):
 
 
 def _bundled_sha() -> str:
-    from ILDSegmentationLib.modelfile import default_model_path, sha256_of
+    from ILDSegmentationLib.engine.modelfile import default_model_path, sha256_of
     return sha256_of(default_model_path())
 
 
