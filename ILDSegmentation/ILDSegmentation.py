@@ -100,7 +100,7 @@ BACKGROUND_BATCH_MEMORY_MB = 1024
 
 #: How often the panel looks at a run in a separate process (ms).
 POLL_INTERVAL_MS = 200
-#: ILDSegmentationLib.slicer.background.PROGRESS_PREFIX (not imported at module load).
+#: ILDSegmentationLib.commands.progress.PROGRESS_PREFIX (not imported at module load).
 PROGRESS_LINE_PREFIX = "ildseg-progress "
 
 #: The library's messages name command-line options (they are shared with ildseg);

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmain  # noqa: E402  (bench/benchmain.py: the checkout on the path, main()'s wrapper)
 
 
 def main() -> None:
@@ -91,6 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.commands.cli import set_process_defaults
-    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
-    main()
+    benchmain.run_script(main)

@@ -61,13 +61,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import benchmain  # noqa: E402  (bench/benchmain.py: the checkout on the path, main()'s wrapper)
+
+REPO = benchmain.REPO
 
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
 from ILDSegmentationLib.engine.cropping import CROP_MARGIN, CropBox, crop_boxes  # noqa: E402
-from ILDSegmentationLib.errors import ILDSegError, InputError  # noqa: E402
+from ILDSegmentationLib.errors import InputError  # noqa: E402
 from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view  # noqa: E402
 
 #: The mask changes measured: (name, kind, pixels).
@@ -379,12 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (ILDSegError, OSError) as exc:
-        print(f"mask_stability: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    return benchmain.run_main("mask_stability", build_parser, _run, argv)
 
 
 def _pool_runs(args: argparse.Namespace) -> int:
@@ -472,6 +467,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.commands.cli import set_process_defaults
-    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
-    sys.exit(main())
+    benchmain.run_script(main)

@@ -45,10 +45,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmain  # noqa: E402  (bench/benchmain.py: the checkout on the path, main()'s wrapper)
+
+REPO = benchmain.REPO
 
 import real_disease as rd  # noqa: E402  (bench/real_disease.py)
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
@@ -99,7 +99,7 @@ def sparse_annotation(truth: np.ndarray, lung: np.ndarray, spacing_mm: float, re
 def prepare(medseg: Path, work: Path, spacing_mm: float, regions: int, radius_mm: float, healthy_gap_mm: float,
             seed: int) -> Dict:
     import SimpleITK as sitk
-    from ILDSegmentationLib.imaging.io import write_image
+    from ILDSegmentationLib.imaging.images import write_image
     from ILDSegmentationLib.training.manifest import write_manifest
     slices = rd.read_medseg_set(medseg, "TrainingSet")
     mappings = [rd.estimate_hu_mapping(s.grey) for s in slices]
@@ -263,6 +263,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.commands.cli import set_process_defaults
-    set_process_defaults()
-    sys.exit(main())
+    benchmain.run_script(main)

@@ -53,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import benchmain  # noqa: E402
 import real_disease as rd  # noqa: E402
 
 LAGS = (1, 2, 4)
@@ -267,6 +268,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.commands.cli import set_process_defaults
-    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
-    sys.exit(main())
+    benchmain.run_script(main)

@@ -66,9 +66,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import benchmain  # noqa: E402  (bench/benchmain.py: the checkout on the path, main()'s wrapper)
 
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
 from ILDSegmentationLib.errors import LungMaskError  # noqa: E402
@@ -573,6 +571,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.commands.cli import set_process_defaults
-    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
-    sys.exit(main())
+    benchmain.run_script(main)

@@ -53,12 +53,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import benchmain  # noqa: E402  (bench/benchmain.py: the checkout on the path, main()'s wrapper)
 
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
-from ILDSegmentationLib.errors import ILDSegError, InputError  # noqa: E402
+from ILDSegmentationLib.errors import InputError  # noqa: E402
 from ILDSegmentationLib.imaging.geometry import Geometry, as_volume, canonical_view  # noqa: E402
 
 #: In-plane distance (mm) to the costal pleura within which basal lung is subpleural.
@@ -84,7 +82,7 @@ def regions(lung: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Region index per voxel (K, J, I or J, I like ``lung``): -1 outside the lung,
     else the index into :data:`REGIONS`. ``lung``: non-zero = lung (both lungs; 1/2
     labels are not needed, the two lungs are told apart by their 2D components)."""
-    from ILDSegmentationLib.engine.cropping import split_left_right
+    from ILDSegmentationLib.imaging.lungsides import split_left_right
     from ILDSegmentationLib.imaging.lungmask import _convex_hull_2d
     view = canonical_view(geometry)
     lung_c = view.to_canonical(as_volume(np.asarray(lung)) != 0)
@@ -342,12 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (ILDSegError, OSError) as exc:
-        print(f"specificity: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    return benchmain.run_main("specificity", build_parser, _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -396,6 +389,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from ILDSegmentationLib.commands.cli import set_process_defaults
-    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
-    sys.exit(main())
+    benchmain.run_script(main)

@@ -58,7 +58,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..classes import CLASSES
-from ..engine.cropping import LEFT_LUNG, RIGHT_LUNG, split_left_right
+from ..imaging.lungsides import LEFT_LUNG, RIGHT_LUNG, split_left_right
 from ..imaging.geometry import Geometry, as_volume, canonical_view
 
 #: Default width (mm) of the subpleural band, measured in the axial plane from the

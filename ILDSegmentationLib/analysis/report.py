@@ -1,7 +1,7 @@
 """Per-pattern volumes: the numbers a radiologist reads off the result."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -59,3 +59,16 @@ def panel_results(report: Dict[str, Any]) -> Dict[str, Any]:
     return {"columns": list(TABLE_COLUMNS), "rows": rows,
             "distribution": text[start:].splitlines() if start >= 0 else [],
             "warnings": warning_lines(report)}
+
+
+UNTRAINED_WARNING = ("WARNING: the model '{name}' is UNTRAINED (random weights): its labels are meaningless. "
+                     "Give a trained model with --model.")
+
+
+def model_notice(model: dict) -> Optional[str]:
+    """What a user must know about the weights before reading the labels: that they
+    are untrained, or the model file's own warning (e.g. trained on simulated data)."""
+    if not model["trained"]:
+        return UNTRAINED_WARNING.format(name=model["name"])
+    warning = (model.get("provenance") or {}).get("warning")
+    return f"note on the model: {warning}" if warning else None

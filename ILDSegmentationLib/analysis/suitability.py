@@ -283,7 +283,7 @@ def _pixel_size(pixel_mm: Tuple[float, float], model_range: Optional[Sequence[fl
 
 
 def _noise(hu_c: np.ndarray, spacing: Sequence[float]) -> Dict[str, str]:
-    from ..simulation.simulate import estimate_noise
+    from ..imaging.noise import estimate_noise
     model = estimate_noise(hu_c, spacing)
     if model.tiles == 0:
         return _check("noise", "ok", "not measured (too little flat fat or soft tissue in the scan)")

@@ -451,7 +451,7 @@ def run_batch_command(args: Any) -> int:
             segment_options[keyword] = getattr(args, option)
     Inferer(model, device=args.device, max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing)
 
-    from .cli import model_notice
+    from ..analysis.report import model_notice
     notice = model_notice({"trained": model.info.trained, "name": model.info.name,
                            "provenance": model.info.provenance})
     if notice and not args.quiet:

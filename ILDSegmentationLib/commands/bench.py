@@ -186,7 +186,8 @@ def reference_segment(network: Any, intensity: Any, hu: np.ndarray, lung_mask: n
     crop at a time, eager float32 ``network.forward``, no batching, padding or fast
     path. Returns labels (uint8, K,J,I) and, if asked, probabilities (K,J,I,C)."""
     import torch
-    from ..engine.cropping import crop_boxes, split_left_right
+    from ..engine.cropping import crop_boxes
+    from ..imaging.lungsides import split_left_right
     from ..imaging.geometry import as_volume, canonical_view
     hu, lung_mask = as_volume(np.asarray(hu)), as_volume(np.asarray(lung_mask))
     view = canonical_view(geometry)

@@ -21,19 +21,6 @@ from ..errors import ILDSegError
 
 log = logging.getLogger("ILDSegmentationLib")
 
-UNTRAINED_WARNING = ("WARNING: the model '{name}' is UNTRAINED (random weights): its labels are meaningless. "
-                     "Give a trained model with --model.")
-
-
-def model_notice(model: dict) -> Optional[str]:
-    """What a user must know about the weights before reading the labels: that they
-    are untrained, or the model file's own warning (e.g. trained on simulated data)."""
-    if not model["trained"]:
-        return UNTRAINED_WARNING.format(name=model["name"])
-    warning = (model.get("provenance") or {}).get("warning")
-    return f"note on the model: {warning}" if warning else None
-
-
 class _Progress:
     """tqdm on a terminal; silent when stderr is not a TTY or with --quiet."""
 
@@ -177,6 +164,7 @@ def _say_input_checks(summary: dict, quiet: bool) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from ..analysis.pipeline import segment_file
+    from ..analysis.report import model_notice
     if args.out_dir is not None or args.manifest is not None or len(args.ct) > 1:
         given = [name for name, value in (("--table", args.table), ("--visual-report", args.visual_report),
                                           ("--subpleural-band", args.subpleural_band)) if value is not None]
@@ -194,7 +182,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.lung_mask is None and not args.quiet:
         print("no --lung-mask given: computing the lung mask automatically", file=sys.stderr)
     if args.progress_lines:
-        from ..slicer.background import ProgressLines
+        from .progress import ProgressLines
         bar = ProgressLines()
     else:
         bar = _Progress(args.quiet)
@@ -226,6 +214,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..analysis.report import model_notice
     from .demo import run_demo
     if not args.quiet:
         print("built-in case: synthetic chest CT with simulated ILD patterns (made by code, no patient data)")

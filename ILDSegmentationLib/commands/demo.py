@@ -15,7 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..engine.inference import ProgressCallback
-from ..imaging.io import write_image, write_label_map
+from ..imaging.images import write_image
+from ..imaging.io import write_label_map
 from ..simulation.phantom import make_chest_phantom
 from ..analysis.pipeline import segment_file
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..classes import NUM_CLASSES
-from .cropping import CROP_BOX_CHOICES, CropBox, crop_boxes, crop_boxes_aerated, split_left_right
+from ..imaging.lungsides import split_left_right
+from .cropping import CROP_BOX_CHOICES, CropBox, crop_boxes, crop_boxes_aerated
 from .device import describe_device, select_device
 from ..errors import CancelCheck, Cancelled, DeviceError, InputError, LungMaskError, is_cancelled
 from .fastpath import FastCPUForward, supports as fast_cpu_supported, trim_heap

@@ -6,11 +6,9 @@ temporary file and a rename. Arrays are K, J, I; geometry is LPS (see geometry.p
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import logging
 import os
-import shutil
 import struct
 import sys
 import tempfile
@@ -23,11 +21,12 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomicfile import atomic_path
 from .paths import check_input
 from ..errors import InputError, LungMaskError
 from .geometry import Geometry, as_volume, same_grid
+from .images import image_like, write_image
 from .plausibility import MODALITY_TAG
+from .segfile import write_segmentation
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
@@ -324,13 +323,6 @@ def read_lung_mask(path: PathLike, ct: Volume) -> np.ndarray:
     return out
 
 
-def image_like(array: np.ndarray, reference: sitk.Image, is_vector: bool = False) -> sitk.Image:
-    """An image holding ``array`` with exactly the reference's geometry."""
-    image = sitk.GetImageFromArray(array, isVector=is_vector)
-    image.CopyInformation(reference)
-    return image
-
-
 def output_kind(path: PathLike) -> str:
     name = Path(path).name
     for ext in (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha"):
@@ -354,40 +346,11 @@ def probability_output_kind(path: PathLike) -> str:
     return kind
 
 
-def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
-    """Write through a temporary file and a rename: never a half-written output."""
-    with atomic_path(path) as tmp:
-        try:
-            sitk.WriteImage(image, tmp, compress)
-        except RuntimeError as e:
-            reason = str(e).strip().splitlines()[-1].strip()
-            free = _free_bytes(Path(tmp).parent)
-            # ITK's writers do not say why a write failed ("failed to flush pending
-            # data"); a full file system is the usual cause, so say so when it is.
-            if free is not None and free < _raw_bytes(image):
-                raise OSError(errno.ENOSPC, f"no space left on the device ({free // 1024} kB free; {reason})") from None
-            raise OSError(reason) from None
-    return Path(path)
-
-
-def _free_bytes(folder: Path) -> Optional[int]:
-    try:
-        return shutil.disk_usage(str(folder)).free
-    except OSError:
-        return None
-
-
-def _raw_bytes(image: sitk.Image) -> int:
-    """Uncompressed size of the voxel data: above the free space, the disk is full."""
-    return image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
-
-
 def write_label_map(labels: np.ndarray, reference: sitk.Image, path: PathLike) -> Path:
     """uint8 label map (0..6) on the reference grid; ``.seg.nrrd`` writes a Slicer
     segmentation with names, colors and terminology."""
     kind = output_kind(path)
     if kind == "seg.nrrd":
-        from .segfile import write_segmentation
         return write_segmentation(labels, reference, path)
     return write_image(image_like(labels.astype(np.uint8, copy=False), reference), path)
 

@@ -141,7 +141,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 from scipy import ndimage
 
-from ..engine.cropping import LEFT_LUNG, RIGHT_LUNG, split_left_right
+from .lungsides import LEFT_LUNG, RIGHT_LUNG, split_left_right
 from ..errors import LungMaskError
 from .geometry import Geometry, as_volume, canonical_view
 

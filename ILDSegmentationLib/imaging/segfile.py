@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..classes import CLASSES
-from .io import image_like, write_image
+from .images import image_like, write_image
 from ..terminology import terminology_entry
 
 PathLike = Union[str, "os.PathLike[str]"]

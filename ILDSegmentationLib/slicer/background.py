@@ -11,7 +11,7 @@ MRML scene is read before the child starts and written after it ended, both on t
 caller's (GUI) thread.
 
 - Progress: the child prints ``ildseg-progress FRACTION MESSAGE`` lines
-  (``ildseg segment --progress-lines``, :class:`ProgressLines`).
+  (``ildseg segment --progress-lines``, :class:`~..commands.progress.ProgressLines`).
 - Cancel: the child's whole process group is terminated (SIGTERM, so it removes
   its partial outputs), then killed after a grace period. Inside Slicer the Python
   executable is ``PythonSlicer``, a launcher that starts the real interpreter as
@@ -43,10 +43,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
-#: First word of a machine-readable progress line.
-PROGRESS_PREFIX = "ildseg-progress"
+from ..commands.progress import parse_progress_line
+
 #: How ``ildseg`` prints an error the user can act on, and a bug.
 ERROR_PREFIXES = ("ildseg: error: ", "ildseg: internal error: ")
 
@@ -62,47 +62,6 @@ FINISHED_STATES = (SUCCEEDED, FAILED, CANCELLED)
 KILL_AFTER_S = 5.0
 #: Seconds to wait, after SIGKILL, for the processes to be gone.
 KILL_WAIT_S = 3.0
-
-
-class ProgressLines:
-    """A progress callback (fraction 0..1, message) that prints
-    ``ildseg-progress 0.4213 slice 12 of 40`` lines on stdout for a parent process.
-
-    At most one line per ``min_interval_s`` (the engine reports every slice batch),
-    but always the first and the last (fraction 1). Flushed at once: a pipe is
-    block-buffered otherwise, and the parent would see nothing until the end."""
-
-    def __init__(self, stream: Optional[IO[str]] = None, min_interval_s: float = 0.2) -> None:
-        self.stream = stream
-        self.min_interval_s = min_interval_s
-        self._last = -1e9
-
-    def __call__(self, fraction: float, message: str) -> None:
-        now = time.monotonic()
-        if fraction < 1.0 and now - self._last < self.min_interval_s:
-            return
-        self._last = now
-        stream = self.stream or sys.stdout
-        text = " ".join(str(message).split())  # one line, whatever the message holds
-        stream.write(f"{PROGRESS_PREFIX} {min(max(float(fraction), 0.0), 1.0):.4f} {text}\n")
-        stream.flush()
-
-    def close(self) -> None:
-        pass
-
-
-def parse_progress_line(line: str) -> Optional[Tuple[float, str]]:
-    """(fraction, message) of a progress line, or None for any other line."""
-    parts = line.strip().split(" ", 2)
-    if len(parts) < 2 or parts[0] != PROGRESS_PREFIX:
-        return None
-    try:
-        fraction = float(parts[1])
-    except ValueError:
-        return None
-    if not 0.0 <= fraction <= 1.0:
-        return None
-    return fraction, parts[2] if len(parts) > 2 else ""
 
 
 def _signal_name(number: int) -> str:
@@ -641,6 +600,6 @@ def _write_image(array: Any, geometry: Any, path: Path) -> None:
     sitk.WriteImage(image, str(path), False)
 
 
-__all__ = ["ProgressLines", "parse_progress_line", "ChildProcess", "BackgroundJob", "SegmentationJob", "FinetuneJob",
-           "child_environment", "library_folder", "PROGRESS_PREFIX", "RUNNING", "CANCELLING", "SUCCEEDED",
+__all__ = ["ChildProcess", "BackgroundJob", "SegmentationJob", "FinetuneJob",
+           "child_environment", "library_folder", "RUNNING", "CANCELLING", "SUCCEEDED",
            "FAILED", "CANCELLED", "FINISHED_STATES"]

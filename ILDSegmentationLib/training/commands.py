@@ -347,7 +347,8 @@ SIMULATED_FILES = ("ct.nrrd", "lung_mask.nrrd", "annotation.nrrd", "truth.nrrd")
 def cmd_simulate(args) -> int:
     from .manifest import write_manifest
     from ..imaging.atomicfile import check_writable
-    from ..imaging.io import check_ct_plausible, image_like, read_ct, read_lung_mask, write_image
+    from ..imaging.images import image_like, write_image
+    from ..imaging.io import check_ct_plausible, read_ct, read_lung_mask
     from ..simulation.simulate import simulate_case
     if args.lung_mask and len(args.lung_mask) != len(args.ct):
         raise InputError("give one --lung-mask per --ct (or none)")

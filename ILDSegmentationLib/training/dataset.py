@@ -19,7 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..classes import NUM_CLASSES
-from ..engine.cropping import crop_boxes, split_left_right
+from ..engine.cropping import crop_boxes
+from ..imaging.lungsides import split_left_right
 from ..errors import ILDSegError, InputError
 from ..imaging.geometry import as_volume, canonical_view
 from ..engine.preprocessing import Intensity

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from ILDSegmentationLib.slicer import background
-from ILDSegmentationLib.slicer.background import (CANCELLED, FAILED, SUCCEEDED, ChildProcess, ProgressLines,
-                                                  SegmentationJob, parse_progress_line)
+from ILDSegmentationLib.commands.progress import ProgressLines, parse_progress_line
+from ILDSegmentationLib.slicer.background import CANCELLED, FAILED, SUCCEEDED, ChildProcess, SegmentationJob
 
 REPO = Path(__file__).resolve().parents[2]
 

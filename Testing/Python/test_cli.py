@@ -162,7 +162,7 @@ def test_output_names_itk_cannot_read_back_are_refused_before_any_work(small_cas
 
 
 def test_model_notice_says_what_the_weights_are():
-    from ILDSegmentationLib.commands.cli import model_notice
+    from ILDSegmentationLib.analysis.report import model_notice
     assert "UNTRAINED" in model_notice({"name": "m", "trained": False, "provenance": {}})
     note = model_notice({"name": "m", "trained": True, "provenance": {"warning": "simulated data only"}})
     assert note.endswith("simulated data only") and "UNTRAINED" not in note

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ILDSegmentationLib.engine.cropping import CROP_MARGIN, LEFT_LUNG, RIGHT_LUNG, crop_boxes, split_left_right
+from ILDSegmentationLib.engine.cropping import CROP_MARGIN, crop_boxes
+from ILDSegmentationLib.imaging.lungsides import LEFT_LUNG, RIGHT_LUNG, split_left_right
 from ILDSegmentationLib.errors import InputError
 from ILDSegmentationLib.imaging.geometry import Geometry, axial_axis, canonical_view
 

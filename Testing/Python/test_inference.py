@@ -7,7 +7,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ILDSegmentationLib.engine.cropping import crop_boxes, split_left_right
+from ILDSegmentationLib.engine.cropping import crop_boxes
+from ILDSegmentationLib.imaging.lungsides import split_left_right
 from ILDSegmentationLib.errors import Cancelled, InputError, LungMaskError
 from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
 from ILDSegmentationLib.engine.inference import Inferer

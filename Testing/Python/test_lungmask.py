@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ILDSegmentationLib.engine.cropping import split_left_right
+from ILDSegmentationLib.imaging.lungsides import split_left_right
 from ILDSegmentationLib.errors import LungMaskError
 from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
 from ILDSegmentationLib.imaging.lungmask import compute_lung_mask

@@ -12,7 +12,8 @@ from conftest import load_bench_script
 from synthetic import random_model, two_lungs
 
 from ILDSegmentationLib.engine.cropping import (AERATED_REACH_PX, CROP_MARGIN, MASK_CONTEXT_PX, crop_boxes,
-                                                crop_boxes_aerated, split_left_right)
+                                                crop_boxes_aerated)
+from ILDSegmentationLib.imaging.lungsides import split_left_right
 
 
 ms = load_bench_script("mask_stability")

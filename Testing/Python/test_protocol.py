@@ -25,7 +25,8 @@ import torch
 
 from ILDSegmentationLib.engine import cropping
 from ILDSegmentationLib.commands.cli import build_parser
-from ILDSegmentationLib.engine.cropping import LEFT_LUNG, RIGHT_LUNG, crop_boxes, split_left_right
+from ILDSegmentationLib.engine.cropping import crop_boxes
+from ILDSegmentationLib.imaging.lungsides import LEFT_LUNG, RIGHT_LUNG, split_left_right
 from ILDSegmentationLib.imaging.geometry import Geometry
 from ILDSegmentationLib.engine.inference import Inferer
 from ILDSegmentationLib.engine.network import DilatedFCN, NetworkConfig

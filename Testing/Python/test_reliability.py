@@ -701,7 +701,8 @@ def test_out_of_field_padding_disturbs_neither_mask_nor_labels(ricord_path):
     as_air = np.where(padding, -1024, hu).astype(hu.dtype)
     np.testing.assert_array_equal(compute_lung_mask(as_air, ct.geometry), mask)
     # Two lung slices whose crops hold thousands of padding voxels (engine on those only).
-    from ILDSegmentationLib.engine.cropping import crop_boxes, split_left_right
+    from ILDSegmentationLib.engine.cropping import crop_boxes
+    from ILDSegmentationLib.imaging.lungsides import split_left_right
     view = canonical_view(ct.geometry)
     hu_c, sides = view.to_canonical(hu), split_left_right(view.to_canonical(mask))
     in_crops = sum(int((hu_c[z, b.r0:b.r1, b.c0:b.c1] == -3024).sum()) for z in (30, 45)
