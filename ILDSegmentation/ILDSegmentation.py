@@ -1252,11 +1252,11 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         return out
 
     def _addVolume(self, array, geometry, name, className="vtkMRMLScalarVolumeNode"):
-        from ILDSegmentationLib.slicer import mrml
+        from ILDSegmentationLib.slicer import nodes
 
         node = slicer.mrmlScene.AddNewNodeByClass(className, name)
         slicer.util.updateVolumeFromArray(node, array)
-        mrml.set_volume_geometry(node, geometry)
+        nodes.set_volume_geometry(node, geometry)
         node.CreateDefaultDisplayNodes()
         return node
 
@@ -1296,20 +1296,20 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
     def test_LungMaskResampling(self) -> None:
         """MRML geometry and the lung mask, which need no PyTorch."""
         import numpy as np
-        from ILDSegmentationLib.slicer import mrml
+        from ILDSegmentationLib.slicer import nodes
 
         self.delayDisplay("Checking geometry and lung mask resampling")
         ct, mask, ctGeometry, shape = self._syntheticChest()
-        hu, geometry = mrml.volume_array_and_geometry(ct)
+        hu, geometry = nodes.volume_array_and_geometry(ct)
         np.testing.assert_allclose(geometry.direction, ctGeometry.direction, atol=1e-9)
-        lungMask = mrml.lung_mask_from_node(mask, ct)
+        lungMask = nodes.lung_mask_from_node(mask, ct)
         expected = self._lungs(self._points(ctGeometry, shape)) > 0
         self.assertLess(((lungMask > 0) != expected).sum(), 0.08 * expected.sum())
         self.delayDisplay("Geometry and lung mask OK")
 
     def test_SegmentSyntheticChest(self) -> None:
         import numpy as np
-        from ILDSegmentationLib.slicer import mrml
+        from ILDSegmentationLib.slicer import mrml, nodes
         from ILDSegmentationLib.classes import CLASSES
         from ILDSegmentationLib.errors import Cancelled
         from ILDSegmentationLib.terminology import terminology_entry
@@ -1337,7 +1337,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
                              terminology_entry(c))
         rows = mrml.results_from_table(result.table_node)
         self.assertEqual(len(rows), len(CLASSES) + 1)
-        labels = mrml.segments_to_array(seg, [c.segment_id for c in CLASSES], ct)
+        labels = nodes.segments_to_array(seg, [c.segment_id for c in CLASSES], ct)
         voxelML = float(np.prod(ctGeometry.spacing)) / 1000.0
         self.assertAlmostEqual(rows[-1][mrml.COL_VOLUME], int((labels > 0).sum()) * voxelML, places=6)
 
@@ -1359,7 +1359,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         background = logic.finishProcess(job)
         self.assertIs(background.segmentation_node, seg)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
-        self.assertTrue(np.array_equal(mrml.segments_to_array(seg, [c.segment_id for c in CLASSES], ct), labels))
+        self.assertTrue(np.array_equal(nodes.segments_to_array(seg, [c.segment_id for c in CLASSES], ct), labels))
 
         self.delayDisplay("Cancelling leaves the scene as it was")
         with self.assertRaises(Cancelled):
@@ -1375,7 +1375,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
-        from ILDSegmentationLib.slicer import mrml
+        from ILDSegmentationLib.slicer import mrml, nodes
         from ILDSegmentationLib.classes import CLASSES
 
         self.delayDisplay("Annotating a case and adding it to a training folder")
@@ -1383,7 +1383,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         ct, mask, ctGeometry, shape = self._syntheticChest()
         annotation = logic.createAnnotationSegmentation(ct)
         self.assertEqual(mrml.segment_ids_of(annotation), [c.segment_id for c in CLASSES])
-        lungs = mrml.lung_mask_from_node(mask, ct)
+        lungs = nodes.lung_mask_from_node(mask, ct)
         painted = np.zeros(shape, np.uint8)
         painted[..., 2][lungs[..., 2] > 0] = 1  # one axial slice painted healthy
         mrml.write_labels_to_segmentation(painted, ct, annotation)

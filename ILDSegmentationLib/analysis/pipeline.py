@@ -1,9 +1,10 @@
 """Files in, files out: the whole ``ildseg segment`` job as one function.
 
-read CT (+ lung mask or compute one) -> engine -> label map, probabilities,
-report and overlay. Every output is checked writable before the work starts, is
-written through a temporary name, and is removed again if a later step fails, so
-a failed or cancelled run leaves no outputs behind.
+read CT (+ lung mask or compute one) -> :func:`.case.analyze_case` (engine, volumes,
+regions, input checks) -> label map, probabilities, report, tables and pictures.
+Every output is checked writable before the work starts, is written through a
+temporary name, and is removed again if a later step fails, so a failed or
+cancelled run leaves no outputs behind.
 """
 from __future__ import annotations
 
@@ -15,19 +16,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import numpy as np
-
 from .. import __version__
-from ..imaging.atomicfile import atomic_path, check_writable
+from ..engine.inference import CancelCheck, Inferer, ProgressCallback
+from ..engine.modelfile import LoadedModel, load_model
 from ..errors import InputError
-from ..imaging.geometry import as_volume, canonical_view
-from ..engine.inference import CancelCheck, Inferer, ProgressCallback, SegmentationResult
+from ..imaging.atomicfile import atomic_path, check_writable
 from ..imaging.io import (check_ct_plausible, output_kind, probability_output_kind, read_ct, read_lung_mask,
                           write_label_map, write_probabilities)
-from ..engine.modelfile import LoadedModel, ModelInfo, load_model
-from .regions import DEFAULT_BAND_MM, region_maps, regional_volumes, table_csv
-from .report import class_volumes
-from .suitability import input_checks, warning_lines
+from .case import analyze_case
+from .regions import DEFAULT_BAND_MM, table_csv
+from .suitability import warning_lines
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
@@ -37,14 +35,6 @@ def _stage_progress(progress: Optional[ProgressCallback], start: float, span: fl
     if progress is None:
         return None
     return lambda f, msg: progress(start + span * f, msg)
-
-
-def pixel_spacing_summary(result: SegmentationResult, info: ModelInfo, choice: str) -> Dict[str, Any]:
-    """In-plane (row, column) pixel spacing of the CT and of what the network saw."""
-    return {"ct": [round(v, 4) for v in result.ct_pixel_spacing_mm],
-            "network": [round(v, 4) for v in result.network_pixel_spacing_mm],
-            "resampled": result.resampled, "choice": choice,
-            "model_range": None if info.pixel_spacing_mm is None else list(info.pixel_spacing_mm)}
 
 
 def segment_file(
@@ -71,7 +61,7 @@ def segment_file(
     None / "auto" to compute one. ``pixel_spacing``: "model" or "native", see
     :class:`~ILDSegmentationLib.engine.inference.Inferer`. ``output`` named ``.dcm``, or
     ``dicom_seg``, writes a DICOM Segmentation referencing the CT's DICOM series
-    (:mod:`.dicomseg`; refused before any work for a CT that is not DICOM). ``model``:
+    (:mod:`ILDSegmentationLib.imaging.dicomseg`; refused before any work for a CT that is not DICOM). ``model``:
     a model file, None for the bundled one, or a model already loaded. ``crop_box``: "mask" (the paper's)
     or "aerated" (a box the mask's exact border does not move), see the same. Returns
     the report (also written to ``report``).
@@ -125,49 +115,25 @@ def segment_file(
     if progress:
         progress(0.02, "CT read")
 
-    t = time.perf_counter()
     auto = lung_mask is None or str(lung_mask) == "auto"
-    if auto:
-        from ..imaging.lungmask import compute_lung_mask
-        mask = compute_lung_mask(ct.array, ct.geometry, progress=_stage_progress(progress, 0.02, 0.08))
-    else:
+    mask = None  # computed by analyze_case
+    if not auto:
+        t = time.perf_counter()
         mask = read_lung_mask(lung_mask, ct)
-    timings["lung_mask"] = time.perf_counter() - t
-
-    result = inferer.segment(ct.array, mask, ct.geometry, probabilities=probabilities is not None,
-                             progress=_stage_progress(progress, 0.10, 0.85), cancel=cancel)
-    timings["network"] = result.seconds
-    # The engine treats a 2D CT as one axial slice and answers (1, J, I); outputs take
-    # the CT's own shape so they can be written on its (2D) grid.
-    labels = result.labels.reshape(np.shape(ct.array))
-    probs = None if result.probabilities is None else \
-        result.probabilities.reshape(np.shape(ct.array) + result.probabilities.shape[-1:])
-
-    volumes = class_volumes(labels, ct.geometry)
-    info = loaded.info
-    t = time.perf_counter()
-    view = canonical_view(ct.geometry)
-    maps = region_maps(view.to_canonical(as_volume(labels)), view.canonical_spacing(ct.geometry), subpleural_band_mm)
-    regional = regional_volumes(labels, ct.geometry, maps=maps)
-    checks = input_checks(ct.array, labels, ct.geometry, dicom_files=ct.dicom_files,
-                          model_pixel_range=info.pixel_spacing_mm, network_pixel_mm=result.network_pixel_spacing_mm)
-    for line in warning_lines({"input_checks": checks}):  # said, never refused
+        timings["lung_mask"] = time.perf_counter() - t
+    case = analyze_case(ct.array, ct.geometry, mask, inferer,
+                        probabilities=probabilities is not None, dicom_files=ct.dicom_files,
+                        subpleural_band_mm=subpleural_band_mm, mask_progress=_stage_progress(progress, 0.02, 0.08),
+                        progress=_stage_progress(progress, 0.10, 0.85), cancel=cancel, timings=timings)
+    labels, probs, info = case.labels, case.probabilities, loaded.info
+    for line in warning_lines(case.report()):  # said, never refused
         log.warning(f"input check: {line}")
-    timings["regions"] = time.perf_counter() - t
     summary: Dict[str, Any] = {
         "ildseg_version": __version__,
         "input": {"ct": str(ct_path), "size_ijk": list(ct.image.GetSize()), "spacing_mm": list(ct.image.GetSpacing()),
                   "note": ct.description, "hu_check": hu_check},
         "lung_mask": "computed automatically (ildseg lungmask)" if auto else str(lung_mask),
-        **volumes,
-        "model": {"file": str(loaded.path), "sha256": loaded.sha256, "name": info.name, "trained": info.trained,
-                  "provenance": info.provenance},
-        "device": result.device,
-        "pixel_spacing_mm": pixel_spacing_summary(result, info, pixel_spacing),
-        "crop_box": crop_box,
-        "slices": {"total": result.slices_total, "with_lung": result.slices_with_lung, "lung_crops": result.crops},
-        **regional,
-        "input_checks": checks,
+        **case.report(),
         "outputs": {"labels": str(output)},
     }
 
@@ -192,14 +158,14 @@ def segment_file(
             summary["outputs"]["overlay"] = str(overlay)
         if table is not None:
             with atomic_path(table) as tmp:
-                Path(tmp).write_text(table_csv({**volumes, **regional}), encoding="utf-8")
+                Path(tmp).write_text(table_csv({**case.volumes, **case.regional}), encoding="utf-8")
             written.append(Path(table))
             summary["outputs"]["table"] = str(table)
         if visual_report is not None:
             from .visual_report import render_visual_report
             title = f"ILD patterns - {Path(str(ct_path)).name} - model: {info.name}"
             written.append(render_visual_report(ct.array, labels, ct.geometry, summary, visual_report, title=title,
-                                                maps=maps))
+                                                maps=case.maps))
             summary["outputs"]["visual_report"] = str(visual_report)
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0

@@ -9,7 +9,7 @@ each class in each of them.
 
 Regions (all from the geometry's direction, never from array index order):
 
-* **Side**: the patient's right and left lung, as :func:`~.cropping.split_left_right`
+* **Side**: the patient's right and left lung, as :func:`~ILDSegmentationLib.imaging.lungsides.split_left_right`
   splits the mask in the canonical view (columns run patient right -> left).
 * **Zone**: upper, middle and lower third of *each lung's own* cranio-caudal extent,
   from the centre of its most superior slice with lung to that of its most inferior
@@ -44,7 +44,7 @@ Distribution descriptors, per pattern:
   extent of fibrosis that clinical studies follow over time.
 
 Arrays are K, J, I unless named canonical (axial slice superior -> inferior, row
-anterior -> posterior, column patient right -> left; see :mod:`.geometry`).
+anterior -> posterior, column patient right -> left; see :mod:`ILDSegmentationLib.imaging.geometry`).
 Distances and band widths are millimetres, volumes millilitres.
 """
 from __future__ import annotations

@@ -308,7 +308,7 @@ def input_checks(hu: np.ndarray, lung: np.ndarray, geometry: Geometry, *, dicom_
                  network_pixel_mm: Optional[Sequence[float]] = None) -> List[Dict[str, str]]:
     """The checks of the module docstring, in its table's order. ``hu``: the CT (HU,
     K, J, I or J, I); ``lung``: its lung mask or label map (non-zero = lung), same
-    shape; ``dicom_files``: the series' files (:attr:`.io.Volume.dicom_files`), empty
+    shape; ``dicom_files``: the series' files (:attr:`ILDSegmentationLib.imaging.io.Volume.dicom_files`), empty
     for other formats; ``model_pixel_range``: (smallest, largest) in-plane pixel
     spacing (mm) the model was trained at; ``network_pixel_mm``: the (row, column)
     spacing the network ran at. Never raises for what it finds: a check that cannot

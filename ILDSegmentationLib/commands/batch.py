@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 from ..imaging.atomicfile import atomic_path
 from ..classes import CLASSES
 from ..errors import ILDSegError, InputError
+from ..imaging.paths import safe_name
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -78,12 +79,6 @@ class BatchResult:
 
 # ---------------------------------------------------------------- finding the cases
 
-def _safe_id(text: str) -> str:
-    """A folder name from a file or folder name: letters, digits, '.', '_' and '-'."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "case"
-    return cleaned
-
-
 def _strip_extension(name: str) -> str:
     lower = name.lower()
     for ext in _STRIP_EXTENSIONS:
@@ -132,7 +127,7 @@ def cases_in_folder(root: Path) -> List[BatchCase]:
 def _case_id_below(root: Path, path: Path) -> str:
     parts = list(path.relative_to(root).parts)
     parts[-1] = _strip_extension(parts[-1])
-    return _safe_id("_".join(parts))
+    return safe_name("_".join(parts))
 
 
 def cases_from_paths(paths: Sequence[PathLike]) -> List[BatchCase]:
@@ -148,7 +143,7 @@ def cases_from_paths(paths: Sequence[PathLike]) -> List[BatchCase]:
                 raise InputError(f"folder {p} holds no CT: no DICOM series and no .nrrd, .nii(.gz) or .mha file")
             cases += inside
         else:
-            cases.append(BatchCase(_safe_id(_strip_extension(p.resolve().name if str(given) in (".", "..")
+            cases.append(BatchCase(safe_name(_strip_extension(p.resolve().name if str(given) in (".", "..")
                                                              else p.name)), p, where=str(p)))
     return cases
 
@@ -184,7 +179,7 @@ def read_batch_manifest(path: PathLike) -> List[BatchCase]:
         if mask_text and mask_text.lower() != "auto":
             mask = Path(mask_text)
             mask = mask if mask.is_absolute() else p.parent / mask
-        case_id = value.get("case_id") or _safe_id(_strip_extension(ct.name))
+        case_id = value.get("case_id") or safe_name(_strip_extension(ct.name))
         if case_id in (".", "..") or case_id.startswith(".") or re.search(r"[/\\\x00-\x1f]", case_id):
             raise InputError(f"manifest {p.name} line {line}: case_id '{case_id}' cannot be a folder name "
                              "(no '/', '\\', leading '.' or control characters)")
@@ -318,7 +313,7 @@ class OutputNames:
     dicom_seg: Optional[str] = None
     overlay: Optional[str] = None
     probabilities: Optional[str] = None
-    #: Other outputs of :func:`~.pipeline.segment_file`: its keyword -> file name.
+    #: Other outputs of :func:`~ILDSegmentationLib.analysis.pipeline.segment_file`: its keyword -> file name.
     extra: Dict[str, str] = field(default_factory=dict)
 
     def all(self) -> List[str]:
@@ -332,9 +327,9 @@ def run_batch(cases: Sequence[BatchCase], out_dir: PathLike, *, names: Optional[
               on_case: Optional[Callable[[CaseOutcome, int, int], None]] = None,
               progress: Optional[Callable[[BatchCase, float, str], None]] = None) -> BatchResult:
     """Segment every case into ``out_dir/<case_id>/`` with one loaded ``model`` (a
-    :class:`~.modelfile.LoadedModel`; None loads the bundled one, once).
+    :class:`~ILDSegmentationLib.engine.modelfile.LoadedModel`; None loads the bundled one, once).
 
-    ``segment_options``: passed to :func:`~.pipeline.segment_file` for every case
+    ``segment_options``: passed to :func:`~ILDSegmentationLib.analysis.pipeline.segment_file` for every case
     (device, max_memory_mb, pixel_spacing, ...). ``on_case(outcome, index, total)`` is
     called as each case ends; ``progress(case, fraction, message)`` within a case. A
     case's failure (a user error, an OS error, or a bug) is caught and recorded; a

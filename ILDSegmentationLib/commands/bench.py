@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
+from ..imaging.geometry import Geometry
 
 #: Cases the bench can leave out with ``--skip``.
 SKIPPABLE = ("naive", "reference", "long", "scaling", "training")
@@ -352,7 +353,7 @@ def _worker_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     # Imported first, so that the baseline below includes torch and the library.
     importlib.import_module("torch")
-    importlib.import_module(".pipeline", __package__)
+    importlib.import_module("..analysis.pipeline", __package__)
     rss_start = _status_mb("VmRSS")
     result = _WORKERS[spec["kind"]](spec)
     # Measured before anything else is read back: the peak of the case itself.
@@ -392,17 +393,6 @@ def default_ct() -> Optional[Path]:
     return series if series.is_dir() else None
 
 
-def _write_volume(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
-                  direction: Sequence[float], path: Path) -> Path:
-    import SimpleITK as sitk
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(tuple(float(v) for v in spacing))
-    image.SetOrigin(tuple(float(v) for v in origin))
-    image.SetDirection(tuple(float(v) for v in direction))
-    sitk.WriteImage(image, str(path), False)  # uncompressed: reading it is not the benchmark
-    return path
-
-
 def repeat_slices(array: np.ndarray, n_slices: int) -> np.ndarray:
     """The CT's slices repeated back and forth (0..K-1, K-1..0, ...) to n_slices:
     anatomy stays continuous from slice to slice, as in a real long scan."""
@@ -415,13 +405,14 @@ def repeat_slices(array: np.ndarray, n_slices: int) -> np.ndarray:
 class _Source:
     """The CT under test, as an array with its grid, plus the file the cases read."""
 
-    def __init__(self, array: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
-                 direction: Sequence[float], path: Path, description: str) -> None:
-        self.array, self.spacing, self.origin, self.direction = array, spacing, origin, direction
+    def __init__(self, array: np.ndarray, geometry: Geometry, path: Path, description: str) -> None:
+        self.array, self.geometry = array, geometry
         self.path, self.description = path, description
 
     def write_slices(self, n_slices: int, path: Path) -> Path:
-        return _write_volume(repeat_slices(self.array, n_slices), self.spacing, self.origin, self.direction, path)
+        from ..imaging.images import write_array
+        # Uncompressed: reading it is not the benchmark.
+        return write_array(repeat_slices(self.array, n_slices), self.geometry, path, compress=False)
 
 
 def _load_source(ct: Optional[str], quick: bool, tmp: Path, say: Callable[[str], None]) -> _Source:
@@ -458,9 +449,11 @@ def _load_source(ct: Optional[str], quick: bool, tmp: Path, say: Callable[[str],
         description += f", --quick: {array.shape[2]}x{array.shape[1]}x{array.shape[0]}"
         path = None
     array = np.ascontiguousarray(array)
+    from ..imaging.images import write_array
+    geometry = Geometry(tuple(spacing), tuple(origin), tuple(direction))
     if path is None:
-        path = _write_volume(array, spacing, origin, direction, tmp / "ct.nrrd")
-    return _Source(array, spacing, origin, direction, path, description)
+        path = write_array(array, geometry, tmp / "ct.nrrd", compress=False)
+    return _Source(array, geometry, path, description)
 
 
 # ---------------------------------------------------------------------------------
@@ -660,7 +653,7 @@ def run(args: argparse.Namespace) -> int:
                          "skip": sorted(skip), "max_memory_mb": base_spec["max_memory_mb"],
                          "model": base_spec["model"] or "bundled"},
             "ct": {"description": src.description, "path": str(src.path), "shape_kji": list(src.array.shape),
-                   "spacing_ijk_mm": list(src.spacing), "lung_voxels": lung_voxels,
+                   "spacing_ijk_mm": list(src.geometry.spacing), "lung_voxels": lung_voxels,
                    "ct_mb": ct_mb_per_slice * k},
             "real_ct": real,
         }

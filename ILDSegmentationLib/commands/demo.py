@@ -1,9 +1,10 @@
 """``ildseg demo``: the whole path on a built-in case, with no input at all.
 
 The case is made by code (no patient data may be shipped): the synthetic chest CT
-of :mod:`.phantom` with ILD patterns inserted by :mod:`.simulate`, so the truth is
-known and the demo can print how well the model does on it. The demo writes the
-CT and the truth next to the result so both can be opened in 3D Slicer.
+of :mod:`ILDSegmentationLib.simulation.phantom` with ILD patterns inserted by
+:mod:`ILDSegmentationLib.simulation.simulate`, so the truth is known and the demo can
+print how well the model does on it. The demo writes the CT and the truth next to
+the result so both can be opened in 3D Slicer.
 """
 from __future__ import annotations
 

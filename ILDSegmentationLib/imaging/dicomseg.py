@@ -3,7 +3,7 @@
 A DICOM Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.66.4) is written with
 highdicom over the DICOM series the CT was read from: one segment per class
 (segment number = label value 1..6), each with the class's DICOM/SNOMED codes from
-:mod:`.classes` (the codes the Slicer terminology file and ``.seg.nrrd`` segments
+:mod:`ILDSegmentationLib.classes` (the codes the Slicer terminology file and ``.seg.nrrd`` segments
 carry), the lung as its anatomic region, its display color, and the algorithm's
 identification (name ``ILDSegmentation``, the package version, and the model's name
 and file sha256 as algorithm parameters). Every frame references the CT slice it was

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomicfile import atomic_path
+from .geometry import Geometry
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -25,6 +26,22 @@ def image_like(array: np.ndarray, reference: sitk.Image, is_vector: bool = False
     image = sitk.GetImageFromArray(array, isVector=is_vector)
     image.CopyInformation(reference)
     return image
+
+
+def image_from_array(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """An image holding ``array`` (K, J, I) on ``geometry``'s grid (spacing, origin and
+    direction, LPS)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(tuple(float(v) for v in geometry.spacing))
+    image.SetOrigin(tuple(float(v) for v in geometry.origin))
+    image.SetDirection(tuple(float(v) for v in geometry.direction))
+    return image
+
+
+def write_array(array: np.ndarray, geometry: Geometry, path: PathLike, compress: bool = True) -> Path:
+    """``array`` (K, J, I) on ``geometry``'s grid written to ``path`` (format from its
+    extension), through a temporary name. ``compress`` False: faster to write and read."""
+    return write_image(image_from_array(array, geometry), path, compress)
 
 
 def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from ..errors import InputError
 
@@ -126,3 +127,12 @@ def check_output_path(path: PathLike) -> None:
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES):
             raise InputError(f"output {p}: {reason(e)}") from None
+
+
+def safe_name(text: str, fill: str = "_", max_length: Optional[int] = None) -> str:
+    """A file or folder name made from any text (a case id from a CT's name): letters,
+    digits, '.', '_' and '-' are kept, each run of other characters becomes ``fill``;
+    no '.', '_' or ``fill`` at either end; "case" when nothing is left; at most
+    ``max_length`` characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", fill, text).strip("._" + fill) or "case"
+    return cleaned[:max_length] if max_length is not None else cleaned

@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..imaging.geometry import Geometry
+from .grids import VoxelGrid, unit, voxel_tube_coverage
 
 # Attenuation of the tissues, in Hounsfield units (non-contrast CT).
 HU_AIR = -1000.0
@@ -84,114 +85,6 @@ class Phantom:
 # --------------------------------------------------------------------------- grid
 
 
-@dataclass(frozen=True)
-class _Grid:
-    """Model coordinates (mm, LPS, about the volume centre) of the voxel centres."""
-
-    shape: Tuple[int, int, int]  # K, J, I
-    spacing: Tuple[float, float, float]  # I, J, K (mm)
-    origin: Tuple[float, float, float]  # x, y, z (mm) of voxel (0, 0, 0)
-
-    @property
-    def x(self) -> np.ndarray:  # (1, 1, I)
-        return (self.origin[0] + self.spacing[0] * np.arange(self.shape[2], dtype=np.float32))[None, None, :]
-
-    @property
-    def y(self) -> np.ndarray:  # (1, J, 1)
-        return (self.origin[1] + self.spacing[1] * np.arange(self.shape[1], dtype=np.float32))[None, :, None]
-
-    @property
-    def z(self) -> np.ndarray:  # (K, 1, 1)
-        return (self.origin[2] + self.spacing[2] * np.arange(self.shape[0], dtype=np.float32))[:, None, None]
-
-
-def _tube_coverage(grid: _Grid, p0: np.ndarray, p1: np.ndarray, r0: np.ndarray, r1: np.ndarray,
-                   budget: int = 3_000_000) -> np.ndarray:
-    """Fraction (0..1) of each voxel covered by the union of tapered tubes.
-
-    p0, p1: (n, 3) end points of the tube axes (x, y, z mm); r0, r1: (n,) radii (mm)
-    at those ends. Returns float32 (K, J, I). Each segment has round caps, so
-    segments that share end points make a smooth polyline.
-
-    Only each segment's bounding box is visited; segments are sorted by box size and
-    evaluated in batches padded to the batch's largest box, so there is one numpy
-    pass per batch instead of a python loop over voxels or segments.
-    """
-    nk, nj, ni = grid.shape
-    out = np.zeros(nk * nj * ni, np.float32)
-    p0 = np.asarray(p0, np.float64).reshape(-1, 3)
-    p1 = np.asarray(p1, np.float64).reshape(-1, 3)
-    r0 = np.broadcast_to(np.asarray(r0, np.float64), (len(p0),))
-    r1 = np.broadcast_to(np.asarray(r1, np.float64), (len(p0),))
-    if len(p0) == 0:
-        return out.reshape(grid.shape)
-    sp = np.asarray(grid.spacing, np.float64)
-    org = np.asarray(grid.origin, np.float64)
-    dims = np.array([ni, nj, nk])
-    soft = float(min(sp[0], sp[1]))  # edge blur width: one in-plane voxel (partial volume)
-    # Sub-samples through the slice thickness so a thin tube in a thick slice covers
-    # only part of the voxel, as it does in a real CT.
-    n_sub = max(1, int(round(sp[2] / soft)))
-    sub = (((np.arange(n_sub) + 0.5) / n_sub) - 0.5) * sp[2]
-    reach = np.maximum(r0, r1) + soft
-    lo = np.minimum(p0, p1) - reach[:, None]
-    hi = np.maximum(p0, p1) + reach[:, None]
-    half_slab = np.array([0.0, 0.0, sp[2] / 2])
-    ilo = np.maximum(np.ceil((lo - half_slab - org) / sp).astype(int), 0)
-    ihi = np.minimum(np.floor((hi + half_slab - org) / sp).astype(int), dims - 1)
-    keep = np.flatnonzero(np.all(ihi >= ilo, axis=1))
-    if keep.size == 0:
-        return out.reshape(grid.shape)
-    ext = ihi[keep] - ilo[keep] + 1
-    keep = keep[np.argsort(np.prod(ext, axis=1), kind="stable")]
-    ext = ihi[keep] - ilo[keep] + 1
-    start = 0
-    while start < len(keep):
-        box = ext[start].copy()
-        stop = start + 1
-        while stop < len(keep):
-            grown = np.maximum(box, ext[stop])
-            if (stop + 1 - start) * int(np.prod(grown)) * n_sub > budget:
-                break
-            box = grown
-            stop += 1
-        idx = keep[start:stop]
-        start = stop
-        ex, ey, ez = (int(v) for v in box)
-        ii = ilo[idx, 0][:, None] + np.arange(ex)  # (m, ex)
-        jj = ilo[idx, 1][:, None] + np.arange(ey)
-        kk = ilo[idx, 2][:, None] + np.arange(ez)
-        vx = ii <= ihi[idx, 0][:, None]
-        vy = jj <= ihi[idx, 1][:, None]
-        vz = kk <= ihi[idx, 2][:, None]
-        a = p0[idx].astype(np.float32)
-        d = (p1[idx] - p0[idx]).astype(np.float32)
-        ra = r0[idx].astype(np.float32)
-        dr = (r1[idx] - r0[idx]).astype(np.float32)
-        rx = (org[0] + ii * sp[0]).astype(np.float32) - a[:, 0:1]
-        ry = (org[1] + jj * sp[1]).astype(np.float32) - a[:, 1:2]
-        rz = (org[2] + kk * sp[2]).astype(np.float32) - a[:, 2:3]
-        # Broadcast to (m, z, y, x, sub). The squared distance to the axis is
-        # |r|^2 - 2 t (r.d) + t^2 |d|^2, with r the voxel's offset from p0 and t the
-        # clamped projection: fewer full-size temporaries than forming r - t d.
-        X = rx[:, None, None, :, None]
-        Y = ry[:, None, :, None, None]
-        Z = rz[:, :, None, None, None] + sub.astype(np.float32)
-        l2 = np.maximum((d * d).sum(axis=1), 1e-6)[:, None, None, None, None]
-        dot = X * d[:, 0, None, None, None, None] + Y * d[:, 1, None, None, None, None]
-        dot = dot + Z * d[:, 2, None, None, None, None]
-        t = np.clip(dot / l2, 0.0, 1.0)
-        r2 = (X * X + Y * Y) + Z * Z
-        dist = np.sqrt(np.maximum(r2 - t * (2.0 * dot - t * l2), 0.0))
-        radius = ra[:, None, None, None, None] + t * dr[:, None, None, None, None]
-        cov = np.clip((radius - dist) / soft + 0.5, 0.0, 1.0).mean(axis=-1)
-        valid = vz[:, :, None, None] & vy[:, None, :, None] & vx[:, None, None, :]
-        sel = valid & (cov > 0)
-        flat = (kk[:, :, None, None] * nj + jj[:, None, :, None]) * ni + ii[:, None, None, :]
-        np.maximum.at(out, flat[sel], cov[sel])
-    return out.reshape(grid.shape)
-
-
 def _polyline(points: Sequence[Sequence[float]], radii: Sequence[float]):
     """Segments (p0, p1, r0, r1) of a polyline through points with radii per point."""
     p = np.asarray(points, np.float64)
@@ -211,17 +104,12 @@ def _concat(*parts):
 # ------------------------------------------------------------------- tree growth
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(v)
-    return v / n if n > 1e-9 else v
-
-
 def _perpendicular(u: np.ndarray, hint: np.ndarray) -> np.ndarray:
     """Unit vector perpendicular to u, as close as possible to hint."""
     w = hint - np.dot(hint, u) * u
     if np.linalg.norm(w) < 1e-3:
         w = np.cross(u, np.array([1.0, 0.0, 0.0]))
-    return _unit(w)
+    return unit(w)
 
 
 _Branch = Tuple[np.ndarray, np.ndarray, float, int]
@@ -395,41 +283,41 @@ def _paint(img: np.ndarray, cover, value: float) -> None:
     img += c * (np.float32(value) - img)
 
 
-def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
-                       spacing: Sequence[float] = (1.4, 1.4, 5.0)) -> Phantom:
-    """Make a synthetic adult chest CT.
+def _full(a: np.ndarray, shape: Tuple[int, int, int]) -> np.ndarray:
+    return np.broadcast_to(a, shape)
 
-    seed: the same seed always gives the same phantom (``numpy.random.default_rng``).
-    size: in-plane matrix (size x size voxels); n_slices: number of axial slices.
-    spacing: mm per I, J, K step. The default, 256 x 256 x 56 at 1.4 x 1.4 x 5 mm,
-    covers a 358 mm field and 280 mm from the upper abdomen to the neck.
-    Returns a :class:`Phantom` with HU (int16), geometry, lung labels and truth
-    (all lung voxels healthy).
-    """
-    rng = np.random.default_rng(seed)
-    sx, sy, sz = (float(v) for v in spacing)
-    shape = (int(n_slices), int(size), int(size))
-    origin = (-(size - 1) / 2 * sx, -(size - 1) / 2 * sy, -(n_slices - 1) / 2 * sz)
-    grid = _Grid(shape, (sx, sy, sz), origin)
-    geometry = Geometry((sx, sy, sz), origin)
+
+def _outlines(grid: VoxelGrid, body: _Body):
+    """Body, the muscle under the subcutaneous fat, and the thoracic cavity (bool)."""
     x, y, z = grid.x, grid.y, grid.z
-    body = _draw_body(rng)
-
-    def full(a):
-        return np.broadcast_to(a, shape)
-
-    # ---- outlines: body, subcutaneous fat, thoracic cavity -----------------------
     r_body = _superellipse_radius(x, y, body.body_a, body.body_b_ant, body.body_b_post)
-    in_body = full(r_body <= 1.0)
+    in_body = _full(r_body <= 1.0, grid.shape)
     # Fat thickness varies round the body (thicker at the sides and front).
     phi = np.arctan2(y, x)
     rho = 1.0 / np.sqrt((np.cos(phi) / body.body_a) ** 2 + (np.sin(phi) / body.body_b_ant) ** 2)
     t_fat = body.fat * (1.0 + 0.35 * np.cos(2 * phi + body.fat_phase[0]) + 0.2 * np.cos(3 * phi + body.fat_phase[1])
                         - 0.4 * np.clip(np.sin(phi), 0, 1))
-    under_fat = full(r_body <= 1.0 - t_fat / rho)
+    under_fat = _full(r_body <= 1.0 - t_fat / rho, grid.shape)
     cavity = _cavity_radius(x, y, z, body) <= 1.0
+    return in_body, under_fat, cavity
 
-    # ---- vertebral column: one vertebra extruded, a disc every 30 mm -------------
+
+@dataclass
+class _Spine:
+    """The vertebral column: one vertebra extruded, a disc every 30 mm."""
+
+    vb: np.ndarray  # normalised radius of the vertebral body (<= 1 inside)
+    canal: np.ndarray
+    disc: np.ndarray
+    vertebral_body: np.ndarray
+    vb_cortex: np.ndarray
+    posterior_elements: np.ndarray
+    spine_block: np.ndarray
+
+
+def _spine(grid: VoxelGrid) -> _Spine:
+    x, y, z = grid.x, grid.y, grid.z
+    full = lambda a: _full(a, grid.shape)  # noqa: E731
     vb = (x / 21.0) ** 2 + ((y - 28.0) / 16.0) ** 2  # vertebral body
     r_canal = np.sqrt(x ** 2 + (y - 56.0) ** 2)
     canal = r_canal <= 8.5
@@ -445,8 +333,12 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
     # The lungs wrap round the vertebral body into the paravertebral gutters and stop
     # at the rib heads and the paraspinal muscles behind them.
     spine_block = _in_spine_block(x, y)
+    return _Spine(vb, canal, disc, vertebral_body, vb_cortex, posterior_elements, spine_block)
 
-    # ---- heart, diaphragm, apices -------------------------------------------------
+
+def _heart_diaphragm_apices(grid: VoxelGrid, body: _Body):
+    """The heart's quadric (<= 1 inside), lung above the diaphragm, below the apices."""
+    x, y, z = grid.x, grid.y, grid.z
     hx, hy, hz = body.heart
     ang = np.deg2rad(-38.0)  # the heart's long axis points left-anterior
     u = (x - hx) * np.cos(ang) + (y - hy) * np.sin(ang)
@@ -468,8 +360,22 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
                      body.apex_z[0] - ((x + 44.0) ** 2 + (y - 12.0) ** 2) / 120.0,
                      body.apex_z[1] - ((x - 44.0) ** 2 + (y - 12.0) ** 2) / 120.0)
     below_apex = z < z_top
+    return heart_q, above_dia, below_apex
 
-    # ---- airways and great vessels of the mediastinum ------------------------------
+
+@dataclass
+class _Mediastinum:
+    """Central airways and great vessels, and where the lungs' trees start."""
+
+    central_air_wall: np.ndarray
+    central_air_lumen: np.ndarray
+    great: np.ndarray
+    envelope: np.ndarray  # mediastinal fat round the vessels and airways
+    roots: Tuple[Tuple[int, np.ndarray, np.ndarray, np.ndarray], ...]  # (lung, bronchus, artery, vein)
+
+
+def _mediastinum(grid: VoxelGrid, body: _Body) -> _Mediastinum:
+    hx, hy, hz = body.heart
     cz = body.carina_z
     carina = np.array([0.0, -10.0, cz])
     # The main bronchi run above the left atrium: the right short and steep, the
@@ -482,8 +388,9 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
         _polyline([carina, r_hilum_l], [6.5, 6.0]),
     )
     wall = 1.8
-    central_air_wall = _tube_coverage(grid, airway_big[0], airway_big[1], airway_big[2] + wall, airway_big[3] + wall)
-    central_air_lumen = _tube_coverage(grid, *airway_big)
+    central_air_wall = voxel_tube_coverage(grid, airway_big[0], airway_big[1], airway_big[2] + wall,
+                                           airway_big[3] + wall)
+    central_air_lumen = voxel_tube_coverage(grid, *airway_big)
 
     pa_bif = np.array([10.0, -30.0, cz - 8.0])
     pa_r_end = np.array([-42.0, -14.0, cz - 14.0])
@@ -512,24 +419,42 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
         _polyline([[4.0, -8.0, 170.0], [6.0, 2.0, 40.0], [10.0, 4.0, -40.0], [24.0, -6.0, -170.0]],
                   [7.5, 8.0, 8.0, 9.0]),
     )
-    great = _tube_coverage(grid, *vessels_big)
+    great = voxel_tube_coverage(grid, *vessels_big)
     # Mediastinal fat round the vessels: the lungs stop a few mm short of them.
     env = vessels_big[:2] + (vessels_big[2] + 4.0, vessels_big[3] + 4.0)
-    envelope = _tube_coverage(grid, *env) > 0
-    envelope |= _tube_coverage(grid, airway_big[0], airway_big[1], airway_big[2] + 4.0, airway_big[3] + 4.0) > 0
+    envelope = voxel_tube_coverage(grid, *env) > 0
+    envelope |= voxel_tube_coverage(grid, airway_big[0], airway_big[1], airway_big[2] + 4.0, airway_big[3] + 4.0) > 0
+    roots = ((RIGHT_LUNG, r_hilum_r, pa_r_end, vein_r), (LEFT_LUNG, r_hilum_l, pa_l_end, vein_l))
+    return _Mediastinum(central_air_wall, central_air_lumen, great, envelope, roots)
 
-    # ---- bones of the chest wall ---------------------------------------------------
+
+@dataclass
+class _Bones:
+    """Coverage (0..1) or masks of the bones of the chest wall, cortex and marrow."""
+
+    rib: np.ndarray
+    rib_marrow: np.ndarray
+    cartilage: np.ndarray
+    clavicle: np.ndarray
+    clavicle_marrow: np.ndarray
+    scapula: np.ndarray
+    sternum: np.ndarray
+    sternum_marrow: np.ndarray
+
+
+def _chest_wall_bones(grid: VoxelGrid, body: _Body) -> _Bones:
+    x, y, z = grid.x, grid.y, grid.z
     ribs, cartilage = _rib_segments(body)
-    rib_cov = _tube_coverage(grid, *ribs)
-    rib_marrow = _tube_coverage(grid, ribs[0], ribs[1], ribs[2] - 1.8, ribs[3] - 1.8)
-    cart_cov = _tube_coverage(grid, *cartilage)
+    rib_cov = voxel_tube_coverage(grid, *ribs)
+    rib_marrow = voxel_tube_coverage(grid, ribs[0], ribs[1], ribs[2] - 1.8, ribs[3] - 1.8)
+    cart_cov = voxel_tube_coverage(grid, *cartilage)
     y_front = _CAV_Y0 - body.cav_b_ant
     clav = _concat(*[
         _polyline([[s * 18.0, y_front - 12.0, 116.0], [s * 60.0, y_front - 14.0, 124.0],
                    [s * 110.0, -66.0, 130.0], [s * 140.0, -36.0, 126.0]], [7.0, 6.5, 6.0, 6.0])
         for s in (-1.0, 1.0)])
-    clav_cov = _tube_coverage(grid, *clav)
-    clav_marrow = _tube_coverage(grid, clav[0], clav[1], clav[2] - 2.5, clav[3] - 2.5)
+    clav_cov = voxel_tube_coverage(grid, *clav)
+    clav_marrow = voxel_tube_coverage(grid, clav[0], clav[1], clav[2] - 2.5, clav[3] - 2.5)
     # Scapulae: thin blades behind the upper ribs, bowed round the chest wall.
     scap = []
     for s in (-1.0, 1.0):
@@ -540,21 +465,18 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
             m1 = 0.5 * (m0 + m2) + np.array([s * 6.0, 8.0, 0.0])
             scap.append(_polyline([m0, m1, m2], [1.6, 1.8, 3.0]))
     scap = _concat(*scap)
-    scap_cov = _tube_coverage(grid, *scap)
+    scap_cov = voxel_tube_coverage(grid, *scap)
     st = (x / 14.0) ** 2 + ((y - y_front + 7.0) / 6.0) ** 2
     sternum_z = (z > -80.0) & (z < 120.0)
     sternum = (st <= 1.0) & sternum_z
     sternum_marrow = (st <= 0.5) & sternum_z
+    return _Bones(rib_cov, rib_marrow, cart_cov, clav_cov, clav_marrow, scap_cov, sternum, sternum_marrow)
 
-    # ---- the lung fields -------------------------------------------------------------
-    heart_region = (heart_q <= 1.3) & above_dia  # heart with its pericardial fat
-    # A thin strip at the midline: the anterior and posterior junction lines where the
-    # two pleurae meet, so the lungs never touch.
-    junction = np.abs(x - _MIDLINE_X) < 2.0
-    mediastinum = junction | heart_region | envelope | full(spine_block)
-    bone = (rib_cov > 0) | (cart_cov > 0) | full(sternum) | (clav_cov > 0) | (scap_cov > 0)
-    lung = cavity & above_dia & below_apex & ~mediastinum & ~bone
-    lung_labels = np.zeros(shape, np.uint8)
+
+def _lung_labels(grid: VoxelGrid, lung: np.ndarray) -> np.ndarray:
+    """1 right, 2 left lung: the largest piece of lung on each side of the junction."""
+    x = grid.x
+    lung_labels = np.zeros(grid.shape, np.uint8)
     for lab, side in ((RIGHT_LUNG, x < _MIDLINE_X), (LEFT_LUNG, x >= _MIDLINE_X)):
         comps, n = ndimage.label(lung & side)
         if n:
@@ -562,9 +484,15 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
             sizes[0] = 0
             # Keep the lung itself, not slivers cut off between mediastinal structures.
             lung_labels[comps == int(np.argmax(sizes))] = lab
-    in_lung = lung_labels > 0
+    return lung_labels
 
-    # ---- bronchovascular trees inside the lungs ---------------------------------------
+
+def _bronchovascular(grid: VoxelGrid, lung_labels: np.ndarray, roots, rng: np.random.Generator):
+    """Coverage of the lungs' vessels, airway walls and airway lumens (bronchi and
+    arteries together in bundles, veins on their own trees)."""
+    sx, sy, sz = grid.spacing
+    origin = grid.origin
+    in_lung = lung_labels > 0
     kk, jj, ii = np.nonzero(lung_labels)
     pos = np.stack([origin[0] + ii * sx, origin[1] + jj * sy, origin[2] + kk * sz], 1).astype(np.float64)
     side_of = lung_labels[kk, jj, ii]
@@ -574,8 +502,7 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
     veins: list = []
     jitter = np.array([sx, sy, sz]) * 0.5  # spread the samples within their voxels
     n_pts = 5000
-    for lab, root_air, root_art, root_vein in ((RIGHT_LUNG, r_hilum_r, pa_r_end, vein_r),
-                                               (LEFT_LUNG, r_hilum_l, pa_l_end, vein_l)):
+    for lab, root_air, root_art, root_vein in roots:
         cloud = pos[side_of == lab]
         if len(cloud) < 50:
             continue
@@ -588,7 +515,7 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
         hint = np.array([0.0, -0.6, 0.8])
         artery_node = {}
         for s0, e0, r, _gen in _grow_tree(pts_a, root_air, 6.0, n_min=4):
-            off = _perpendicular(_unit(e0 - s0), hint) * (2.25 * r + 0.6)
+            off = _perpendicular(unit(e0 - s0), hint) * (2.25 * r + 0.6)
             a0 = artery_node.get(s0.tobytes(), np.asarray(root_art, np.float64))
             a1 = e0 + off
             artery_node[e0.tobytes()] = a1
@@ -599,10 +526,55 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
         for s0, e0, r, _gen in _grow_tree(pts_v, root_vein, 6.0, n_min=4):
             veins.append((s0, e0, r))
 
-    vessel_cov = np.maximum(_tube_coverage(grid, *_segments(arteries)), _tube_coverage(grid, *_segments(veins)))
+    vessel_cov = np.maximum(voxel_tube_coverage(grid, *_segments(arteries)),
+                            voxel_tube_coverage(grid, *_segments(veins)))
     vessel_cov *= in_lung
-    air_wall = _tube_coverage(grid, *_segments(walls)) * in_lung
-    air_lumen = _tube_coverage(grid, *_segments(airways)) * in_lung
+    air_wall = voxel_tube_coverage(grid, *_segments(walls)) * in_lung
+    air_lumen = voxel_tube_coverage(grid, *_segments(airways)) * in_lung
+    return vessel_cov, air_wall, air_lumen
+
+
+def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
+                       spacing: Sequence[float] = (1.4, 1.4, 5.0)) -> Phantom:
+    """Make a synthetic adult chest CT.
+
+    seed: the same seed always gives the same phantom (``numpy.random.default_rng``).
+    size: in-plane matrix (size x size voxels); n_slices: number of axial slices.
+    spacing: mm per I, J, K step. The default, 256 x 256 x 56 at 1.4 x 1.4 x 5 mm,
+    covers a 358 mm field and 280 mm from the upper abdomen to the neck.
+    Returns a :class:`Phantom` with HU (int16), geometry, lung labels and truth
+    (all lung voxels healthy).
+    """
+    rng = np.random.default_rng(seed)
+    sx, sy, sz = (float(v) for v in spacing)
+    shape = (int(n_slices), int(size), int(size))
+    origin = (-(size - 1) / 2 * sx, -(size - 1) / 2 * sy, -(n_slices - 1) / 2 * sz)
+    grid = VoxelGrid(shape, (sx, sy, sz), origin)
+    geometry = Geometry((sx, sy, sz), origin)
+    x, y = grid.x, grid.y
+    body = _draw_body(rng)
+
+    def full(a):
+        return _full(a, shape)
+
+    in_body, under_fat, cavity = _outlines(grid, body)
+    spine = _spine(grid)
+    heart_q, above_dia, below_apex = _heart_diaphragm_apices(grid, body)
+    med = _mediastinum(grid, body)
+    bones = _chest_wall_bones(grid, body)
+
+    # ---- the lung fields -------------------------------------------------------------
+    heart_region = (heart_q <= 1.3) & above_dia  # heart with its pericardial fat
+    # A thin strip at the midline: the anterior and posterior junction lines where the
+    # two pleurae meet, so the lungs never touch.
+    junction = np.abs(x - _MIDLINE_X) < 2.0
+    mediastinum = junction | heart_region | med.envelope | full(spine.spine_block)
+    bone = ((bones.rib > 0) | (bones.cartilage > 0) | full(bones.sternum) | (bones.clavicle > 0)
+            | (bones.scapula > 0))
+    lung = cavity & above_dia & below_apex & ~mediastinum & ~bone
+    lung_labels = _lung_labels(grid, lung)
+    in_lung = lung_labels > 0
+    vessel_cov, air_wall, air_lumen = _bronchovascular(grid, lung_labels, med.roots, rng)
 
     # ---- compose the HU image ---------------------------------------------------------
     hu = np.full(shape, HU_AIR, np.float32)
@@ -611,13 +583,13 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
     _paint(hu, cavity & in_body, HU_MEDIASTINAL_FAT)
     # Thoracic inlet above the apices: muscles, vessels and thyroid round the
     # mediastinal fat.
-    _paint(hu, cavity & ~below_apex & ~envelope, HU_MUSCLE)
+    _paint(hu, cavity & ~below_apex & ~med.envelope, HU_MUSCLE)
     below = cavity & ~above_dia
     _paint(hu, below & (x < 30.0), HU_LIVER)
     _paint(hu, below & (x >= 30.0), HU_SPLEEN)
     _paint(hu, (heart_q <= 1.0) & above_dia, HU_HEART)
-    _paint(hu, great, HU_BLOOD)
-    _paint(hu, full(spine_block & (vb > 1.0)) & under_fat, HU_MUSCLE)  # paraspinal muscles
+    _paint(hu, med.great, HU_BLOOD)
+    _paint(hu, full(spine.spine_block & (spine.vb > 1.0)) & under_fat, HU_MUSCLE)  # paraspinal muscles
     # Lung parenchyma: denser in the dependent (posterior) part, with a mild texture
     # of unresolved small vessels and secondary lobules.
     texture = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=(0.5, 1.5, 1.5))
@@ -625,19 +597,20 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
     gravity = HU_LUNG_GRAVITY * np.clip((y + 80.0) / 160.0, 0.0, 1.0).astype(np.float32)
     hu = np.where(in_lung, np.float32(HU_LUNG) + gravity + texture, hu).astype(np.float32)
     _paint(hu, vessel_cov, HU_BLOOD)
-    _paint(hu, np.maximum(air_wall, central_air_wall), HU_AIRWAY_WALL)
-    _paint(hu, np.maximum(air_lumen, central_air_lumen), HU_AIR)
+    _paint(hu, np.maximum(air_wall, med.central_air_wall), HU_AIRWAY_WALL)
+    _paint(hu, np.maximum(air_lumen, med.central_air_lumen), HU_AIR)
     # Bones.
-    _paint(hu, vertebral_body & ~disc, HU_VERTEBRA)
-    _paint(hu, vb_cortex & ~disc, HU_CORTEX)
-    _paint(hu, vertebral_body & disc, HU_DISC)
-    _paint(hu, posterior_elements, HU_CORTEX * 0.8)
-    _paint(hu, full(canal), HU_CSF)
-    _paint(hu, cart_cov, HU_CARTILAGE)
-    for cortex, marrow in ((rib_cov, rib_marrow), (clav_cov, clav_marrow), (full(sternum), full(sternum_marrow))):
+    _paint(hu, spine.vertebral_body & ~spine.disc, HU_VERTEBRA)
+    _paint(hu, spine.vb_cortex & ~spine.disc, HU_CORTEX)
+    _paint(hu, spine.vertebral_body & spine.disc, HU_DISC)
+    _paint(hu, spine.posterior_elements, HU_CORTEX * 0.8)
+    _paint(hu, full(spine.canal), HU_CSF)
+    _paint(hu, bones.cartilage, HU_CARTILAGE)
+    for cortex, marrow in ((bones.rib, bones.rib_marrow), (bones.clavicle, bones.clavicle_marrow),
+                           (full(bones.sternum), full(bones.sternum_marrow))):
         _paint(hu, cortex, HU_CORTEX)
         _paint(hu, marrow, HU_MARROW)
-    _paint(hu, scap_cov, HU_CORTEX * 0.8)
+    _paint(hu, bones.scapula, HU_CORTEX * 0.8)
     hu[~in_body] = HU_AIR
     # Scanner blur, then correlated quantum noise (the reconstruction kernel
     # correlates neighbouring pixels in plane).

@@ -394,23 +394,25 @@ class SegmentationJob(BackgroundJob):
     def start(self) -> "SegmentationJob":
         """Check the inputs (one-line InputError / LungMaskError, nothing started),
         write them to a temporary folder and start the child. Reads the scene only."""
-        from . import mrml
+        from . import mrml, nodes
         from ..errors import InputError
+        from ..imaging.images import write_array
 
         mrml.check_process_nodes(self.scene, self.ct_node, self.lung_mask_node, self.output_segmentation_node)
         if self.model is not None and not os.path.isfile(self.model):
             raise InputError(f"the model file does not exist: {self.model}")
-        hu, geometry = mrml.volume_array_and_geometry(self.ct_node)
+        hu, geometry = nodes.volume_array_and_geometry(self.ct_node)
         mask = None
         if self.lung_mask_node is not None:
-            mask = mrml.lung_mask_from_node(self.lung_mask_node, self.ct_node, self.segment_ids)
+            mask = nodes.lung_mask_from_node(self.lung_mask_node, self.ct_node, self.segment_ids)
         self._geometry = geometry
         self._lung_mask_source = mrml.lung_mask_description(self.lung_mask_node, self.segment_ids)
         folder = self._make_folder()
         try:
-            _write_image(hu, geometry, folder / "ct.nrrd")
+            # Uncompressed (speed over size): the files live only as long as the run.
+            write_array(hu, geometry, folder / "ct.nrrd", compress=False)
             if mask is not None:
-                _write_image(mask, geometry, folder / "lung_mask.nrrd")
+                write_array(mask, geometry, folder / "lung_mask.nrrd", compress=False)
             args = ["segment", str(folder / "ct.nrrd"), "-o", str(folder / "labels.nrrd"),
                     "--report", str(folder / "report.json"), "--progress-lines",
                     "--lung-mask", str(folder / "lung_mask.nrrd") if mask is not None else "auto",
@@ -431,8 +433,8 @@ class SegmentationJob(BackgroundJob):
         """After SUCCEEDED: load the labels (and probabilities) into the output nodes;
         returns :class:`~.mrml.ProcessResult`. The temporary folder is removed."""
         from . import mrml
+        from ..analysis.case import CaseResult
         from ..errors import ILDSegError
-        from ..analysis.report import class_volumes
 
         if self.state != SUCCEEDED or self.folder is None:
             raise ILDSegError(f"{self.what} has not succeeded ({self.state}); nothing to load")
@@ -445,21 +447,10 @@ class SegmentationJob(BackgroundJob):
             if self.probabilities:
                 probabilities = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "probabilities.nrrd")))
             report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-            model = report.get("model", {})
-            spacing = (report.get("pixel_spacing_mm") or {})
-            network = spacing.get("network")
-            run = mrml.RunInfo(model_name=str(model.get("name", "")), model_trained=bool(model.get("trained")),
-                               model_sha256=str(model.get("sha256", "")), device=str(report.get("device", "")),
-                               lung_mask_source=self._lung_mask_source,
-                               network_pixel_spacing_mm=tuple(network) if network else None,
-                               resampled=bool(spacing.get("resampled")))
-            timings = {k: float(v) for k, v in (report.get("timings_s") or {}).items() if k != "total"}
-            volumes = class_volumes(labels, self._geometry)
-            # Regions table and input warnings as the command computed them (its report).
-            panel = mrml.panel_summary(labels, self._geometry, report=report)
-            return mrml.commit_results(self.scene, self.ct_node, self.output_segmentation_node, labels, volumes,
-                                       probabilities, run, t_start=time.perf_counter() - self.elapsed_s,
-                                       timings=timings, panel=panel)
+            # The run's results as the command computed them (its report), counted on its labels.
+            case = CaseResult.from_report(report, labels, self._geometry, probabilities)
+            return mrml.commit_results(self.scene, self.ct_node, self.output_segmentation_node, case,
+                                       self._lung_mask_source, t_start=time.perf_counter() - self.elapsed_s)
         finally:
             self.cleanup()
 
@@ -585,19 +576,6 @@ class FinetuneJob(BackgroundJob):
             return report
         finally:
             self.cleanup()
-
-
-def _write_image(array: Any, geometry: Any, path: Path) -> None:
-    """An array (K, J, I) with its LPS geometry as an uncompressed NRRD (speed over
-    size: the file lives only as long as the run)."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(tuple(float(v) for v in geometry.spacing))
-    image.SetOrigin(tuple(float(v) for v in geometry.origin))
-    image.SetDirection(tuple(float(v) for v in geometry.direction))
-    sitk.WriteImage(image, str(path), False)
 
 
 __all__ = ["ChildProcess", "BackgroundJob", "SegmentationJob", "FinetuneJob",

@@ -7,7 +7,7 @@ wheel). Only ``slicer`` MRML classes, their module logics' static functions and
 ``vtk`` are used: never ``slicer.app``, ``slicer.mrmlScene``, ``slicer.modules`` or
 ``qt``, which exist only inside the application. The scene is passed explicitly.
 
-Geometry: MRML nodes are RAS, the library is LPS (see :mod:`.geometry`); arrays
+Geometry: MRML nodes are RAS, the library is LPS (:mod:`.nodes` converts); arrays
 are K, J, I as ``slicer.util.arrayFromVolume`` returns them.
 
 Transactions: :func:`process` reads the inputs, computes the lung mask and the
@@ -26,15 +26,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..classes import CLASSES, NUM_CLASSES, TissueClass
-from ..errors import CancelCheck, Cancelled, InputError, LungMaskError, is_cancelled
-from ..imaging.geometry import Geometry, canonical_view
-from ..analysis.report import class_volumes
+from ..errors import CancelCheck, Cancelled, InputError, is_cancelled
 from ..terminology import terminology_entry
+from .nodes import (ijk_to_ras_matrix, list_segment_ids, lung_mask_from_node, numpy_to_vtk_matrix, require_slicer,
+                    volume_array_and_geometry)
 
 try:  # Slicer's MRML core: inside Slicer, or the slicer-core wheel outside it.
     import slicer
@@ -42,6 +42,9 @@ try:  # Slicer's MRML core: inside Slicer, or the slicer-core wheel outside it.
 except ImportError:  # pragma: no cover - exercised only where slicer-core is absent
     slicer = None  # type: ignore[assignment]
     vtk = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:  # not imported at run time: the panel imports no torch
+    from ..analysis.case import CaseResult
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,6 @@ INPUT_VOLUME_ROLE = "ildsegInputVolume"
 #: Prefix of the attributes recording how a segmentation was made.
 ATTRIBUTE_PREFIX = "ILDSegmentation."
 
-#: RAS <-> LPS: flip x and y.
-_RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
 #: Column names of the results table.
 COL_SEGMENT = "Segment"
 COL_SEGMENT_ID = "Segment ID"
@@ -67,12 +67,6 @@ COL_VOLUME = "Volume [mL]"
 COL_PERCENT = "Percent of lung [%]"
 TOTAL_ROW_NAME = "Lung (total)"
 TOTAL_ROW_ID = "lung"
-
-
-def _require_slicer() -> None:
-    if slicer is None:
-        raise ImportError("ILDSegmentationLib.slicer.mrml needs Slicer's MRML classes: run it inside 3D Slicer "
-                          "or install the slicer-core wheel (pip install slicer-core)")
 
 
 # ---------------------------------------------------------------------------------
@@ -88,7 +82,7 @@ class HeadlessMRML:
     """
 
     def __init__(self, scene: Any = None) -> None:
-        _require_slicer()
+        require_slicer()
         self.scene = scene if scene is not None else slicer.vtkMRMLScene()
         self.app_logic = slicer.vtkSlicerApplicationLogic()
         self.app_logic.SetMRMLScene(self.scene)
@@ -117,264 +111,6 @@ def load_terminology(terminologies_logic: Any, path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------
-# Geometry: MRML (RAS, IJKToRAS) <-> library (LPS Geometry)
-# ---------------------------------------------------------------------------------
-def _vtk_to_numpy_matrix(m: Any) -> np.ndarray:
-    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
-
-
-def _numpy_to_vtk_matrix(a: np.ndarray) -> Any:
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(a[r, c]))
-    return m
-
-
-def ijk_to_ras_matrix(node: Any, world: bool = True) -> np.ndarray:
-    """4x4 IJK -> RAS of a volume node; with ``world``, through its linear parent
-    transforms (a CT moved by a registration is segmented where it is shown).
-    Non-linear transforms are refused: the grid would no longer be a grid."""
-    _require_slicer()
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    ijk_to_ras = _vtk_to_numpy_matrix(m)
-    parent = node.GetParentTransformNode() if world else None
-    if parent is not None:
-        if not parent.IsTransformToWorldLinear():
-            raise InputError(f"'{node.GetName()}' is under a non-linear transform; harden the transform "
-                             "(Data module, right-click, Harden transform) and try again")
-        to_world = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(to_world)
-        ijk_to_ras = _vtk_to_numpy_matrix(to_world) @ ijk_to_ras
-    return ijk_to_ras
-
-
-def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray) -> Geometry:
-    """The LPS :class:`Geometry` of an IJK -> RAS matrix (spacing = column lengths)."""
-    lps = _RAS_LPS @ np.asarray(ijk_to_ras, dtype=float)
-    axes = lps[:3, :3]
-    spacing = np.linalg.norm(axes, axis=0)
-    if np.any(spacing <= 0):
-        raise InputError("the volume's IJK-to-RAS matrix is degenerate (zero spacing)")
-    direction = axes / spacing
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
-        raise InputError("the volume's grid is sheared (non-orthogonal axes, e.g. by a transform); "
-                         "resample it onto a regular grid first")
-    return Geometry(tuple(float(s) for s in spacing), tuple(float(o) for o in lps[:3, 3]),
-                    tuple(float(v) for v in direction.ravel()))
-
-
-def ijk_to_ras_from_geometry(geometry: Geometry) -> np.ndarray:
-    """Inverse of :func:`geometry_from_ijk_to_ras`."""
-    lps = np.eye(4)
-    lps[:3, :3] = geometry.direction_matrix * np.asarray(geometry.spacing, dtype=float)
-    lps[:3, 3] = geometry.origin
-    return _RAS_LPS @ lps
-
-
-def set_volume_geometry(node: Any, geometry: Geometry) -> None:
-    """Place a volume node's grid (spacing, origin, directions) from an LPS Geometry."""
-    _require_slicer()
-    node.SetIJKToRASMatrix(_numpy_to_vtk_matrix(ijk_to_ras_from_geometry(geometry)))
-
-
-def volume_geometry(node: Any, world: bool = True) -> Geometry:
-    return geometry_from_ijk_to_ras(ijk_to_ras_matrix(node, world=world))
-
-
-def _check_scalar_volume(node: Any, what: str) -> None:
-    if node is None:
-        raise InputError(f"no {what} selected")
-    if not node.IsA("vtkMRMLScalarVolumeNode"):
-        raise InputError(f"'{node.GetName()}' ({node.GetClassName()}) is not a scalar volume; select a {what}")
-    image = node.GetImageData()
-    if image is None or 0 in image.GetDimensions():
-        raise InputError(f"'{node.GetName()}' holds no image data")
-    components = image.GetNumberOfScalarComponents()
-    if components != 1 or node.IsA("vtkMRMLVectorVolumeNode"):
-        raise InputError(f"'{node.GetName()}' has {components} components per voxel (a colour, vector or "
-                         f"multi-frame volume); select a scalar {what}")
-
-
-def volume_array_and_geometry(ct_node: Any) -> Tuple[np.ndarray, Geometry]:
-    """A copy of a CT node's voxels (K, J, I, HU) and its LPS geometry (world space).
-
-    Refuses what the engine cannot segment with a one-line message: no node, a label
-    map, a vector/colour/4D volume, no voxels, a single non-axial slice (2D
-    sagittal or coronal image), non-finite values. A single axial slice is accepted.
-    """
-    _require_slicer()
-    _check_scalar_volume(ct_node, "CT volume")
-    if ct_node.IsA("vtkMRMLLabelMapVolumeNode"):
-        raise InputError(f"'{ct_node.GetName()}' is a label map, not a CT; select the CT volume as input")
-    geometry = volume_geometry(ct_node)
-    array = np.array(slicer.util.arrayFromVolume(ct_node), copy=True)  # never a view on the input
-    if array.ndim != 3:
-        raise InputError(f"'{ct_node.GetName()}' is not a 3D volume (array of {array.ndim} dimensions)")
-    view = canonical_view(geometry)
-    rows, cols = array.shape[view.axes[1]], array.shape[view.axes[2]]
-    if rows < 2 or cols < 2:
-        raise InputError(f"'{ct_node.GetName()}' is a single sagittal or coronal slice ({array.shape[::-1]} "
-                         "voxels I, J, K); ILD segmentation works on axial slices")
-    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise InputError(f"'{ct_node.GetName()}' has {array.dtype} voxels; expected a CT in HU")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise InputError(f"'{ct_node.GetName()}' contains NaN or infinite values")
-    return array, geometry
-
-
-# ---------------------------------------------------------------------------------
-# Lung mask from a label map or a segmentation node
-# ---------------------------------------------------------------------------------
-def resample_nearest(source: np.ndarray, source_ijk_to_ras: np.ndarray, target_shape: Sequence[int],
-                     target_ijk_to_ras: np.ndarray, fill: int = 0) -> np.ndarray:
-    """Nearest-neighbour resampling of a K, J, I array onto another grid.
-
-    Both grids are given by their IJK -> RAS matrices (any orientation, spacing and
-    extent). Target voxels outside the source get ``fill``. Works one target slice
-    at a time so memory stays at a few slice-sized arrays.
-    """
-    source = np.asarray(source)
-    target_shape = tuple(int(s) for s in target_shape)
-    a = np.linalg.inv(np.asarray(source_ijk_to_ras, dtype=float)) @ np.asarray(target_ijk_to_ras, dtype=float)
-    if source.shape == target_shape and np.allclose(a, np.eye(4), atol=1e-6):
-        return source.copy()
-    out = np.full(target_shape, fill, dtype=source.dtype)
-    nk, nj, ni = target_shape
-    sk, sj, si = source.shape
-    jj, ii = np.meshgrid(np.arange(nj, dtype=float), np.arange(ni, dtype=float), indexing="ij")
-    # Source index (i, j, k) of target voxel (i, j, k) is affine: a @ [i, j, k, 1].
-    plane = [a[r, 0] * ii + a[r, 1] * jj + a[r, 3] for r in range(3)]
-    for k in range(nk):
-        idx = [np.floor(plane[r] + a[r, 2] * k + 0.5).astype(np.int64) for r in range(3)]
-        valid = (idx[0] >= 0) & (idx[0] < si) & (idx[1] >= 0) & (idx[1] < sj) & (idx[2] >= 0) & (idx[2] < sk)
-        if valid.any():
-            out[k][valid] = source[idx[2][valid], idx[1][valid], idx[0][valid]]
-    return out
-
-
-def lung_mask_from_labelmap_node(mask_node: Any, ct_node: Any) -> np.ndarray:
-    """uint8 0/1 lung mask (every non-zero voxel is lung) on the CT's grid.
-
-    A mask on another grid (spacing, extent, orientation, linear transform) is
-    resampled with nearest neighbour; a mask that does not reach the CT raises
-    LungMaskError. The mask node is not modified.
-    """
-    _require_slicer()
-    _check_scalar_volume(mask_node, "lung mask label map")
-    _check_scalar_volume(ct_node, "CT volume")
-    name = mask_node.GetName()
-    mask = np.asarray(slicer.util.arrayFromVolume(mask_node)) != 0
-    if not mask.any():
-        raise LungMaskError(f"the lung mask '{name}' is empty")
-    ct_shape = tuple(slicer.util.arrayFromVolume(ct_node).shape)
-    out = resample_nearest(mask.astype(np.uint8), ijk_to_ras_matrix(mask_node), ct_shape, ijk_to_ras_matrix(ct_node))
-    if not out.any():
-        raise LungMaskError(f"the lung mask '{name}' does not overlap the CT '{ct_node.GetName()}' "
-                            "(check that both come from the same scan)")
-    return out
-
-
-def _segment_ids(segmentation_node: Any) -> List[str]:
-    ids = vtk.vtkStringArray()
-    segmentation_node.GetSegmentation().GetSegmentIDs(ids)
-    return [ids.GetValue(i) for i in range(ids.GetNumberOfValues())]
-
-
-def segments_to_array(segmentation_node: Any, segment_ids: Sequence[str], reference_node: Any) -> np.ndarray:
-    """K, J, I array on the reference volume's grid: segment ``segment_ids[n]`` has
-    value n + 1 (0 elsewhere; where segments overlap, the later one wins).
-
-    ``ExportSegmentsToLabelmapNode`` does the work, but on a private copy of the
-    segmentation and a private stand-in for the reference grid, both in a private
-    scene: exporting from the node itself would add a color table to the user's
-    scene and a reference to the node, and the export of a segmentation that has
-    only surfaces would add a labelmap representation to it. The input node is
-    therefore never modified. Both nodes' own (untransformed) frames are used: the
-    caller checks they are under the same transform.
-    """
-    _require_slicer()
-    segment_ids = [str(s) for s in segment_ids]
-    private = slicer.vtkMRMLScene()
-    copy = slicer.vtkMRMLSegmentationNode()
-    private.AddNode(copy)
-    copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
-    grid = slicer.vtkMRMLScalarVolumeNode()  # the reference grid, without voxels
-    private.AddNode(grid)
-    grid.CopyOrientation(reference_node)
-    extent = vtk.vtkImageData()
-    extent.SetExtent(reference_node.GetImageData().GetExtent())
-    grid.SetAndObserveImageData(extent)
-    exported = slicer.vtkMRMLLabelMapVolumeNode()
-    private.AddNode(exported)
-    ids = vtk.vtkStringArray()
-    for s in segment_ids:
-        ids.InsertNextValue(s)
-    if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            copy, ids, exported, grid, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
-        raise InputError(f"could not export segments {', '.join(segment_ids)} of "
-                         f"'{segmentation_node.GetName()}' onto the grid of '{reference_node.GetName()}'")
-    if exported.GetImageData() is None:
-        return np.zeros(tuple(slicer.util.arrayFromVolume(reference_node).shape), np.uint8)
-    array = np.array(slicer.util.arrayFromVolume(exported), copy=True)
-    reference_shape = tuple(slicer.util.arrayFromVolume(reference_node).shape)
-    # The export uses the reference grid; resampling is a no-op unless it was cropped.
-    return resample_nearest(array, ijk_to_ras_matrix(exported, world=False), reference_shape,
-                            ijk_to_ras_matrix(reference_node, world=False))
-
-
-def lung_mask_from_segmentation_node(segmentation_node: Any, ct_node: Any,
-                                     lung_segment_ids: Optional[Sequence[str]] = None) -> np.ndarray:
-    """uint8 0/1 lung mask on the CT's grid from the chosen segments (default: all).
-
-    Exported with ``ExportSegmentsToLabelmapNode`` and the CT as reference geometry
-    (see :func:`segments_to_array`): the user's scene gets no temporary nodes and the
-    segmentation node is not modified.
-    """
-    _require_slicer()
-    _check_scalar_volume(ct_node, "CT volume")
-    if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
-        raise InputError("the lung mask must be a label map or a segmentation node")
-    name = segmentation_node.GetName()
-    available = _segment_ids(segmentation_node)
-    if lung_segment_ids is None:
-        chosen = available
-    else:
-        chosen = [str(s) for s in lung_segment_ids]
-        if not chosen:
-            raise InputError(f"no lung segment chosen in '{name}'")
-        unknown = [s for s in chosen if s not in available]
-        if unknown:
-            raise InputError(f"segment(s) {', '.join(unknown)} not found in '{name}'")
-    if not chosen:
-        raise LungMaskError(f"the lung mask segmentation '{name}' has no segments")
-    if segmentation_node.GetTransformNodeID() != ct_node.GetTransformNodeID():
-        raise InputError(f"the lung mask '{name}' and the CT are under different transforms; "
-                         "harden the transforms first")
-
-    labels = segments_to_array(segmentation_node, chosen, ct_node)
-    out = (labels != 0).astype(np.uint8)
-    if not out.any():
-        raise LungMaskError(f"the lung segments {', '.join(chosen)} of '{name}' are empty or do not overlap "
-                            f"the CT '{ct_node.GetName()}'")
-    return out
-
-
-def lung_mask_from_node(mask_node: Any, ct_node: Any, lung_segment_ids: Optional[Sequence[str]] = None) -> np.ndarray:
-    """Dispatch on the node type: segmentation node or label map (any scalar volume)."""
-    _require_slicer()
-    if mask_node is None:
-        raise InputError("no lung mask node given")
-    if mask_node.IsA("vtkMRMLSegmentationNode"):
-        return lung_mask_from_segmentation_node(mask_node, ct_node, lung_segment_ids)
-    if mask_node.IsA("vtkMRMLScalarVolumeNode"):
-        return lung_mask_from_labelmap_node(mask_node, ct_node)
-    raise InputError(f"'{mask_node.GetName()}' ({mask_node.GetClassName()}) cannot be a lung mask; "
-                     "use a label map or a segmentation")
-
-
-# ---------------------------------------------------------------------------------
 # Output segmentation: six segments with fixed IDs, names, colors, terminology
 # ---------------------------------------------------------------------------------
 def _set_segment_properties(segment: Any, c: TissueClass) -> None:
@@ -396,7 +132,7 @@ def segment_tag(segment: Any, name: str) -> Optional[str]:
 def ensure_class_segments(segmentation_node: Any) -> None:
     """Create the six class segments (fixed IDs) that are missing and (re)set name,
     color and terminology of all six. Other segments the user added are left alone."""
-    _require_slicer()
+    require_slicer()
     segmentation = segmentation_node.GetSegmentation()
     for c in CLASSES:
         if segmentation.GetSegment(c.segment_id) is None:
@@ -411,7 +147,7 @@ def _labelmap_node_like(labels: np.ndarray, ijk_to_ras: np.ndarray) -> Any:
     """A label map node in no scene holding ``labels`` on the given grid; it is
     garbage collected with its last reference, so it never appears in the scene."""
     node = slicer.vtkMRMLLabelMapVolumeNode()
-    node.SetIJKToRASMatrix(_numpy_to_vtk_matrix(ijk_to_ras))
+    node.SetIJKToRASMatrix(numpy_to_vtk_matrix(ijk_to_ras))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(labels, dtype=np.uint8))
     return node
 
@@ -424,7 +160,7 @@ def write_labels_to_segmentation(labels: np.ndarray, ct_node: Any, segmentation_
     from ``labels`` become (or stay) empty segments. The reference geometry is the
     CT's grid (in world space when the CT is transformed).
     """
-    _require_slicer()
+    require_slicer()
     labels = np.asarray(labels)
     if labels.shape != tuple(slicer.util.arrayFromVolume(ct_node).shape):
         raise InputError(f"label map shape {labels.shape} differs from the CT's")
@@ -450,7 +186,7 @@ def write_labels_to_segmentation(labels: np.ndarray, ct_node: Any, segmentation_
 def results_vtk_table(volumes: Dict[str, Any]) -> Any:
     """Per class name, segment ID, voxels, volume (mL), percent of lung, and a last
     row for the whole lung. Volumes are voxel count x voxel volume, unrounded."""
-    _require_slicer()
+    require_slicer()
     voxel_ml = float(volumes["voxel_volume_ml"])
     lung_voxels = int(volumes["lung_voxels"])
     names, ids = vtk.vtkStringArray(), vtk.vtkStringArray()
@@ -516,32 +252,11 @@ class ProcessResult:
     distribution: List[str] = field(default_factory=list)
 
 
-def panel_summary(labels: np.ndarray, geometry: Geometry, hu: Optional[np.ndarray] = None,
-                  model_pixel_range: Optional[Sequence[float]] = None,
-                  network_pixel_mm: Optional[Sequence[float]] = None,
-                  report: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """What the panel shows beyond the class volumes: the regions table rows, the
-    distribution descriptors and the input-check warnings
-    (:func:`~.report.panel_results`). From a run's ``report`` (ildseg segment's JSON)
-    when given, else computed here from the labels (and the CT in HU for the input
-    checks) as ``ildseg segment`` computes them."""
-    from ..analysis.report import class_volumes, panel_results
-
-    if report is None:
-        from ..analysis.regions import regional_volumes
-        from ..analysis.suitability import input_checks
-
-        report = {**class_volumes(labels, geometry), **regional_volumes(labels, geometry)}
-        if hu is not None:
-            report["input_checks"] = input_checks(hu, labels, geometry, model_pixel_range=model_pixel_range,
-                                                  network_pixel_mm=network_pixel_mm)
-    return panel_results(report)
-
-
 def regions_vtk_table(panel: Dict[str, Any]) -> Any:
-    """A vtkTable of :func:`panel_summary`'s ``columns`` and ``rows``: text columns as
-    strings, counts as integers, volumes and percents as doubles (NaN where none)."""
-    _require_slicer()
+    """A vtkTable of a panel's ``columns`` and ``rows``
+    (:meth:`~ILDSegmentationLib.analysis.case.CaseResult.panel`): text columns as strings,
+    counts as integers, volumes and percents as doubles (NaN where none)."""
+    require_slicer()
     columns, rows = list(panel["columns"]), list(panel["rows"])
     table = vtk.vtkTable()
     for index, name in enumerate(columns):
@@ -665,13 +380,13 @@ def process(
     batch; out of GPU memory the engine halves its batches, then finishes on the CPU
     (``cpu_fallback``) or raises DeviceError. pixel_spacing: "model" runs the network
     at a pixel size within the model's training range (resampling the CT in-plane
-    when outside it), "native" at the CT's own (see :class:`~.inference.Inferer`).
+    when outside it), "native" at the CT's own (see :class:`~ILDSegmentationLib.engine.inference.Inferer`).
 
     Nothing in the scene changes until everything is computed; on cancel
     (:class:`Cancelled`) or any error the scene is left exactly as it was. Input
     nodes are never modified. Returns a :class:`ProcessResult`.
     """
-    _require_slicer()
+    require_slicer()
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
     check_process_nodes(scene, ct_node, lung_mask_node, output_segmentation_node)
@@ -686,51 +401,39 @@ def process(
     loaded = _load(model)
     timings["model"] = time.perf_counter() - t
 
-    # -- lung mask -----------------------------------------------------------------
+    # -- lung mask: a node's, read here; none: computed before the network -----------
     t = time.perf_counter()
+    mask = None
     if lung_mask_node is None:
-        from ..imaging.lungmask import compute_lung_mask
         stage(1.0, "Computing the lung mask")
-        mask = compute_lung_mask(hu, geometry, progress=_stage(progress, cancel, 0.02, 0.08))
-        source = "computed automatically"
     else:
         stage(1.0, f"Reading the lung mask '{lung_mask_node.GetName()}'")
         mask = lung_mask_from_node(lung_mask_node, ct_node, segment_ids)
-        source = lung_mask_description(lung_mask_node, segment_ids)
-    timings["lung_mask"] = time.perf_counter() - t
+        timings["lung_mask"] = time.perf_counter() - t
+    source = lung_mask_description(lung_mask_node, segment_ids)
 
     # -- network -------------------------------------------------------------------
-    t = time.perf_counter()
+    from ..analysis.case import describe_labels, segment_lungs
     from ..engine.inference import Inferer
 
     # Out of GPU memory the engine halves its batches, then finishes on the CPU or,
     # without cpu_fallback, raises DeviceError so that the caller can ask the user.
     inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, cpu_fallback=cpu_fallback,
                       pixel_spacing=pixel_spacing)
-    result = inferer.segment(hu, mask, geometry, probabilities=probabilities,
-                             progress=_stage(progress, cancel, 0.10, 0.85), cancel=cancel)
-    timings["network"] = time.perf_counter() - t
-    volumes = class_volumes(result.labels, geometry)
+    result = segment_lungs(hu, geometry, mask, inferer, probabilities=probabilities,
+                           mask_progress=_stage(progress, cancel, 0.02, 0.08),
+                           progress=_stage(progress, cancel, 0.10, 0.85), cancel=cancel, timings=timings)
     if is_cancelled(cancel):
         raise Cancelled("cancelled by the user; the scene was not changed")
 
     _stage(progress, cancel, 0.96, 0.0)(0.0, "Creating the segmentation")
     if is_cancelled(cancel):  # clicked while the GUI processed that last message
         raise Cancelled("cancelled by the user; the scene was not changed")
-    info = loaded.info
-    t = time.perf_counter()
-    panel = panel_summary(result.labels, geometry, hu, model_pixel_range=info.pixel_spacing_mm,
-                          network_pixel_mm=result.network_pixel_spacing_mm)
-    timings["regions"] = time.perf_counter() - t
+    case = describe_labels(result, hu, geometry, inferer, timings=timings)
     if is_cancelled(cancel):
         raise Cancelled("cancelled by the user; the scene was not changed")
-    return commit_results(
-        scene, ct_node, output_segmentation_node, result.labels, volumes,
-        result.probabilities if probabilities else None,
-        RunInfo(model_name=info.name, model_trained=bool(info.trained), model_sha256=getattr(loaded, "sha256", ""),
-                device=result.device, lung_mask_source=source,
-                network_pixel_spacing_mm=result.network_pixel_spacing_mm, resampled=result.resampled),
-        t_start=t_start, timings=timings, progress=progress, panel=panel)
+    return commit_results(scene, ct_node, output_segmentation_node, case, source, t_start=t_start, timings=timings,
+                          progress=progress)
 
 
 def check_process_nodes(scene: Any, ct_node: Any, lung_mask_node: Any, output_segmentation_node: Any) -> None:
@@ -764,40 +467,27 @@ def lung_mask_description(lung_mask_node: Any, segment_ids: Optional[Sequence[st
     return source
 
 
-@dataclass
-class RunInfo:
-    """What a finished run records on its output segmentation (model, device, lung
-    mask, pixel size the network ran at), wherever it ran: in this process or in a
-    separate one (:mod:`.background`)."""
-
-    model_name: str
-    model_trained: bool
-    model_sha256: str
-    device: str
-    lung_mask_source: str
-    network_pixel_spacing_mm: Optional[Tuple[float, float]] = None
-    resampled: bool = False
-
-
-def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labels: np.ndarray,
-                   volumes: Dict[str, Any], probabilities: Optional[np.ndarray], run: RunInfo, *,
-                   t_start: Optional[float] = None, timings: Optional[Dict[str, float]] = None,
-                   progress: Optional[ProgressCallback] = None,
-                   panel: Optional[Dict[str, Any]] = None) -> ProcessResult:
+def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, case: CaseResult,
+                   lung_mask_source: str, *, t_start: Optional[float] = None,
+                   timings: Optional[Dict[str, float]] = None,
+                   progress: Optional[ProgressCallback] = None) -> ProcessResult:
     """Write a finished run's results into the scene: the only step that changes it.
 
-    labels: uint8 K, J, I on the CT's grid (0 outside the lung, 1..6); volumes: as
-    :func:`~.report.class_volumes`; probabilities: float32 K, J, I, 6 or None.
-    output_segmentation_node None creates a segmentation; an existing one is updated
-    in place with the tables and probability maps it references. ``panel``
-    (:func:`panel_summary`): the regions table (a second table node) and the input
-    warnings to return. A failure here removes
-    the nodes it created and restores the segmentation's previous content. Raises
-    InputError, writing nothing, when the CT or the output left the scene meanwhile
-    (the panel stays usable during a run)."""
-    _require_slicer()
+    case: the analysed CT (:class:`~ILDSegmentationLib.analysis.case.CaseResult`, made
+    in this process or rebuilt from a separate process' report): its labels (uint8
+    K, J, I on the CT's grid, 0 outside the lung, 1..6) go into the segmentation, its
+    class volumes into the results table, its regions into a second table, its
+    probabilities (float32 K, J, I, 6, or None) into probability maps, and its model,
+    device and pixel size, with ``lung_mask_source``, onto the segmentation's
+    attributes. output_segmentation_node None creates a segmentation; an existing one
+    is updated in place with the tables and probability maps it references. A failure
+    here removes the nodes it created and restores the segmentation's previous
+    content. Raises InputError, writing nothing, when the CT or the output left the
+    scene meanwhile (the panel stays usable during a run)."""
+    require_slicer()
     t_start = time.perf_counter() if t_start is None else t_start
-    timings = {} if timings is None else timings
+    timings = dict(case.timings) if timings is None else timings
+    labels, volumes, probabilities, panel = case.labels, case.volumes, case.probabilities, case.panel()
     # The panel stays usable during a run: the user may have deleted a node.
     for node, what in ((ct_node, "CT"), (output_segmentation_node, "output segmentation")):
         if node is not None and node.GetScene() is not scene:
@@ -813,7 +503,7 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labe
     if probabilities is not None:
         for i in range(NUM_CLASSES):
             holder = slicer.vtkMRMLScalarVolumeNode()
-            holder.SetIJKToRASMatrix(_numpy_to_vtk_matrix(ct_ijk_to_ras))
+            holder.SetIJKToRASMatrix(numpy_to_vtk_matrix(ct_ijk_to_ras))
             slicer.util.updateVolumeFromArray(holder, np.ascontiguousarray(probabilities[..., i], dtype=np.float32))
             probability_images.append(holder)
 
@@ -875,10 +565,12 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labe
             for node in stale:
                 remove_node(scene, node)
         seg_node.SetNodeReferenceID(INPUT_VOLUME_ROLE, ct_node.GetID())
-        spacing = run.network_pixel_spacing_mm
-        for key, value in (("Model", run.model_name), ("ModelTrained", str(bool(run.model_trained)).lower()),
-                           ("ModelSHA256", run.model_sha256), ("Device", run.device),
-                           ("LungMask", run.lung_mask_source), ("InputVolume", ct_node.GetName()),
+        spacing = case.network_pixel_spacing_mm
+        model = case.model
+        for key, value in (("Model", str(model.get("name", ""))),
+                           ("ModelTrained", str(bool(model.get("trained"))).lower()),
+                           ("ModelSHA256", str(model.get("sha256") or "")), ("Device", case.device),
+                           ("LungMask", lung_mask_source), ("InputVolume", ct_node.GetName()),
                            ("NetworkPixelSpacingMm", " x ".join(f"{v:.4g}" for v in spacing) if spacing else "")):
             seg_node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
         _place_in_hierarchy(scene, ct_node, commit.created)
@@ -890,22 +582,22 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labe
         progress(1.0, "Done")
     return ProcessResult(
         segmentation_node=seg_node, table_node=table_node, probability_nodes=probability_nodes, volumes=volumes,
-        lung_mask_source=run.lung_mask_source, model_name=run.model_name, model_trained=bool(run.model_trained),
-        device=run.device, seconds=time.perf_counter() - t_start,
+        lung_mask_source=lung_mask_source, model_name=str(model.get("name", "")),
+        model_trained=bool(model.get("trained")), device=case.device, seconds=time.perf_counter() - t_start,
         created_node_ids=[n.GetID() for n in commit.created], timings=timings,
-        network_pixel_spacing_mm=run.network_pixel_spacing_mm, resampled=run.resampled,
+        network_pixel_spacing_mm=case.network_pixel_spacing_mm, resampled=case.resampled,
         regions_table_node=regions_node, warnings=list((panel or {}).get("warnings") or []),
         distribution=list((panel or {}).get("distribution") or []))
 
 
 def segment_ids_of(segmentation_node: Any) -> List[str]:
     """All segment IDs of a segmentation node, in order."""
-    return _segment_ids(segmentation_node)
+    return list_segment_ids(segmentation_node)
 
 
 def default_lung_segment_ids(segmentation_node: Any) -> List[str]:
     """The segments whose name mentions the lung, else all segments."""
-    ids = _segment_ids(segmentation_node)
+    ids = list_segment_ids(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
     lungs = [i for i in ids if "lung" in (segmentation.GetSegment(i).GetName() or "").lower()]
     return lungs or ids
@@ -919,7 +611,7 @@ def lung_segment_ids_for(mask_node: Any, current_ids: Optional[Sequence[str]]) -
     if mask_node is None or not mask_node.IsA("vtkMRMLSegmentationNode"):
         return None
     current = [str(i) for i in (current_ids or [])]
-    available = set(_segment_ids(mask_node))
+    available = set(list_segment_ids(mask_node))
     if current and all(i in available for i in current):
         return current
     return default_lung_segment_ids(mask_node)
@@ -968,11 +660,8 @@ def _place_in_hierarchy(scene: Any, ct_node: Any, nodes: Sequence[Any]) -> None:
 
 
 __all__ = [
-    "HeadlessMRML", "ProcessResult", "process", "load_terminology", "volume_array_and_geometry", "volume_geometry",
-    "geometry_from_ijk_to_ras", "ijk_to_ras_from_geometry", "ijk_to_ras_matrix", "set_volume_geometry",
-    "resample_nearest", "lung_mask_from_node", "lung_mask_from_labelmap_node", "lung_mask_from_segmentation_node",
-    "ensure_class_segments", "write_labels_to_segmentation", "results_vtk_table", "results_from_table",
-    "segment_ids_of", "segments_to_array", "segment_tag", "remove_node", "RESULTS_TABLE_ROLE", "PROBABILITY_ROLE",
-    "RunInfo", "commit_results", "check_process_nodes", "lung_mask_description", "panel_summary",
-    "regions_vtk_table", "REGIONS_TABLE_ROLE",
+    "HeadlessMRML", "ProcessResult", "process", "load_terminology", "ensure_class_segments",
+    "write_labels_to_segmentation", "results_vtk_table", "results_from_table", "segment_ids_of", "segment_tag",
+    "remove_node", "RESULTS_TABLE_ROLE", "PROBABILITY_ROLE", "commit_results", "check_process_nodes",
+    "lung_mask_description", "regions_vtk_table", "REGIONS_TABLE_ROLE",
 ]

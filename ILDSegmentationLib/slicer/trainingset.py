@@ -17,11 +17,11 @@ your site's disease" section (issue 16).
 - :func:`list_models` / :func:`new_run_folder`: the user's model folder, where
   fine-tuned models go (one run folder each: ``model.safetensors`` with its
   provenance in the file's metadata, ``finetune.json`` with before/after). Model
-  files are read with :func:`~.modelfile.read_info` (JSON metadata, no torch, never
+  files are read with :func:`~ILDSegmentationLib.engine.modelfile.read_info` (JSON metadata, no torch, never
   unpickled). The bundled model's folder is refused: a fine-tuned model never
   replaces it.
 
-Arrays are K, J, I; label values are those of :mod:`.classes` (0 = not annotated).
+Arrays are K, J, I; label values are those of :mod:`ILDSegmentationLib.classes` (0 = not annotated).
 MRML functions need the ``slicer`` MRML classes (the application or slicer-core).
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ import csv
 import hashlib
 import io
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -42,6 +41,7 @@ import numpy as np
 
 from ..classes import CLASSES
 from ..errors import InputError
+from ..imaging.paths import safe_name
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -104,7 +104,7 @@ def annotation_labels(annotation_node: Any, ct_node: Any) -> np.ndarray:
     by name or terminology (as ``ildseg train`` reads a .seg.nrrd); other segments
     are ignored. Where two class segments overlap, the later class wins. The node is
     not modified."""
-    from . import mrml
+    from . import mrml, nodes
     from ..training.annotations import class_of_segment
 
     if annotation_node is None or not annotation_node.IsA("vtkMRMLSegmentationNode"):
@@ -123,7 +123,7 @@ def annotation_labels(annotation_node: Any, ct_node: Any) -> np.ndarray:
         raise InputError(f"'{annotation_node.GetName()}' has no segment of the six classes: create the annotation "
                          "segmentation with the panel's button")
     labels = sorted(by_label)
-    exported = mrml.segments_to_array(annotation_node, [by_label[v] for v in labels], ct_node)
+    exported = nodes.segments_to_array(annotation_node, [by_label[v] for v in labels], ct_node)
     out = np.zeros(exported.shape, np.uint8)
     for index, value in enumerate(labels, start=1):
         out[exported == index] = value
@@ -142,9 +142,8 @@ class AddedCase:
     pixels: Dict[str, int]
 
 
-def _safe_id(text: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")
-    return (cleaned or "case")[:48]
+def _safe_name(text: str) -> str:
+    return safe_name(text, fill="-", max_length=48)
 
 
 def _read_rows(manifest: Path) -> List[Dict[str, str]]:
@@ -173,17 +172,7 @@ def _scan_key(ct_name: str, hu: np.ndarray) -> str:
     """The same CT gives the same scan name, whatever its node is called later: cases
     of one scan stay on one side of the held-out split."""
     digest = hashlib.sha256(np.ascontiguousarray(hu).tobytes()).hexdigest()[:10]
-    return f"{_safe_id(ct_name)}-{digest}"
-
-
-def _write_volume(array: np.ndarray, geometry: Any, path: Path) -> None:
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(tuple(float(v) for v in geometry.spacing))
-    image.SetOrigin(tuple(float(v) for v in geometry.origin))
-    image.SetDirection(tuple(float(v) for v in geometry.direction))
-    sitk.WriteImage(image, str(path), True)
+    return f"{_safe_name(ct_name)}-{digest}"
 
 
 def add_case(folder: PathLike, ct_node: Any, annotation_node: Any, lung_mask_node: Any = None,
@@ -197,14 +186,15 @@ def add_case(folder: PathLike, ct_node: Any, annotation_node: Any, lung_mask_nod
     case id is ``case_id`` or the CT's name, made unique against the manifest and the
     folder. Refuses (InputError, nothing written) an annotation with nothing painted.
     """
-    from . import mrml
+    from . import nodes
+    from ..imaging.images import write_array
 
     root = Path(folder)
     if not str(folder).strip():
         raise InputError("choose a training folder first")
     if root.exists() and not root.is_dir():
         raise InputError(f"the training folder is a file: {root}")
-    hu, geometry = mrml.volume_array_and_geometry(ct_node)
+    hu, geometry = nodes.volume_array_and_geometry(ct_node)
     if annotation_node is not None and not annotation_fits_input(annotation_node, ct_node):
         raise InputError(f"'{annotation_node.GetName()}' holds annotations of the CT "
                          f"'{annotated_volume(annotation_node).GetName()}', not of '{ct_node.GetName()}': choose "
@@ -215,13 +205,13 @@ def add_case(folder: PathLike, ct_node: Any, annotation_node: Any, lung_mask_nod
                          "you see on a few slices (Segment Editor), then add the case")
     mask = None
     if lung_mask_node is not None:
-        mask = mrml.lung_mask_from_node(lung_mask_node, ct_node, lung_segment_ids)
+        mask = nodes.lung_mask_from_node(lung_mask_node, ct_node, lung_segment_ids)
     root.mkdir(parents=True, exist_ok=True)
     (root / CASES_FOLDER).mkdir(exist_ok=True)
     manifest = root / MANIFEST_NAME
     rows = _read_rows(manifest)
     taken = {r.get("case_id", "") for r in rows}
-    base = _safe_id(case_id or ct_node.GetName())
+    base = _safe_name(case_id or ct_node.GetName())
     chosen, n = base, 1
     while chosen in taken or (root / CASES_FOLDER / chosen).exists():
         n += 1
@@ -230,10 +220,10 @@ def add_case(folder: PathLike, ct_node: Any, annotation_node: Any, lung_mask_nod
     staging = Path(tempfile.mkdtemp(prefix=f".{chosen}.", suffix=".part", dir=str(root / CASES_FOLDER)))
     final = root / CASES_FOLDER / chosen
     try:
-        _write_volume(hu, geometry, staging / "ct.nrrd")
+        write_array(hu, geometry, staging / "ct.nrrd")
         if mask is not None:
-            _write_volume(mask.astype(np.uint8), geometry, staging / "lung_mask.nrrd")
-        _write_volume(labels, geometry, staging / "annotation.nrrd")
+            write_array(mask.astype(np.uint8), geometry, staging / "lung_mask.nrrd")
+        write_array(labels, geometry, staging / "annotation.nrrd")
         os.chmod(staging, 0o777 & ~_umask())
         # A rename never replaces a non-empty folder: a case that appeared meanwhile stays.
         os.rename(staging, final)

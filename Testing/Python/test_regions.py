@@ -158,9 +158,9 @@ def test_depth_is_measured_from_the_chest_wall_not_the_mediastinum():
 
 def test_simulator_uses_the_same_depth_function():
     from ILDSegmentationLib.analysis import regions
-    from ILDSegmentationLib.simulation import simulate
-    assert simulate.inplane_distance is regions.inplane_distance
-    assert simulate.inside_chest_wall is regions.inside_chest_wall and simulate.slice_hulls is regions.slice_hulls
+    from ILDSegmentationLib.simulation import case
+    assert case.inplane_distance is regions.inplane_distance
+    assert case.inside_chest_wall is regions.inside_chest_wall and case.slice_hulls is regions.slice_hulls
 
 
 def test_table_rows_csv_and_panel(chest):

@@ -19,9 +19,9 @@ from scipy import ndimage
 from ILDSegmentationLib.errors import InputError, LungMaskError
 from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
 from ILDSegmentationLib.imaging.noise import estimate_noise
-from ILDSegmentationLib.simulation.simulate import (ANNOTATED_FRACTION_RANGE, CONSOLIDATION, GGO, HEALTHY, HONEYCOMBING,
-                                                    MICRONODULES, PATTERNS, RETICULATION, SimulationConfig,
-                                                    simulate_case)
+from ILDSegmentationLib.simulation.config import (ANNOTATED_FRACTION_RANGE, CONSOLIDATION, GGO, HEALTHY, HONEYCOMBING,
+                                                  MICRONODULES, PATTERNS, RETICULATION, SimulationConfig)
+from ILDSegmentationLib.simulation.simulate import simulate_case
 
 DATA = Path(os.environ.get("ILDSEG_TEST_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 RICORD = DATA / "ricord-000082" / "ricord-000082-5mm.nii.gz"

@@ -45,7 +45,7 @@ def test_finetune_lines_give_progress_and_an_upper_bound_of_the_remaining_time(m
 # ----------------------------------------------------------------------------------
 slicer = pytest.importorskip("slicer", reason="Slicer's MRML core is not importable (pip install slicer-core, "
                              "Python >= 3.10); inside Slicer the module's self-test runs the same code")
-from ILDSegmentationLib.slicer import mrml  # noqa: E402
+from ILDSegmentationLib.slicer import mrml, nodes  # noqa: E402
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
 from ILDSegmentationLib.errors import InputError  # noqa: E402
 from ILDSegmentationLib.terminology import terminology_entry  # noqa: E402
@@ -113,7 +113,7 @@ def test_segments_painted_by_hand_are_matched_by_name(env):
     labels = np.zeros(CT_SHAPE, np.uint8)
     labels[30:34, 20:24, 2] = 1
     labels[40:44, 20:24, 3] = 2
-    image = mrml._labelmap_node_like(labels, mrml.ijk_to_ras_matrix(ct))
+    image = mrml._labelmap_node_like(labels, nodes.ijk_to_ras_matrix(ct))
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, node)
     segmentation = node.GetSegmentation()
     ids = mrml.segment_ids_of(node)
@@ -137,7 +137,7 @@ def test_add_case_writes_a_case_the_training_cli_reads(env, tmp_path):
     (case,) = read_manifest(folder / "manifest.csv")
     assert case.case_id == added.case_id == "CT"
     read = read_ct(case.ct)
-    hu, geometry = mrml.volume_array_and_geometry(ct)
+    hu, geometry = nodes.volume_array_and_geometry(ct)
     assert np.array_equal(read.array, hu)
     np.testing.assert_allclose(read.geometry.direction, geometry.direction, atol=1e-6)
     labels = read_annotation(case.annotation, read.geometry, read.array.shape, case.where())
