@@ -1,0 +1,1 @@
+"""analysis subpackage (see the layout of issue 26)."""

@@ -1,0 +1,1 @@
+"""commands subpackage (see the layout of issue 26)."""

@@ -1,0 +1,1 @@
+"""imaging subpackage (see the layout of issue 26)."""

@@ -1,0 +1,1 @@
+"""simulation subpackage (see the layout of issue 26)."""
