@@ -326,6 +326,8 @@ def add_parser(sub: Any, add_run_options: Any, add_common: Any) -> None:
     p.add_argument("--force", action="store_true",
                    help="compare even when the lungs do not match after registration (different patients?), "
                         "with a warning in change.json")
+    p.add_argument("--progress-lines", action="store_true",
+                   help="print progress as lines 'ildseg-progress FRACTION MESSAGE' (for the Slicer module)")
     add_run_options(p)
     add_common(p)
 
@@ -333,8 +335,12 @@ def add_parser(sub: Any, add_run_options: Any, add_common: Any) -> None:
 def cmd_compare(args: Any) -> int:
     import sys
     from ..analysis.change import format_change
-    from ..cli import _Progress
-    bar = _Progress(args.quiet)
+    if args.progress_lines:
+        from ..background import ProgressLines
+        bar = ProgressLines()
+    else:
+        from ..cli import _Progress
+        bar = _Progress(args.quiet)
     try:
         summary = compare_files(args.baseline, args.followup, args.out, baseline_mask=args.baseline_mask,
                                 followup_mask=args.followup_mask, baseline_labels=args.baseline_labels,

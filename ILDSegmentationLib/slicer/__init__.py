@@ -1,0 +1,1 @@
+"""slicer subpackage (see the layout of issue 26)."""
