@@ -64,7 +64,7 @@ def render_change_report(baseline_hu: np.ndarray, baseline_labels: np.ndarray, f
     for r, z in enumerate(slices):
         for col, (img, title) in enumerate(((blend(c[0][z], c[1][z]), "baseline"),
                                             (blend(c[2][z], c[3][z]), "follow-up, registered"),
-                                            (_change_rgb(c[0][z], c[4][z]), "change (red new, green resolved)"))):
+                                            (_change_rgb(c[0][z], c[4][z]), "change (red new, green resolved, yellow same pattern)"))):
             ax = fig.add_subplot(grid[r, col])
             ax.imshow(img, extent=extent, interpolation="nearest")
             ax.set_axis_off()
