@@ -215,6 +215,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
     labels: Dict[str, np.ndarray] = {}
     checks: Dict[str, List[Dict[str, str]]] = {}
     sources: Dict[str, str] = {}
+    measures: Dict[str, Dict[str, Any]] = {}
     loaded = None
     for n, k in enumerate(SCANS):
         ct_path, mask, given = inputs[k]
@@ -239,6 +240,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
             written += [names[f"{k}_labels"], names[f"{k}_report"]]
             labels[k] = read_labels(names[f"{k}_labels"], cts[k], k)
             checks[k] = report["input_checks"]
+            measures[k] = report  # its class volumes and regions, as scan_measures computes them
             sources[k] = f"segmented: {names[f'{k}_labels']} (model {report['model']['name']})"
         timings[f"{k}_segment"] = round(time.perf_counter() - t, 2)
 
@@ -261,7 +263,9 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
     t = time.perf_counter()
     warped = sitk.GetArrayFromImage(warp_labels(f_lab, b_img, reg.transform))
     cmap = change_map(labels["baseline"], warped)
-    measures = {k: scan_measures(labels[k], cts[k].geometry, band_mm) for k in SCANS}
+    for k in SCANS:
+        if k not in measures:
+            measures[k] = scan_measures(labels[k], cts[k].geometry, band_mm)
     summary: Dict[str, Any] = {"ildseg_version": __version__, "baseline": {"ct": str(inputs["baseline"][0])},
                                "followup": {"ct": str(inputs["followup"][0])}}
     for k in SCANS:

@@ -25,6 +25,8 @@ import SimpleITK as sitk
 from ..geometry import Geometry
 from ..simulate import HONEYCOMBING, RETICULATION, SimulationConfig, simulate_case
 
+FIBROTIC = (RETICULATION, HONEYCOMBING)
+
 #: What the progression adds: fibrosis only (reticulation, honeycombing), about 3
 #: regions of each per litre of lung, none of the other patterns.
 PROGRESSION_CONFIG = SimulationConfig(regions_per_litre=(0.0, 0.0, 0.0, 3.0, 3.0), min_regions_per_pattern=0,
@@ -83,13 +85,17 @@ def moved_scan(ct: sitk.Image, grid: sitk.Image, transform: sitk.Transform,
 class ProgressedCase:
     """A baseline and a follow-up with known labels. ``baseline_ct``/``followup_ct``:
     SimpleITK images (HU); ``*_truth``: K, J, I label maps (0 outside the lung, 1..6)
-    on each scan's grid; ``baseline_lung``: the baseline's lung mask (1 right, 2 left)."""
+    on each scan's grid; ``baseline_lung``: the baseline's lung mask (1 right, 2 left).
+    ``true_fibrotic_change_pp``: the fibrotic extent (reticulation + honeycombing, percent
+    of the lung) of the follow-up's truth minus the baseline's, both on the baseline grid
+    before the motion: the answer a comparison should find."""
 
     baseline_ct: sitk.Image
     baseline_truth: np.ndarray
     baseline_lung: np.ndarray
     followup_ct: sitk.Image
     followup_truth: np.ndarray
+    true_fibrotic_change_pp: float
 
 
 def progressed_followup(ct: sitk.Image, lung_mask: Optional[np.ndarray] = None, *, seed: int = 0,
@@ -114,6 +120,9 @@ def progressed_followup(ct: sitk.Image, lung_mask: Optional[np.ndarray] = None, 
     follow_img.CopyInformation(ct)
     moved, moved_truth = moved_scan(follow_img, grid if grid is not None else ct,
                                     transform if transform is not None else sitk.Transform(), follow_truth)
-    return ProgressedCase(base_img, base.truth, base.lung_mask, moved, moved_truth)
+    lung = max(int(np.count_nonzero(base.truth)), 1)
+    change = 100.0 * (np.count_nonzero(np.isin(follow_truth, FIBROTIC))
+                      - np.count_nonzero(np.isin(base.truth, FIBROTIC))) / lung
+    return ProgressedCase(base_img, base.truth, base.lung_mask, moved, moved_truth, float(change))
 
 
