@@ -88,12 +88,13 @@ def _write(array, reference, path):
 
 @pytest.fixture(scope="module")
 def z015(tmp_path_factory):
-    """The slab, its lung mask, and the slab moved (3 degrees, 4 mm) and resampled."""
+    """The slab, its lung mask, and the slab moved (2.5 degrees, 4 mm) and resampled."""
     from ILDSegmentationLib.simulation.followup import motion, moved_scan
     full, grid, first, count, base = _slab(Z015)
     d = tmp_path_factory.mktemp("z015")
     sitk.WriteImage(base, str(d / "baseline.nrrd"), True)
-    moved = moved_scan(full, grid, motion(full, (2.0, 1.0, 3.0), (3.0, -2.0, 4.0)))[0]
+    # Not one of the motions bench/compare_mdc.py calibrated the minimum detectable change on.
+    moved = moved_scan(full, grid, motion(full, (-1.5, 2.5, 2.0), (-2.0, 4.0, 3.0)))[0]
     sitk.WriteImage(moved, str(d / "moved.nrrd"), True)
     lung = _lung(base)
     _write(lung != 0, base, d / "baseline_mask.nrrd")
@@ -180,3 +181,21 @@ def test_mismatched_inputs_are_refused_in_one_line(z015, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == ["ildseg: error: the baseline and the follow-up are the same file"]
     assert not (tmp_path / "o2").exists()
+
+
+def test_pair_checks_warn_about_thickness_and_position(dicom_dir):
+    """A follow-up with other slices (8 mm DICOM vs 5 mm NRRD) and a prone follow-up are
+    warned about; the scanner and kernel are not claimed for a file without tags."""
+    from ILDSegmentationLib.commands.compare import _position_check, pair_checks
+    from ILDSegmentationLib.io import read_ct
+    cts = {"baseline": read_ct(_need(Z015)), "followup": read_ct(dicom_dir)}
+    checks = {c["check"]: c for c in pair_checks(cts)}
+    assert checks["slice_thickness"]["status"] == "warning" and "8 mm" in checks["slice_thickness"]["detail"]
+    assert checks["scanner"]["status"] == "ok" and "not recorded" in checks["scanner"]["detail"]
+    same = pair_checks({"baseline": cts["followup"], "followup": cts["followup"]})
+    assert all(c["status"] == "ok" for c in same)
+    assert any("SIEMENS" in c["detail"].upper() for c in same if c["check"] == "scanner")
+    supine = [{"check": "patient_position", "status": "ok", "detail": "head first, supine (DICOM)"}]
+    prone = [{"check": "patient_position", "status": "ok", "detail": "head first, prone (DICOM)"}]
+    assert _position_check({"baseline": supine, "followup": prone})["status"] == "warning"
+    assert _position_check({"baseline": supine, "followup": supine})["status"] == "ok"
