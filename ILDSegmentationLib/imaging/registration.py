@@ -15,6 +15,8 @@ whole chest to about 100^3 voxels and the registration to seconds on one core:
 3. **Deformable** (a B-spline of about ``bspline_mm`` control-point spacing), on the CT
    (HU clipped to [-1000, 0]) within the baseline lung grown by 10 mm, correlation
    metric (insensitive to the global density change of a different inspiration).
+   New disease also changes the attenuation; the step is kept only when it does not
+   lower the lungs' overlap (:data:`DEFORMABLE_DICE_SLACK`), else the affine result is used.
 
 Quality (:class:`Registration`): the Dice overlap of the two lung masks after the
 affine stage and after the deformable one, the ratio of the lung volumes, and the
@@ -43,6 +45,8 @@ MIN_LUNG_CORRELATION = 0.70
 DEFAULT_GRID_MM = 4.0
 #: Default B-spline control-point spacing (mm) of the deformable stage.
 DEFAULT_BSPLINE_MM = 60.0
+#: The deformable stage is dropped when it lowers the lung Dice by more than this.
+DEFORMABLE_DICE_SLACK = 0.005
 #: Share of the binned voxels the deformable stage's metric samples.
 DEFORMABLE_SAMPLING = 0.1
 
@@ -163,6 +167,7 @@ def register_lungs(baseline_ct: sitk.Image, baseline_lung: sitk.Image, followup_
     affine_dice = _dice(fixed_np, warped)
 
     transform: sitk.Transform = affine
+    notes: Dict[str, Any] = {}
     f_ct = _bin(sitk.Clamp(sitk.Cast(baseline_ct, sitk.sitkFloat32), sitk.sitkFloat32, -1000.0, 0.0), grid_mm)
     m_ct = _bin(sitk.Clamp(sitk.Cast(followup_ct, sitk.sitkFloat32), sitk.sitkFloat32, -1000.0, 0.0), grid_mm)
     region = sitk.BinaryDilate(sitk.Cast(f_mask > 0.5, sitk.sitkUInt8),
@@ -182,8 +187,18 @@ def register_lungs(baseline_ct: sitk.Image, baseline_lung: sitk.Image, followup_
         reg.SetInitialTransform(bspline, inPlace=True)
         reg.Execute(f_ct, m_ct)
         # A point of the baseline goes through the B-spline, then the affine.
-        transform = sitk.CompositeTransform([affine, bspline])
-        warped = sitk.GetArrayFromImage(sitk.Resample(m_mask, f_mask, transform, sitk.sitkLinear, 0.0))
+        composite = sitk.CompositeTransform([affine, bspline])
+        warped_d = sitk.GetArrayFromImage(sitk.Resample(m_mask, f_mask, composite, sitk.sitkLinear, 0.0))
+        deformable_dice = _dice(fixed_np, warped_d)
+        notes["deformable_dice"] = round(deformable_dice, 4)
+        # New disease changes the attenuation the correlation metric follows and can pull
+        # the B-spline off the anatomy; it is kept only when the lungs overlap at least
+        # as well as after the affine stage.
+        if deformable_dice >= affine_dice - DEFORMABLE_DICE_SLACK:
+            transform, warped = composite, warped_d
+        else:
+            notes["deformable_rejected"] = "it lowered the lung overlap; the affine registration is used"
+            deformable = False
     dice = _dice(fixed_np, warped)
 
     # Attenuation agreement inside the lung: vessels and fissures line up in the same
@@ -200,7 +215,7 @@ def register_lungs(baseline_ct: sitk.Image, baseline_lung: sitk.Image, followup_
                         lung_correlation=None if corr is None or not np.isfinite(corr) else corr,
                         affine_matrix=tuple(affine.GetMatrix()),
                         affine_translation_mm=tuple(affine.GetTranslation()), deformable=deformable,
-                        grid_mm=grid_mm, seconds=time.perf_counter() - t0)
+                        grid_mm=grid_mm, seconds=time.perf_counter() - t0, notes=notes)
 
 
 def warp_labels(labels: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> sitk.Image:
