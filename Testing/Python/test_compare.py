@@ -199,3 +199,21 @@ def test_pair_checks_warn_about_thickness_and_position(dicom_dir):
     prone = [{"check": "patient_position", "status": "ok", "detail": "head first, prone (DICOM)"}]
     assert _position_check({"baseline": supine, "followup": prone})["status"] == "warning"
     assert _position_check({"baseline": supine, "followup": supine})["status"] == "ok"
+
+
+def test_an_earlier_segment_output_folder_is_found(tmp_path):
+    """--baseline-labels DIR: the labels its report.json names (a batch case folder), else
+    its one .seg.nrrd; a folder with neither is refused in one line."""
+    from ILDSegmentationLib.commands.compare import _labels_path
+    case = tmp_path / "case1"
+    case.mkdir()
+    (case / "labels.seg.nrrd").write_bytes(b"")
+    (case / "report.json").write_text(json.dumps({"outputs": {"labels": "elsewhere/labels.seg.nrrd"},
+                                                  "input_checks": []}))
+    path, report = _labels_path(case)
+    assert path == case / "labels.seg.nrrd" and report["input_checks"] == []
+    (case / "report.json").unlink()
+    assert _labels_path(case) == (case / "labels.seg.nrrd", None)
+    (case / "other.seg.nrrd").write_bytes(b"")
+    with pytest.raises(InputError, match="no labels found"):
+        _labels_path(case)
