@@ -80,7 +80,7 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                "load_1min": round(os.getloadavg()[0], 2), "python": platform.python_version(),
                "threads": os.environ.get("OMP_NUM_THREADS")}
-    print("machine:", machine)
+    print("machine:", machine)  # platform.processor() is often empty: see /proc/cpuinfo
     model = load_model(args.model)
     print(f"model: {model.info.name} ({model.sha256[:12]})")
     work = Path(tempfile.mkdtemp(prefix="compare-mdc-"))
