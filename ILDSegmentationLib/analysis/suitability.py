@@ -64,7 +64,7 @@ GRAVITY_GRADIENT_HU = 10.0
 TAGS = {
     "slice_thickness": "0018|0050", "kernel": "0018|1210", "contrast_agent": "0018|0010",
     "contrast_route": "0018|1040", "position": "0018|5100", "series_description": "0008|103e",
-    "protocol": "0018|1030", "manufacturer": "0008|0070",
+    "protocol": "0018|1030", "manufacturer": "0008|0070", "model": "0008|1090",
 }
 POSITIONS = {
     "HFS": "head first, supine", "FFS": "feet first, supine", "HFP": "head first, prone",

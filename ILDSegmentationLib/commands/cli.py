@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(seg)
     _add_common(seg)
 
+    from .compare import add_parser as add_compare_parser
+    add_compare_parser(sub, _add_run_options, _add_common)
+
     demo = sub.add_parser("demo", help="run the whole path on a built-in synthetic chest CT (no input needed)")
     demo.add_argument("--out", default="ildseg-demo", metavar="DIR", help="output folder (default: ./ildseg-demo)")
     _add_run_options(demo)
@@ -273,8 +276,9 @@ def cmd_architecture(args: argparse.Namespace) -> int:
 def _commands() -> dict:
     from ..training.commands import COMMANDS as training_commands
     from .bench import run as cmd_bench
+    from .compare import cmd_compare
     return {"segment": cmd_segment, "demo": cmd_demo, "architecture": cmd_architecture, "bench": cmd_bench,
-            **training_commands}
+            "compare": cmd_compare, **training_commands}
 
 
 def _one_line(message: str, limit: int = 0) -> str:
@@ -306,6 +310,8 @@ def _interrupted_note(args: Optional[argparse.Namespace]) -> str:
         if checkpoint.exists():
             return f"; finished epochs are kept in {checkpoint}: rerun with --resume to continue"
         return "; no epoch had finished, nothing to resume"
+    if command == "compare":
+        return "; no output was written"
     if command == "simulate":
         return "; no case was written"
     return ""
@@ -329,6 +335,9 @@ def set_process_defaults() -> None:
 
 #: Input path options of the commands: attribute -> (what it is, may be a DICOM folder).
 _INPUT_PATHS = {"ct": ("CT", True), "lung_mask": ("lung mask", True), "model": ("model file", False),
+                "baseline": ("baseline CT", True), "followup": ("follow-up CT", True),
+                "baseline_mask": ("lung mask", True), "followup_mask": ("lung mask", True),
+                "baseline_labels": ("labels", True), "followup_labels": ("labels", True),
                 "init": ("model file", False), "manifest": ("manifest", False), "split": ("folds file", False)}
 #: Output path options (files or folders): a path the system cannot even look up is refused up front.
 _OUTPUT_PATHS = ("output", "out", "report", "probabilities", "overlay", "confusion", "json", "dicom_seg", "out_dir",
