@@ -62,8 +62,8 @@ def add_engine_arguments(p: Any) -> None:
                    help="with --engine ray: number of workers (default: one per GPU of the cluster, else one per "
                         "CPU node, or node CPUs / --cpus-per-worker per node)")
     p.add_argument("--cpus-per-worker", type=int, metavar="C",
-                   help="with --engine ray on CPUs: CPU cores (torch threads) of each worker (default: all of a "
-                        "node's cores, or the cluster's shared evenly among --workers)")
+                   help="with --engine ray on CPUs: CPU cores (torch threads) of each worker (default: all the cores "
+                        "of the smallest node, or the cluster's shared evenly among --workers)")
     p.add_argument("--ray-address", metavar="ADDRESS",
                    help="with --engine ray: the cluster to connect to (host:port, or 'auto' for the one started "
                         "with 'ray start' on this machine); default: $RAY_ADDRESS, else a new local cluster for "
