@@ -313,7 +313,7 @@ def run_ray_batch(cases: Sequence[BatchCase], out_dir: Path, *, names: OutputNam
         todo = collections.deque(range(len(cases)))
         idle = list(actors)
         deaths = {id(a): 0 for a in actors}
-        running: Dict[Any, Any] = {}  # object ref -> (actor, case index)
+        running: Dict[Any, Any] = {}  # object ref -> (actor, case index, or None for a restarted worker's check)
         out = str(out_dir)
         while todo or running:
             while idle and todo:
@@ -326,19 +326,33 @@ def run_ray_batch(cases: Sequence[BatchCase], out_dir: Path, *, names: OutputNam
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
                 actor, index = running.pop(ref)
+                if index is None:  # a restarted worker's check: back with its model, or let go
+                    try:
+                        ray.get(ref)
+                        idle.append(actor)
+                    except RayError:
+                        deaths[id(actor)] = MAX_DEATHS_IN_A_ROW
+                    continue
                 case = cases[index]
                 try:
                     outcome = ray.get(ref)
                     deaths[id(actor)] = 0
+                    idle.append(actor)
                 except RayActorError as e:
                     # The worker process died on this case (killed for memory, a crash): the case
-                    # fails, Ray restarts the worker. A worker that keeps dying is let go.
+                    # fails and Ray restarts the worker. Calls to a restarting worker fail at once,
+                    # so it gets cases again once a check (retried through the restart) came back.
+                    # A worker that keeps dying is let go.
                     outcome = CaseOutcome(case, "failed", error=f"the Ray worker died while segmenting it "
-                                                                f"({_worker_error(e)})")
+                                                                f"({type(e).__name__}: out of memory, killed or "
+                                                                "crashed; the worker's log in Ray's session folder "
+                                                                "says which)")
                     deaths[id(actor)] += 1
+                    if deaths[id(actor)] < MAX_DEATHS_IN_A_ROW:
+                        check = actor.ready.options(max_task_retries=MAX_DEATHS_IN_A_ROW).remote(shipment)
+                        running[check] = (actor, None)
                 except RayError as e:
                     outcome = CaseOutcome(case, "failed", error=_one_line(f"Ray: {_worker_error(e)}", 300))
-                if deaths[id(actor)] < MAX_DEATHS_IN_A_ROW:
                     idle.append(actor)
                 finished[index] = outcome
                 save()

@@ -163,6 +163,7 @@ def test_ray_batch_killed_midway_then_rerun_writes_what_the_serial_batch_writes(
     failed = [line for line in r.stderr.splitlines() if "failed" in line]
     assert len(failed) == 1 and failed[0].startswith("ildseg: case broken failed: "), r.stderr
     assert f"4 cases: {3 - len(complete)} done, {len(complete)} already done (skipped), 1 failed" in r.stdout
+    assert "4/4 finished (" in r.stderr and "0 left, ETA 00:00:00" in r.stderr  # the progress lines
     # Complete cases were not touched (outputs are written by rename: a rewrite is a new inode).
     assert {c: (out / c / "labels.seg.nrrd").stat().st_ino for c in complete} == inodes
     assert not (out / "broken").exists()
@@ -175,6 +176,52 @@ def test_ray_batch_killed_midway_then_rerun_writes_what_the_serial_batch_writes(
     for r in rows:  # the serial batch did them all: only the status says which run did what
         r["status"] = "failed" if r["case_id"] == "broken" else "done"
     _same_table(rows, reference)
+
+
+def _running_case_workers():
+    """Processes of Ray actors of this batch now running a case: Ray names them
+    'ray::CaseWorker.run' while the method runs."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::CaseWorker.run"):
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc (Linux)")
+def test_a_worker_killed_on_a_case_fails_that_case_alone_and_the_batch_goes_on(slabs, ray_cluster, tmp_path):
+    """The worker process is killed (SIGKILL, as the kernel's out-of-memory killer does)
+    while it segments the first case: that case fails, named, Ray restarts the worker
+    and the second case is done (exit 3); a rerun redoes only the killed case."""
+    out = tmp_path / "out"
+    args = ["segment", slabs[0], slabs[1], "--out-dir", out, "--device", "cpu", "--engine", "ray",
+            "--workers", "1", "--cpus-per-worker", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "ILDSegmentationLib", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(RAY_ADDRESS=ray_cluster))
+    try:
+        end, killed = time.monotonic() + 300, None
+        while killed is None and time.monotonic() < end and proc.poll() is None:
+            pids = _running_case_workers()
+            if pids:
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.1)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "no worker was seen running a case"
+    assert proc.returncode == 3, stderr
+    failed = [line for line in stderr.splitlines() if "failed" in line]
+    assert len(failed) == 1 and failed[0].startswith(f"ildseg: case {CASE_IDS[0]} failed: the Ray worker died "
+                                                     "while segmenting it"), stderr
+    assert [(r["case_id"], r["status"]) for r in _summary(out)] == [(CASE_IDS[0], "failed"), (CASE_IDS[1], "done")]
+    assert not (out / CASE_IDS[0] / "report.json").exists()
+    r = ildseg(*args, env=_env(RAY_ADDRESS=ray_cluster))
+    assert r.returncode == 0 and "2 cases: 1 done, 1 already done (skipped), 0 failed" in r.stdout, r.stderr
 
 
 def test_ray_engine_without_ray_says_how_to_install_it(slabs, tmp_path):
