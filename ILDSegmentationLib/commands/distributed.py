@@ -11,9 +11,10 @@ multi-node cluster DIR and the CTs must be on a file system every node sees (the
 paths are used as given). The driver alone writes ``DIR/summary.csv`` (cases in the
 order given, rewritten as cases finish), so a killed run resumes as the serial one.
 
-Workers: one per GPU when the cluster has GPUs (and ``--device`` allows them), else
-one per CPU node using all of its CPUs, or ``node CPUs // --cpus-per-worker`` per
-node; ``--workers N`` asks for N (sharing the cluster's CPUs, or GPUs, evenly).
+Workers (:func:`plan_workers`): one per GPU when the cluster has GPUs (and ``--device``
+allows them), else one per CPU node with as many cores as the smallest node has, or
+``node CPUs // --cpus-per-worker`` per node; ``--workers N`` asks for N (sharing the
+cluster's CPUs, or GPUs, evenly).
 A worker process that dies (killed for memory, a crash) fails the case it held; Ray
 restarts it and the batch goes on. Ray is imported only here, only when asked for.
 """
@@ -120,7 +121,9 @@ def plan_workers(node_resources: Sequence[Dict[str, float]], *, workers: Optiona
     if total_gpus > 0 and device in ("auto", "cuda"):
         n = workers if workers is not None else int(total_gpus)
         gpu_each = min(1.0, _floor4(total_gpus / n))
-        return WorkerPlan(n, min(1.0, _floor4(total_cpus / n)), gpu_each)
+        # The CPU's part of a case (reading, lung mask) runs in one thread unless asked otherwise.
+        cpu_each = float(cpus_per_worker) if cpus_per_worker is not None else min(1.0, _floor4(total_cpus / n))
+        return WorkerPlan(n, cpu_each, gpu_each)
     if device == "cuda":
         raise InputError("--device cuda: the Ray cluster has no GPU (ray status lists its resources)")
     if cpus_per_worker is not None:

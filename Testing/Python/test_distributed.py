@@ -258,6 +258,8 @@ def test_plan_workers_from_the_cluster_resources():
     assert plan_workers([{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 2}]).workers == 6
     assert plan_workers([{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 2}]).num_gpus == 1
     assert plan_workers([{"CPU": 8, "GPU": 1}], workers=4).num_gpus == 0.25
+    assert plan_workers([{"CPU": 8, "GPU": 2}]).num_cpus == 1  # the CPU's part of a case: one thread,
+    assert plan_workers([{"CPU": 8, "GPU": 2}], cpus_per_worker=4).num_cpus == 4  # unless asked
     # --device cpu leaves the GPUs alone.
     assert plan_workers([{"CPU": 8, "GPU": 1}], device="cpu").num_gpus == 0
     # CPU nodes: one worker per node with all the smallest node's cores, or C cores each.
