@@ -288,7 +288,12 @@ def summary_row(outcome: CaseOutcome) -> Dict[str, Any]:
 
 def write_summary(path: Path, outcomes: Sequence[CaseOutcome]) -> Path:
     """summary.csv through a temporary name: a reader never sees half a table."""
-    rows = [summary_row(o) for o in outcomes]
+    return write_summary_rows(path, [summary_row(o) for o in outcomes])
+
+
+def write_summary_rows(path: Path, rows: Sequence[Dict[str, Any]]) -> Path:
+    """Rows of :func:`summary_row` (or read back from summary files) as summary.csv,
+    columns in the one order every summary uses, through a temporary name."""
     columns: List[str] = []
     for r in rows:  # the fixed columns first, then any descriptor in first-seen order
         columns += [k for k in r if k not in columns]
@@ -321,13 +326,65 @@ class OutputNames:
         return [n for n in named if n]
 
 
+def process_case(case: BatchCase, out_dir: PathLike, *, names: OutputNames, model: Any, overwrite: bool = False,
+                 segment_options: Optional[Dict[str, Any]] = None,
+                 progress: Optional[Callable[[BatchCase, float, str], None]] = None) -> CaseOutcome:
+    """One case of a batch into ``out_dir/<case_id>/``: skipped when an earlier run
+    completed it (unless ``overwrite``), else segmented with the loaded ``model``.
+
+    Every engine runs each case through this function (the serial loop below, and
+    each Ray worker of commands/distributed.py), so their outputs and resuming are
+    the same. A case's failure (a user error, an OS error, or a bug) comes back as a
+    "failed" outcome with a one-line error; a KeyboardInterrupt propagates."""
+    from ..analysis.pipeline import segment_file
+    from ..imaging.paths import os_error_message
+    case_dir = Path(out_dir) / case.case_id
+    t0 = time.perf_counter()
+    outcome: CaseOutcome
+    created = False
+    try:
+        done = None if overwrite else completed_report(case, case_dir, names.all())
+        if done is not None:
+            outcome = CaseOutcome(case, "skipped", report=done)
+        else:
+            created = not case_dir.exists()
+            case_dir.mkdir(exist_ok=True)
+            # Until the new report is written, the folder does not count as done.
+            with contextlib.suppress(FileNotFoundError):
+                (case_dir / names.report).unlink()
+            case_progress = None if progress is None else (lambda f, m, c=case: progress(c, f, m))
+            report = segment_file(
+                case.ct, case_dir / names.labels, lung_mask=case.lung_mask, model=model,
+                report=case_dir / names.report,
+                dicom_seg=case_dir / names.dicom_seg if names.dicom_seg else None,
+                overlay=case_dir / names.overlay if names.overlay else None,
+                probabilities=case_dir / names.probabilities if names.probabilities else None,
+                **{keyword: case_dir / name for keyword, name in names.extra.items()},
+                progress=case_progress, **(segment_options or {}))
+            outcome = CaseOutcome(case, "done", report=report)
+    except ILDSegError as e:
+        outcome = CaseOutcome(case, "failed", error=_one_line(str(e)))
+    except OSError as e:
+        outcome = CaseOutcome(case, "failed", error=_one_line(os_error_message(e)))
+    except Exception as e:  # a bug on one case's data: reported, the batch goes on
+        outcome = CaseOutcome(case, "failed", error=_one_line(f"internal error: {type(e).__name__}: {e}", 300))
+    finally:
+        if created and case_dir.is_dir() and not any(case_dir.iterdir()):
+            with contextlib.suppress(OSError):
+                case_dir.rmdir()  # nothing half-written: a failed new case leaves no folder
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
 def run_batch(cases: Sequence[BatchCase], out_dir: PathLike, *, names: Optional[OutputNames] = None,
               model: Any = None, overwrite: bool = False,
               segment_options: Optional[Dict[str, Any]] = None,
               on_case: Optional[Callable[[CaseOutcome, int, int], None]] = None,
-              progress: Optional[Callable[[BatchCase, float, str], None]] = None) -> BatchResult:
+              progress: Optional[Callable[[BatchCase, float, str], None]] = None,
+              summary_name: str = SUMMARY_NAME) -> BatchResult:
     """Segment every case into ``out_dir/<case_id>/`` with one loaded ``model`` (a
-    :class:`~ILDSegmentationLib.engine.modelfile.LoadedModel`; None loads the bundled one, once).
+    :class:`~ILDSegmentationLib.engine.modelfile.LoadedModel`; None loads the bundled one, once), one after
+    another (:func:`process_case`).
 
     ``segment_options``: passed to :func:`~ILDSegmentationLib.analysis.pipeline.segment_file` for every case
     (device, max_memory_mb, pixel_spacing, ...). ``on_case(outcome, index, total)`` is
@@ -335,50 +392,15 @@ def run_batch(cases: Sequence[BatchCase], out_dir: PathLike, *, names: Optional[
     case's failure (a user error, an OS error, or a bug) is caught and recorded; a
     KeyboardInterrupt stops the batch (finished cases stay complete and listed)."""
     from ..engine import modelfile
-    from ..imaging.paths import os_error_message
-    from ..analysis.pipeline import segment_file
     names = names or OutputNames()
     check_unique(cases)
     out = Path(out_dir)
     if model is None:
         model = modelfile.load_model()
-    result = BatchResult(summary=out / SUMMARY_NAME)
+    result = BatchResult(summary=out / summary_name)
     for index, case in enumerate(cases):
-        case_dir = out / case.case_id
-        t0 = time.perf_counter()
-        outcome: CaseOutcome
-        created = False
-        try:
-            done = None if overwrite else completed_report(case, case_dir, names.all())
-            if done is not None:
-                outcome = CaseOutcome(case, "skipped", report=done)
-            else:
-                created = not case_dir.exists()
-                case_dir.mkdir(exist_ok=True)
-                # Until the new report is written, the folder does not count as done.
-                with contextlib.suppress(FileNotFoundError):
-                    (case_dir / names.report).unlink()
-                case_progress = None if progress is None else (lambda f, m, c=case: progress(c, f, m))
-                report = segment_file(
-                    case.ct, case_dir / names.labels, lung_mask=case.lung_mask, model=model,
-                    report=case_dir / names.report,
-                    dicom_seg=case_dir / names.dicom_seg if names.dicom_seg else None,
-                    overlay=case_dir / names.overlay if names.overlay else None,
-                    probabilities=case_dir / names.probabilities if names.probabilities else None,
-                    **{keyword: case_dir / name for keyword, name in names.extra.items()},
-                    progress=case_progress, **(segment_options or {}))
-                outcome = CaseOutcome(case, "done", report=report)
-        except ILDSegError as e:
-            outcome = CaseOutcome(case, "failed", error=_one_line(str(e)))
-        except OSError as e:
-            outcome = CaseOutcome(case, "failed", error=_one_line(os_error_message(e)))
-        except Exception as e:  # a bug on one case's data: reported, the batch goes on
-            outcome = CaseOutcome(case, "failed", error=_one_line(f"internal error: {type(e).__name__}: {e}", 300))
-        finally:
-            if created and case_dir.is_dir() and not any(case_dir.iterdir()):
-                with contextlib.suppress(OSError):
-                    case_dir.rmdir()  # nothing half-written: a failed new case leaves no folder
-        outcome.seconds = time.perf_counter() - t0
+        outcome = process_case(case, out, names=names, model=model, overwrite=overwrite,
+                               segment_options=segment_options, progress=progress)
         result.outcomes.append(outcome)
         write_summary(result.summary, result.outcomes)
         if on_case is not None:
@@ -430,11 +452,23 @@ def run_batch_command(args: Any) -> int:
     if not cases:
         raise InputError("no CT given: name CT paths, a folder of series, or --manifest cases.csv")
     check_unique(cases)
+    # How the batch runs (commands/distributed.py, commands/shards.py): checked before any work.
+    from . import distributed, shards
+    distributed.check_engine_arguments(args)
+    engine = getattr(args, "engine", "local")
+    if engine == "ray":
+        distributed.import_ray()
+    shard = shards.parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
     out = Path(args.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise InputError(f"--out-dir {out} is a file, not a folder") from None
+    summary_name = SUMMARY_NAME
+    if shard is not None:
+        shards.write_shard_manifest(out, *shard, cases)
+        summary_name = shards.shard_stem(*shard) + ".csv"
+        cases = shards.select_shard(cases, *shard)
 
     # Loaded once for every case; a bad model or device stops the batch before any case.
     model = modelfile.load_model(args.model)
@@ -444,7 +478,8 @@ def run_batch_command(args: Any) -> int:
     for option, keyword in (("crop_box", "crop_box"), ("subpleural_band", "subpleural_band_mm")):
         if getattr(args, option, None) is not None:
             segment_options[keyword] = getattr(args, option)
-    Inferer(model, device=args.device, max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing)
+    if engine == "local":  # a Ray worker checks the device where it runs (the driver may have no GPU)
+        Inferer(model, device=args.device, max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing)
 
     from ..analysis.report import model_notice
     notice = model_notice({"trained": model.info.trained, "name": model.info.name,
@@ -459,7 +494,11 @@ def run_batch_command(args: Any) -> int:
         bar.set_description_str(case.case_id[:24], refresh=False)
         bar.set_postfix_str(f"{int(fraction * 100)}% {message[:32]}")
 
+    tally = _Tally(len(cases))
+
     def on_case(outcome: CaseOutcome, index: int, total: int) -> None:
+        tally.add(outcome.status)
+        bar.set_postfix_str(tally.line(), refresh=False)
         bar.update(1)
         c = outcome.case
         if outcome.status == "failed":
@@ -468,17 +507,66 @@ def run_batch_command(args: Any) -> int:
         elif not args.quiet:
             what = "already done, skipped" if outcome.status == "skipped" else f"done in {outcome.seconds:.1f} s"
             lung = (outcome.report or {}).get("lung_volume_ml")
-            bar.write(f"case {c.case_id}: {what}" + (f", lung {lung:.0f} mL" if isinstance(lung, (int, float)) else ""),
-                      file=sys.stderr)
+            bar.write(f"case {c.case_id}: {what}" + (f", lung {lung:.0f} mL" if isinstance(lung, (int, float)) else "")
+                      + f"  [{tally.line()}]", file=sys.stderr)
+
+    def workers_ready(message: str) -> None:
+        tally.restart()  # the cluster's start is not a case's time
+        if not args.quiet:
+            bar.write(message, file=sys.stderr)
 
     args.batch_out_dir = str(out)
     try:
-        result = run_batch(cases, out, names=names, model=model, overwrite=args.overwrite,
-                           segment_options=segment_options, on_case=on_case, progress=progress)
+        if engine == "ray":
+            result = distributed.run_ray_batch(
+                cases, out, names=names, model=model, overwrite=args.overwrite, segment_options=segment_options,
+                workers=args.workers, cpus_per_worker=args.cpus_per_worker, address=args.ray_address,
+                summary_name=summary_name, on_case=on_case,
+                on_start=workers_ready)
+        else:
+            result = run_batch(cases, out, names=names, model=model, overwrite=args.overwrite,
+                               segment_options=segment_options, on_case=on_case, progress=progress,
+                               summary_name=summary_name)
+            if not cases:  # an empty shard still says so, for the merge
+                write_summary(result.summary, [])
     finally:
         bar.close()
     failed, skipped, done = result.count("failed"), result.count("skipped"), result.count("done")
     if not args.quiet:
-        print(f"{len(cases)} cases: {done} done, {skipped} already done (skipped), {failed} failed; "
-              f"summary in {result.summary}")
+        print(f"{len(cases)} cases{f' (shard {shard[0]}/{shard[1]})' if shard else ''}: {done} done, "
+              f"{skipped} already done (skipped), {failed} failed; summary in {result.summary}")
     return result.exit_code
+
+
+class _Tally:
+    """Cases finished so far and the time left, for the progress line. The time left
+    is the cases left at the rate cases were segmented (or failed) so far, all workers
+    together, counted from when the workers were ready (:meth:`restart`) or after the
+    complete cases skipped at the start."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.restart()
+
+    def restart(self) -> None:
+        self.skipped_until = time.monotonic()
+
+    def add(self, status: str) -> None:
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if status == "skipped" and self.counts["done"] + self.counts["failed"] == 0:
+            self.skipped_until = time.monotonic()
+
+    def line(self) -> str:
+        done, skipped, failed = self.counts["done"], self.counts["skipped"], self.counts["failed"]
+        left = self.total - done - skipped - failed
+        worked = done + failed
+        eta = "?"
+        if worked and left:
+            seconds = left * (time.monotonic() - self.skipped_until) / worked
+            eta = time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} d"
+        elif not left:
+            eta = "00:00:00"
+        # "error", not "failed": a line holding 'failed' is a failed case's (logs are grepped for it).
+        return (f"{done + skipped + failed}/{self.total} finished ({done} done, {skipped} skipped, "
+                f"{failed} error{'s' * (failed != 1)}), {left} left, ETA {eta}")

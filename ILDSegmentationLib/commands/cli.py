@@ -105,11 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--progress-lines", action="store_true",
                      help="print progress as lines 'ildseg-progress FRACTION MESSAGE' on stdout instead of a bar "
                           "(for a program that runs ildseg, such as the Slicer module)")
+    from . import distributed
+    distributed.add_engine_arguments(seg)
     _add_run_options(seg)
     _add_common(seg)
 
     from .compare import add_parser as add_compare_parser
     add_compare_parser(sub, _add_run_options, _add_common)
+    from . import shards
+    merge = sub.add_parser("merge-summaries", help="merge the summaries of a batch's shards (ildseg segment --shard "
+                           "I/N) into one summary.csv, refusing missing, incomplete or overlapping shards")
+    shards.add_arguments(merge)
+    _add_common(merge)
 
     demo = sub.add_parser("demo", help="run the whole path on a built-in synthetic chest CT (no input needed)")
     demo.add_argument("--out", default="ildseg-demo", metavar="DIR", help="output folder (default: ./ildseg-demo)")
@@ -168,7 +175,9 @@ def _say_input_checks(summary: dict, quiet: bool) -> None:
 def cmd_segment(args: argparse.Namespace) -> int:
     from ..analysis.pipeline import segment_file
     from ..analysis.report import model_notice
-    if args.out_dir is not None or args.manifest is not None or len(args.ct) > 1:
+    batch_only = (args.shard, args.workers, args.cpus_per_worker, args.ray_address)  # options of a batch alone
+    if (args.out_dir is not None or args.manifest is not None or len(args.ct) > 1 or args.engine != "local"
+            or any(v is not None for v in batch_only)):
         given = [name for name, value in (("--table", args.table), ("--visual-report", args.visual_report),
                                           ("--subpleural-band", args.subpleural_band)) if value is not None]
         if given:
@@ -277,8 +286,9 @@ def _commands() -> dict:
     from ..training.commands import COMMANDS as training_commands
     from .bench import run as cmd_bench
     from .compare import cmd_compare
+    from .shards import run as cmd_merge_summaries
     return {"segment": cmd_segment, "demo": cmd_demo, "architecture": cmd_architecture, "bench": cmd_bench,
-            "compare": cmd_compare, **training_commands}
+            "compare": cmd_compare, "merge-summaries": cmd_merge_summaries, **training_commands}
 
 
 def _one_line(message: str, limit: int = 0) -> str:
