@@ -183,7 +183,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if given:
             raise ILDSegError(f"{', '.join(given)}: for one CT only, not in a batch (each case's report.json "
                               "holds its regions, and summary.csv its distribution)")
-        from .batch import run_batch_command
+        from .batch_command import run_batch_command
         return run_batch_command(args)
     if not args.ct:
         raise ILDSegError("no CT given: ildseg segment CT_PATH -o OUT (or several CTs with --out-dir DIR)")
