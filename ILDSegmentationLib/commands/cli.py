@@ -18,24 +18,9 @@ from typing import Callable, List, Optional
 
 from .. import __version__
 from ..errors import ILDSegError
+from .progress import ProgressBar
 
 log = logging.getLogger("ILDSegmentationLib")
-
-class _Progress:
-    """tqdm on a terminal; silent when stderr is not a TTY or with --quiet."""
-
-    def __init__(self, quiet: bool) -> None:
-        from tqdm import tqdm
-        self.bar = tqdm(total=1000, disable=True if quiet else None, unit="‰", leave=False,
-                        bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
-
-    def __call__(self, fraction: float, message: str) -> None:
-        self.bar.set_description_str(message[:48], refresh=False)
-        self.bar.update(max(0, int(fraction * 1000) - self.bar.n))
-
-    def close(self) -> None:
-        self.bar.close()
-
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
@@ -197,7 +182,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         from .progress import ProgressLines
         bar = ProgressLines()
     else:
-        bar = _Progress(args.quiet)
+        bar = ProgressBar(args.quiet)
     try:
         summary = segment_file(args.ct, args.output, lung_mask=args.lung_mask, model=args.model, device=args.device,
                                probabilities=args.probabilities, report=args.report, overlay=args.overlay,
@@ -230,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     if not args.quiet:
         print("built-in case: synthetic chest CT with simulated ILD patterns (made by code, no patient data)")
-    bar = _Progress(args.quiet)
+    bar = ProgressBar(args.quiet)
     try:
         summary = run_demo(args.out, model=args.model, device=args.device, max_memory_mb=args.max_memory,
                            pixel_spacing=args.pixel_spacing, progress=bar)

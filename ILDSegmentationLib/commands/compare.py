@@ -344,8 +344,8 @@ def cmd_compare(args: Any) -> int:
         from .progress import ProgressLines
         bar = ProgressLines()
     else:
-        from .cli import _Progress
-        bar = _Progress(args.quiet)
+        from .progress import ProgressBar
+        bar = ProgressBar(args.quiet)
     try:
         summary = compare_files(args.baseline, args.followup, args.out, baseline_mask=args.baseline_mask,
                                 followup_mask=args.followup_mask, baseline_labels=args.baseline_labels,

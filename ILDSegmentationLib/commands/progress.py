@@ -1,4 +1,5 @@
-"""Progress for a parent process: the lines ``ildseg segment --progress-lines`` prints.
+"""Progress of a command: a bar on the terminal (:class:`ProgressBar`), or lines for a
+parent process (:class:`ProgressLines`, what ``ildseg segment --progress-lines`` prints).
 
 A parent (the Slicer panel's job, :mod:`ILDSegmentationLib.slicer.background`) runs
 ``ildseg`` as a child process and reads its stdout: each progress line is
@@ -53,3 +54,19 @@ def parse_progress_line(line: str) -> Optional[Tuple[float, str]]:
     if not 0.0 <= fraction <= 1.0:
         return None
     return fraction, parts[2] if len(parts) > 2 else ""
+
+
+class ProgressBar:
+    """tqdm on a terminal; silent when stderr is not a TTY or with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=1000, disable=True if quiet else None, unit="‰", leave=False,
+                        bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.bar.set_description_str(message[:48], refresh=False)
+        self.bar.update(max(0, int(fraction * 1000) - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()
