@@ -608,6 +608,22 @@ def format_report(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def training_throughput(base_spec: Dict[str, Any], quick: bool, repeat: int, epochs: int, batch_size: int,
+                        tmp: Path) -> Dict[str, Dict[str, Any]]:
+    """The reference and the fast trainer, each in fresh processes, side by side: they
+    alternate, so a machine busy with something else slows both alike; the fastest
+    run of each is kept."""
+    shapes = [[96, 80], [128, 96]] if quick else [[224, 160], [320, 240]]
+    runs: Dict[str, List[Dict[str, Any]]] = {"reference": [], "fast": []}
+    for r in range(repeat):
+        for trainer in runs:
+            runs[trainer].append(_spawn(dict(
+                base_spec, kind="training", trainer=trainer, train_shapes=shapes, train_epochs=epochs,
+                train_crops=4 if quick else 8, batch_size=batch_size, out=str(tmp / f"train_{trainer}_{r}")),
+                tmp, f"training_{trainer}_{r}"))
+    return {k: max(v, key=lambda res: res.get("crops_per_second", -1.0)) for k, v in runs.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     """``ildseg bench``: measure, print the table, write --json. Returns the exit code."""
     quiet = bool(getattr(args, "quiet", False))
@@ -739,18 +755,8 @@ def run(args: argparse.Namespace) -> int:
 
         if "training" not in skip:
             say("training throughput")
-            shapes = [[96, 80], [128, 96]] if quick else [[224, 160], [320, 240]]
-            # Side by side in one run; the two alternate, so a machine busy with
-            # something else slows both alike.
-            runs_t: Dict[str, List[Dict[str, Any]]] = {"reference": [], "fast": []}
-            for r in range(repeat):
-                for trainer in runs_t:
-                    runs_t[trainer].append(_spawn(dict(
-                        base_spec, kind="training", trainer=trainer, train_shapes=shapes, train_epochs=train_epochs,
-                        train_crops=4 if quick else 8, batch_size=getattr(args, "train_batch_size", 1),
-                        out=str(tmp / f"train_{trainer}_{r}")), tmp, f"training_{trainer}_{r}"))
-            report["training"] = {k: max(v, key=lambda r: r.get("crops_per_second", -1.0))
-                                  for k, v in runs_t.items()}
+            report["training"] = training_throughput(base_spec, quick, repeat, train_epochs,
+                                                     getattr(args, "train_batch_size", 1), tmp)
         report["table"] = table
         text = format_report(report)
         del report["table"]
