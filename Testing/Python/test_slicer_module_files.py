@@ -739,7 +739,10 @@ def _library_messages() -> List[str]:
     """The text of every exception the library raises (f-string fields as {}), and of
     the command line's one-line internal error: what the panel may show."""
     messages = []
-    for path in sorted(p for p in LIB_DIR.rglob("*.py") if p.parent.name != "training"):
+    # The panel runs one CT (or a fine-tuning) in a child process: the batch engines of
+    # a cohort (Ray workers, shards) never report to it.
+    batch_only = {LIB_DIR / "commands" / "distributed.py", LIB_DIR / "commands" / "shards.py"}
+    for path in sorted(p for p in LIB_DIR.rglob("*.py") if p.parent.name != "training" and p not in batch_only):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.Raise, ast.Return)) and node.__dict__.get("exc", node.__dict__.get("value")):
                 for s in ast.walk(node.exc if isinstance(node, ast.Raise) else node.value):
