@@ -2,7 +2,7 @@
 
 Module, Widget, Logic and Test classes in Slicer's scripted-module conventions. The
 widget only wires the panel to the logic; the logic is GUI-free and delegates every
-MRML operation to ``ILDSegmentationLib.mrml`` (tested outside Slicer against the
+MRML operation to ``ILDSegmentationLib.slicer.mrml`` (tested outside Slicer against the
 real MRML core), so it can also be used from Slicer's Python console or a script::
 
     logic = slicer.util.getModuleLogic("ILDSegmentation")
@@ -100,7 +100,7 @@ BACKGROUND_BATCH_MEMORY_MB = 1024
 
 #: How often the panel looks at a run in a separate process (ms).
 POLL_INTERVAL_MS = 200
-#: ILDSegmentationLib.background.PROGRESS_PREFIX (not imported at module load).
+#: ILDSegmentationLib.commands.progress.PROGRESS_PREFIX (not imported at module load).
 PROGRESS_LINE_PREFIX = "ildseg-progress "
 
 #: The library's messages name command-line options (they are shared with ildseg);
@@ -303,13 +303,13 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelRequested = False
         self._startTime = 0.0
         self._lastResult = None
-        # The run in a separate process (ILDSegmentationLib.background.SegmentationJob),
+        # The run in a separate process (ILDSegmentationLib.slicer.background.SegmentationJob),
         # polled by a timer on the GUI thread; its results are dropped when the scene
         # closes meanwhile.
         self._job = None
         self._discardJobResult = False
         self._pollTimer = None
-        # Fine-tuning in a separate process (ILDSegmentationLib.background.FinetuneJob).
+        # Fine-tuning in a separate process (ILDSegmentationLib.slicer.background.FinetuneJob).
         self._finetuneJob = None
         self._finetuneTimer = None
         # What the parameter node held when last seen, to act when the user changes it.
@@ -422,7 +422,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.slicer import mrml
 
         # Writing the parameter node here runs this again (nested), with the node
         # already holding the new choice, so the widgets show it.
@@ -437,7 +437,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not mrml.output_fits_input(p.outputSegmentation, p.inputVolume):
                 p.outputSegmentation = None  # the other CT's results stay as they are
                 return
-            from ILDSegmentationLib.trainingset import annotation_fits_input
+            from ILDSegmentationLib.slicer.trainingset import annotation_fits_input
 
             if not annotation_fits_input(p.annotationSegmentation, p.inputVolume):
                 p.annotationSegmentation = None  # another CT's examples: never added with this CT
@@ -471,7 +471,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateApplyButton(self) -> None:
         """The Apply/Cancel button, and the edit button: enabled only when the output
         segmentation holds segments (not after a cancelled or failed first run)."""
-        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.slicer import mrml
 
         p = self._parameterNode
         self.ui.editSegmentationButton.enabled = (
@@ -642,7 +642,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onPollTimer(self) -> None:
         """A few times a second: the run's progress; at its end, its results. Never
         blocks (the run's output is read by a thread that only fills a queue)."""
-        from ILDSegmentationLib.background import CANCELLED, FINISHED_STATES, SUCCEEDED
+        from ILDSegmentationLib.slicer.background import CANCELLED, FINISHED_STATES, SUCCEEDED
         from ILDSegmentationLib.errors import ILDSegError
 
         job = self._job
@@ -829,7 +829,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._finetuneTimer.start()
 
     def _onFinetuneTimer(self) -> None:
-        from ILDSegmentationLib.background import CANCELLED, FINISHED_STATES, SUCCEEDED
+        from ILDSegmentationLib.slicer.background import CANCELLED, FINISHED_STATES, SUCCEEDED
         from ILDSegmentationLib.errors import ILDSegError
 
         job = self._finetuneJob
@@ -859,7 +859,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except ILDSegError as e:
                 self.ui.finetuneStatusLabel.text = forPanel(str(e))
             else:
-                from ILDSegmentationLib.trainingset import describe_finetune
+                from ILDSegmentationLib.slicer.trainingset import describe_finetune
 
                 self.ui.finetuneStatusLabel.text = "<br>".join(
                     [_("Fine-tuned. The new model is chosen for Segment ILD (the bundled one is unchanged).")]
@@ -951,7 +951,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         """Name, classes and provenance of a model file, as HTML for the panel. Reads
         the file's metadata only: needs no torch (none is imported)."""
         try:
-            from ILDSegmentationLib.modelfile import default_model_path, read_info
+            from ILDSegmentationLib.engine.modelfile import default_model_path, read_info
             from ILDSegmentationLib.errors import ILDSegError
         except Exception as e:  # e.g. numpy broken or missing
             return _errorHtml(_("Cannot read models: {error}").format(error=e))
@@ -977,7 +977,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def loadModel(self, modelPath: Optional[str] = None):
         """Load (and keep, for the next run) a model; None = bundled."""
-        from ILDSegmentationLib.modelfile import default_model_path, load_model
+        from ILDSegmentationLib.engine.modelfile import default_model_path, load_model
 
         path = os.path.abspath(modelPath) if modelPath else str(default_model_path())
         key = (path, os.path.getmtime(path) if os.path.exists(path) else None)
@@ -1012,7 +1012,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                      "when you click Segment ILD; the device used is shown after the run.").format(choice=choice)
         try:
             import torch
-            from ILDSegmentationLib.device import describe_device, select_device, why_no_gpu
+            from ILDSegmentationLib.engine.device import describe_device, select_device, why_no_gpu
             from ILDSegmentationLib.errors import DeviceError
         except Exception as e:  # a broken torch
             return _errorHtml(_("PyTorch cannot be loaded: {error}").format(error=e))
@@ -1034,7 +1034,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def defaultLungSegmentIDs(segmentationNode) -> List[str]:
         """Segments whose name mentions the lung, else all segments."""
-        from ILDSegmentationLib.mrml import default_lung_segment_ids
+        from ILDSegmentationLib.slicer.mrml import default_lung_segment_ids
 
         return default_lung_segment_ids(segmentationNode)
 
@@ -1067,10 +1067,10 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                      modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
                      pixelSpacing: str = "model"):
         """Start the segmentation in a separate process and return the running
-        ILDSegmentationLib.background.SegmentationJob: poll() it (from a QTimer), cancel()
+        ILDSegmentationLib.slicer.background.SegmentationJob: poll() it (from a QTimer), cancel()
         it, and after SUCCEEDED pass it to finishProcess(). Arguments as process().
         Bad inputs raise ILDSegError here, before anything starts."""
-        from ILDSegmentationLib.background import SegmentationJob
+        from ILDSegmentationLib.slicer.background import SegmentationJob
 
         job = SegmentationJob(
             slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, segment_ids=lungSegmentIDs,
@@ -1083,7 +1083,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def finishProcess(job):
         """Load a finished run's results into its output nodes (the same nodes
-        process() writes); returns ILDSegmentationLib.mrml.ProcessResult."""
+        process() writes); returns ILDSegmentationLib.slicer.mrml.ProcessResult."""
         logging.info(f"ILD segmentation finished in a separate process in {job.elapsed_s:.1f} s")
         return job.finish()
 
@@ -1091,7 +1091,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def createAnnotationSegmentation(inputVolume):
         """A segmentation with the six class segments, empty, over the CT, to paint in."""
-        from ILDSegmentationLib.trainingset import create_annotation_segmentation
+        from ILDSegmentationLib.slicer.trainingset import create_annotation_segmentation
 
         return create_annotation_segmentation(slicer.mrmlScene, inputVolume)
 
@@ -1100,20 +1100,20 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                          lungSegmentIDs=None):
         """Store the CT, its lung mask and the painted labels as a case of the training
         folder's manifest; returns (the added case, the set's summary)."""
-        from ILDSegmentationLib.trainingset import add_case, summarize
+        from ILDSegmentationLib.slicer.trainingset import add_case, summarize
 
         added = add_case(trainingFolder, inputVolume, annotationNode, lungMaskNode, lungSegmentIDs)
         return added, summarize(trainingFolder)
 
     @staticmethod
     def trainingSetSummary(trainingFolder: str):
-        from ILDSegmentationLib.trainingset import summarize
+        from ILDSegmentationLib.slicer.trainingset import summarize
 
         return summarize(trainingFolder)
 
     @staticmethod
     def userModels(modelFolder: str):
-        from ILDSegmentationLib.trainingset import list_models
+        from ILDSegmentationLib.slicer.trainingset import list_models
 
         return list_models(modelFolder)
 
@@ -1121,9 +1121,9 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                       epochs: int = 40, device: str = "Auto", valFraction: float = 0.25):
         """Fine-tune ``startModel`` (None: the bundled model) on the training folder in a
         separate process, into a new run folder of ``modelFolder``; returns the running
-        ILDSegmentationLib.background.FinetuneJob (poll, cancel, then finishFinetune)."""
-        from ILDSegmentationLib.background import FinetuneJob
-        from ILDSegmentationLib.trainingset import MANIFEST_NAME, new_run_folder
+        ILDSegmentationLib.slicer.background.FinetuneJob (poll, cancel, then finishFinetune)."""
+        from ILDSegmentationLib.slicer.background import FinetuneJob
+        from ILDSegmentationLib.slicer.trainingset import MANIFEST_NAME, new_run_folder
 
         if not str(trainingFolder or "").strip():
             from ILDSegmentationLib.errors import InputError
@@ -1173,15 +1173,15 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         halved, then the run finishes on the CPU (cpuFallback) or raises DeviceError.
         pixelSpacing: "model" (a CT outside the model's training range of pixel sizes is
         resampled in-plane into it) or "native". Returns
-        ILDSegmentationLib.mrml.ProcessResult (segmentation_node, table_node, ...).
+        ILDSegmentationLib.slicer.mrml.ProcessResult (segmentation_node, table_node, ...).
         """
-        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.slicer import mrml
         from ILDSegmentationLib.errors import ILDSegError
 
         problem = torchImportProblem()  # torch is loaded here, on the first run
         if problem:
             raise ILDSegError(problem)
-        from ILDSegmentationLib.device import select_device
+        from ILDSegmentationLib.engine.device import select_device
 
         startTime = time.time()
         logging.info("ILD segmentation started")
@@ -1226,7 +1226,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
     @staticmethod
     def _geometry(direction, spacing, shape, centre=(0.0, 0.0, 0.0)):
         import numpy as np
-        from ILDSegmentationLib.geometry import Geometry
+        from ILDSegmentationLib.imaging.geometry import Geometry
 
         direction = np.asarray(direction, float)
         nIJK = np.array(shape[::-1], float)
@@ -1252,11 +1252,11 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         return out
 
     def _addVolume(self, array, geometry, name, className="vtkMRMLScalarVolumeNode"):
-        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.slicer import nodes
 
         node = slicer.mrmlScene.AddNewNodeByClass(className, name)
         slicer.util.updateVolumeFromArray(node, array)
-        mrml.set_volume_geometry(node, geometry)
+        nodes.set_volume_geometry(node, geometry)
         node.CreateDefaultDisplayNodes()
         return node
 
@@ -1296,20 +1296,20 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
     def test_LungMaskResampling(self) -> None:
         """MRML geometry and the lung mask, which need no PyTorch."""
         import numpy as np
-        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.slicer import nodes
 
         self.delayDisplay("Checking geometry and lung mask resampling")
         ct, mask, ctGeometry, shape = self._syntheticChest()
-        hu, geometry = mrml.volume_array_and_geometry(ct)
+        hu, geometry = nodes.volume_array_and_geometry(ct)
         np.testing.assert_allclose(geometry.direction, ctGeometry.direction, atol=1e-9)
-        lungMask = mrml.lung_mask_from_node(mask, ct)
+        lungMask = nodes.lung_mask_from_node(mask, ct)
         expected = self._lungs(self._points(ctGeometry, shape)) > 0
         self.assertLess(((lungMask > 0) != expected).sum(), 0.08 * expected.sum())
         self.delayDisplay("Geometry and lung mask OK")
 
     def test_SegmentSyntheticChest(self) -> None:
         import numpy as np
-        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.slicer import mrml, nodes
         from ILDSegmentationLib.classes import CLASSES
         from ILDSegmentationLib.errors import Cancelled
         from ILDSegmentationLib.terminology import terminology_entry
@@ -1337,7 +1337,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
                              terminology_entry(c))
         rows = mrml.results_from_table(result.table_node)
         self.assertEqual(len(rows), len(CLASSES) + 1)
-        labels = mrml.segments_to_array(seg, [c.segment_id for c in CLASSES], ct)
+        labels = nodes.segments_to_array(seg, [c.segment_id for c in CLASSES], ct)
         voxelML = float(np.prod(ctGeometry.spacing)) / 1000.0
         self.assertAlmostEqual(rows[-1][mrml.COL_VOLUME], int((labels > 0).sum()) * voxelML, places=6)
 
@@ -1349,7 +1349,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
 
         self.delayDisplay("The panel's run: a separate process, results in the same nodes")
-        from ILDSegmentationLib.background import CANCELLED, SUCCEEDED
+        from ILDSegmentationLib.slicer.background import CANCELLED, SUCCEEDED
 
         job = logic.startProcess(ct, mask, seg, device="CPU")
         while job.poll() not in (SUCCEEDED, CANCELLED) and job.error is None:
@@ -1359,7 +1359,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         background = logic.finishProcess(job)
         self.assertIs(background.segmentation_node, seg)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
-        self.assertTrue(np.array_equal(mrml.segments_to_array(seg, [c.segment_id for c in CLASSES], ct), labels))
+        self.assertTrue(np.array_equal(nodes.segments_to_array(seg, [c.segment_id for c in CLASSES], ct), labels))
 
         self.delayDisplay("Cancelling leaves the scene as it was")
         with self.assertRaises(Cancelled):
@@ -1375,7 +1375,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
-        from ILDSegmentationLib import mrml
+        from ILDSegmentationLib.slicer import mrml, nodes
         from ILDSegmentationLib.classes import CLASSES
 
         self.delayDisplay("Annotating a case and adding it to a training folder")
@@ -1383,7 +1383,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         ct, mask, ctGeometry, shape = self._syntheticChest()
         annotation = logic.createAnnotationSegmentation(ct)
         self.assertEqual(mrml.segment_ids_of(annotation), [c.segment_id for c in CLASSES])
-        lungs = mrml.lung_mask_from_node(mask, ct)
+        lungs = nodes.lung_mask_from_node(mask, ct)
         painted = np.zeros(shape, np.uint8)
         painted[..., 2][lungs[..., 2] > 0] = 1  # one axial slice painted healthy
         mrml.write_labels_to_segmentation(painted, ct, annotation)

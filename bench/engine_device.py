@@ -16,22 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmain  # noqa: E402  (bench/benchmain.py: the checkout on the path, main()'s wrapper)
 
 
 def main() -> None:
     import torch
 
-    from ILDSegmentationLib.inference import Inferer
-    from ILDSegmentationLib.modelfile import load_model
-    from ILDSegmentationLib.phantom import make_chest_phantom
-    from ILDSegmentationLib.preprocessing import Intensity
+    from ILDSegmentationLib.engine.inference import Inferer
+    from ILDSegmentationLib.engine.modelfile import load_model
+    from ILDSegmentationLib.simulation.phantom import make_chest_phantom
+    from ILDSegmentationLib.engine.preprocessing import Intensity
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -91,6 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.cli import set_process_defaults
-    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
-    main()
+    benchmain.run_script(main)

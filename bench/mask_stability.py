@@ -13,7 +13,7 @@ keep each job short.
 For each CT (default: the real HU CTs of ``../shared/data``, the six CC BY CTs and
 RICORD 000082):
 
-1. the automatic lung mask (:func:`ILDSegmentationLib.lungmask.compute_lung_mask`) of
+1. the automatic lung mask (:func:`ILDSegmentationLib.imaging.lungmask.compute_lung_mask`) of
    the whole CT;
 2. ``--slices`` axial slices spread evenly over the lung's height (the first and last
    lung slice left out); the whole CT goes to the engine, which segments only these
@@ -61,14 +61,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import benchmain  # noqa: E402  (bench/benchmain.py: the checkout on the path, main()'s wrapper)
+
+REPO = benchmain.REPO
 
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
-from ILDSegmentationLib.cropping import CROP_MARGIN, CropBox, crop_boxes  # noqa: E402
-from ILDSegmentationLib.errors import ILDSegError, InputError  # noqa: E402
-from ILDSegmentationLib.geometry import Geometry, canonical_view  # noqa: E402
+from ILDSegmentationLib.engine.cropping import CROP_MARGIN, CropBox, crop_boxes  # noqa: E402
+from ILDSegmentationLib.errors import InputError  # noqa: E402
+from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view  # noqa: E402
 
 #: The mask changes measured: (name, kind, pixels).
 PERTURBATIONS: Tuple[Tuple[str, str, float], ...] = (
@@ -298,8 +298,8 @@ def find_ct(entry: str, data: Path) -> Path:
 
 def load_case(path: Path, slices: int):
     """(CT Volume, its automatic lung mask K, J, I bool, picked canonical slice indices)."""
-    from ILDSegmentationLib.io import check_ct_plausible, read_ct
-    from ILDSegmentationLib.lungmask import compute_lung_mask
+    from ILDSegmentationLib.imaging.io import check_ct_plausible, read_ct
+    from ILDSegmentationLib.imaging.lungmask import compute_lung_mask
     ct = read_ct(path)
     check_ct_plausible(ct, path)
     mask = np.asarray(compute_lung_mask(ct.array, ct.geometry)).reshape(np.shape(ct.array)) != 0
@@ -379,12 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (ILDSegError, OSError) as exc:
-        print(f"mask_stability: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    return benchmain.run_main("mask_stability", build_parser, _run, argv)
 
 
 def _pool_runs(args: argparse.Namespace) -> int:
@@ -412,7 +407,7 @@ def _pool_runs(args: argparse.Namespace) -> int:
     if len(models) > 1:
         print("\nwarning: the runs used different models", file=sys.stderr)
     if args.json is not None:
-        from ILDSegmentationLib.atomicfile import atomic_path
+        from ILDSegmentationLib.imaging.atomicfile import atomic_path
         with atomic_path(args.json) as tmp:
             Path(tmp).write_text(json.dumps({"runs": runs, "summary": summary, "cases": cases}, indent=1))
     return 0
@@ -422,9 +417,9 @@ def _run(args: argparse.Namespace) -> int:
     import os
     if args.from_json:
         return _pool_runs(args)
-    from ILDSegmentationLib.bench import machine_info
-    from ILDSegmentationLib.inference import Inferer
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.commands.bench import machine_info
+    from ILDSegmentationLib.engine.inference import Inferer
+    from ILDSegmentationLib.engine.modelfile import load_model
     if args.slices < 1:
         raise InputError("--slices must be at least 1")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -465,13 +460,11 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nmodel {loaded.path.name} (sha256 {loaded.sha256[:12]}); {machine['cpu_model']}, "
           f"{machine['cpu_usable']} CPUs usable, torch {machine['torch']}; {report['seconds']:.0f} s in all")
     if args.json is not None:
-        from ILDSegmentationLib.atomicfile import atomic_path
+        from ILDSegmentationLib.imaging.atomicfile import atomic_path
         with atomic_path(args.json) as tmp:
             Path(tmp).write_text(json.dumps(report, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.cli import set_process_defaults
-    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
-    sys.exit(main())
+    benchmain.run_script(main)

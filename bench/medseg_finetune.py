@@ -45,10 +45,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmain  # noqa: E402  (bench/benchmain.py: the checkout on the path, main()'s wrapper)
+
+REPO = benchmain.REPO
 
 import real_disease as rd  # noqa: E402  (bench/real_disease.py)
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
@@ -99,7 +99,7 @@ def sparse_annotation(truth: np.ndarray, lung: np.ndarray, spacing_mm: float, re
 def prepare(medseg: Path, work: Path, spacing_mm: float, regions: int, radius_mm: float, healthy_gap_mm: float,
             seed: int) -> Dict:
     import SimpleITK as sitk
-    from ILDSegmentationLib.io import write_image
+    from ILDSegmentationLib.imaging.images import write_image
     from ILDSegmentationLib.training.manifest import write_manifest
     slices = rd.read_medseg_set(medseg, "TrainingSet")
     mappings = [rd.estimate_hu_mapping(s.grey) for s in slices]
@@ -158,7 +158,7 @@ def run_finetune(manifest: Path, run_dir: Path, start_model: Optional[str], extr
 
 
 def evaluate(model_path: Optional[str], medseg: Path, spacing_mm: float) -> Dict:
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.engine.modelfile import load_model
     model = load_model(model_path)
     out = {"model": str(model.path), "sha256": model.sha256}
     for set_name in ("TestingSet", "TrainingSet"):
@@ -180,7 +180,7 @@ def plot(result: Dict, path: Path, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ILDSegmentationLib.atomicfile import atomic_path
+    from ILDSegmentationLib.imaging.atomicfile import atomic_path
     keys = [("GGO_to_GGO", "GGO labelled\nGGO"), ("Consolidation_to_Consolidation", "consolidation\nlabelled cons."),
             ("unlabelled_lung_to_Healthy", "unlabelled lung\nlabelled healthy")]
     before = [100 * result["before"]["TestingSet"][k] for k, _ in keys]
@@ -263,6 +263,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.cli import set_process_defaults
-    set_process_defaults()
-    sys.exit(main())
+    benchmain.run_script(main)

@@ -53,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import benchmain  # noqa: E402
 import real_disease as rd  # noqa: E402
 
 LAGS = (1, 2, 4)
@@ -186,9 +187,9 @@ def _through_jpeg(hu: np.ndarray) -> np.ndarray:
 def simulated_cases(case_dirs: Sequence[Path]) -> Iterator[Tuple[str, np.ndarray, np.ndarray, np.ndarray, float]]:
     """(case id, hu, truth, lung mask, pixel mm) in the canonical view, from the
     manifest.csv of ``ildseg simulate`` output folders."""
-    from ILDSegmentationLib.geometry import canonical_view
+    from ILDSegmentationLib.imaging.geometry import canonical_view
     import SimpleITK as sitk
-    from ILDSegmentationLib.io import read_ct, read_image, read_lung_mask
+    from ILDSegmentationLib.imaging.io import read_ct, read_image, read_lung_mask
     for folder in case_dirs:
         folder = Path(folder)
         with open(folder / "manifest.csv", newline="") as f:
@@ -207,7 +208,7 @@ def simulated_cases(case_dirs: Sequence[Path]) -> Iterator[Tuple[str, np.ndarray
 
 
 def rd_as_volume(a: np.ndarray) -> np.ndarray:
-    from ILDSegmentationLib.geometry import as_volume
+    from ILDSegmentationLib.imaging.geometry import as_volume
     return as_volume(np.asarray(a))
 
 
@@ -267,6 +268,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.cli import set_process_defaults
-    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
-    sys.exit(main())
+    benchmain.run_script(main)

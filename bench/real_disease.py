@@ -35,7 +35,7 @@ no HU, no pixel spacing; label PNG 0 background, 1 GGO, 2 consolidation):
    is repeated at 0.6 and 0.8 mm (``--alt-spacings``) to show how the figures move.
 4. *Lung mask.* The crops cut through the chest wall, so each slice is framed by a
    ring of +40 HU tissue (``PAD`` pixels) to close the body, then the automatic lung
-   mask (:func:`ILDSegmentationLib.lungmask.compute_lung_mask`) runs on it as a
+   mask (:func:`ILDSegmentationLib.imaging.lungmask.compute_lung_mask`) runs on it as a
    one-slice volume. The automatic mask misses much dense disease, so the lung the
    model segments is the union of that mask and the radiologist's labels; the share
    of labelled pixels inside the automatic mask alone is reported too.
@@ -66,13 +66,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import benchmain  # noqa: E402  (bench/benchmain.py: the checkout on the path, main()'s wrapper)
 
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
 from ILDSegmentationLib.errors import LungMaskError  # noqa: E402
-from ILDSegmentationLib.geometry import Geometry  # noqa: E402
+from ILDSegmentationLib.imaging.geometry import Geometry  # noqa: E402
 
 AIR_HU = -1000.0
 FAT_HU = -100.0
@@ -353,7 +351,7 @@ def slice_geometry(spacing_mm: float) -> Geometry:
 
 def lung_mask_of_slice(hu: np.ndarray, spacing_mm: float) -> Tuple[Optional[np.ndarray], str]:
     """Automatic lung mask of one (unpadded) HU slice, or None and the reason."""
-    from ILDSegmentationLib.lungmask import compute_lung_mask
+    from ILDSegmentationLib.imaging.lungmask import compute_lung_mask
     try:
         m = compute_lung_mask(padded_hu(hu)[np.newaxis], slice_geometry(spacing_mm))[0]
     except LungMaskError as e:
@@ -397,7 +395,7 @@ class ConfusionCounts:
 
 def evaluate_medseg(model, slices: List[MedSegSlice], mappings: List[HUMapping], spacing_mm: float,
                     device: str = "cpu", hu_shift: float = 0.0, log=print) -> Dict:
-    from ILDSegmentationLib.inference import Inferer
+    from ILDSegmentationLib.engine.inference import Inferer
     inferer = Inferer(model, device=device)
     conf = ConfusionCounts()
     in_auto = np.zeros(3, np.int64)  # GGO, Cons pixels inside the automatic mask; index by truth
@@ -446,9 +444,9 @@ def _r(v, n: int = 4):
 
 # --------------------------------------------------------------------------- RICORD
 def evaluate_ricord(model, path: Path, device: str = "cpu", overlay_dir: Optional[Path] = None) -> Dict:
-    from ILDSegmentationLib.inference import Inferer
-    from ILDSegmentationLib.io import read_ct
-    from ILDSegmentationLib.lungmask import compute_lung_mask
+    from ILDSegmentationLib.engine.inference import Inferer
+    from ILDSegmentationLib.imaging.io import read_ct
+    from ILDSegmentationLib.imaging.lungmask import compute_lung_mask
     ct = read_ct(path)
     hu = np.asarray(ct.array)
     mask = compute_lung_mask(hu, ct.geometry)
@@ -463,7 +461,7 @@ def evaluate_ricord(model, path: Path, device: str = "cpu", overlay_dir: Optiona
     shares = out["class_share_of_lung"]
     out["ggo_above_reticulation"] = bool(shares["Ground glass opacity"] > shares["Reticulation"])
     if overlay_dir is not None:
-        from ILDSegmentationLib.overlay import render_overlay
+        from ILDSegmentationLib.analysis.overlay import render_overlay
         overlay_dir.mkdir(parents=True, exist_ok=True)
         p = render_overlay(hu, res.labels, ct.geometry, overlay_dir / "ricord-000082_overlay.png",
                            title=f"RICORD 000082, model {Path(model.path).name}")
@@ -511,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.medseg is None and args.ricord is None:
         ap.error("give --medseg and/or --ricord")
 
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.engine.modelfile import load_model
     model = load_model(args.model)
     out: Dict = {"model": str(model.path), "model_sha256": model.sha256,
                  "command": " ".join([Path(sys.argv[0]).name] + list(sys.argv[1:] if argv is None else argv)),
@@ -573,6 +571,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.cli import set_process_defaults
-    set_process_defaults()  # as `ildseg` does, before torch is imported (BENCHMARKS.md, threads)
-    sys.exit(main())
+    benchmain.run_script(main)

@@ -32,9 +32,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from ILDSegmentationLib.classes import CLASSES, by_label  # noqa: E402
-from ILDSegmentationLib.geometry import canonical_view  # noqa: E402
-from ILDSegmentationLib.io import read_ct  # noqa: E402
-from ILDSegmentationLib.simulate import PATTERNS, simulate_case  # noqa: E402
+from ILDSegmentationLib.imaging.geometry import canonical_view  # noqa: E402
+from ILDSegmentationLib.imaging.io import read_ct  # noqa: E402
+from ILDSegmentationLib.simulation.config import PATTERNS  # noqa: E402
+from ILDSegmentationLib.simulation.simulate import simulate_case  # noqa: E402
 
 WINDOW = (-600 - 750, -600 + 750)  # lung window: level -600 HU, width 1500 HU
 # Only CC BY backgrounds: these pictures are committed. RICORD (CC BY-NC, evaluation

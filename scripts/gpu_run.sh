@@ -26,7 +26,7 @@ for trainer in reference fast; do
   timeout 150 "$PY" - "$trainer" "$DEVICE" "$OUT" <<'PY'
 import json, sys, tempfile
 from pathlib import Path
-from ILDSegmentationLib.bench import _worker_training
+from ILDSegmentationLib.commands.bench import _worker_training
 trainer, device, out = sys.argv[1:4]
 cpu = device == "cpu"
 spec = {"device": device, "trainer": trainer, "train_shapes": [[96, 80]] if cpu else [[224, 160], [320, 240]],

@@ -10,8 +10,8 @@ import datetime
 
 import torch
 
-from ILDSegmentationLib.modelfile import ModelInfo, default_model_path, save_model
-from ILDSegmentationLib.network import DilatedFCN, NetworkConfig
+from ILDSegmentationLib.engine.modelfile import ModelInfo, default_model_path, save_model
+from ILDSegmentationLib.engine.network import DilatedFCN, NetworkConfig
 
 SEED = 0
 

@@ -64,9 +64,10 @@ def m(name, path, old, new, *tests, equivalent=None) -> Mutant:
     return Mutant(name, path, old, new, tuple(tests), equivalent)
 
 
-NET, CROP, GEO = f"{LIB}/network.py", f"{LIB}/cropping.py", f"{LIB}/geometry.py"
+NET, CROP, GEO = f"{LIB}/engine/network.py", f"{LIB}/engine/cropping.py", f"{LIB}/imaging/geometry.py"
+SIDES = f"{LIB}/imaging/lungsides.py"
 LOSS, TRAIN, DATA = f"{LIB}/training/loss.py", f"{LIB}/training/trainer.py", f"{LIB}/training/dataset.py"
-AUG, MODEL, ATOMIC = f"{LIB}/training/augment.py", f"{LIB}/modelfile.py", f"{LIB}/atomicfile.py"
+AUG, MODEL, ATOMIC = f"{LIB}/training/augment.py", f"{LIB}/engine/modelfile.py", f"{LIB}/imaging/atomicfile.py"
 P = f"{T}/test_protocol.py"
 FAST_FORWARD = f"{T}/test_bench.py::test_fast_forward_equals_forward_for_every_configuration"
 
@@ -95,7 +96,7 @@ MUTANTS: List[Mutant] = [
     m("net-input-masking", NET, "            x = x * valid\n", "            x = x\n",
       f"{T}/test_network.py::test_padded_masked_batch_equals_each_crop_alone",
       equivalent="every caller pads crops with zeros (trainer._pad_batch, Inferer._predict), so x * valid == x"),
-    # -- cropping.py --------------------------------------------------------------------
+    # -- cropping.py, lungsides.py ------------------------------------------------------
     m("crop-margin-24", CROP, "CROP_MARGIN = 32", "CROP_MARGIN = 24",
       f"{T}/test_geometry_cropping.py::test_crop_boxes_add_the_margin_and_clip_to_the_image",
       f"{P}::test_crop_boxes_are_the_lung_box_plus_32_pixels"),
@@ -103,14 +104,14 @@ MUTANTS: List[Mutant] = [
       f"{T}/test_geometry_cropping.py::test_crop_boxes_add_the_margin_and_clip_to_the_image"),
     m("crop-clip-at-1", CROP, "max(int(cols[0]) - margin, 0)", "max(int(cols[0]) - margin, 1)",
       f"{T}/test_geometry_cropping.py::test_crop_boxes_add_the_margin_and_clip_to_the_image"),
-    m("crop-one-lung-side", CROP, "RIGHT_LUNG if centre < lung_full.shape[-1] / 2 else LEFT_LUNG",
+    m("crop-one-lung-side", SIDES, "RIGHT_LUNG if centre < lung_full.shape[-1] / 2 else LEFT_LUNG",
       "LEFT_LUNG if centre < lung_full.shape[-1] / 2 else RIGHT_LUNG",
       f"{T}/test_geometry_cropping.py::test_a_mask_of_one_lung_is_never_cut_and_keeps_its_side"),
-    m("crop-valley-share", CROP, "_VALLEY_SHARE = 0.5", "_VALLEY_SHARE = 0.02",
+    m("crop-valley-share", SIDES, "_VALLEY_SHARE = 0.5", "_VALLEY_SHARE = 0.02",
       f"{T}/test_geometry_cropping.py::test_split_left_right_separate_and_touching_lungs"),
-    m("crop-whole-component-share", CROP, "_WHOLE_COMPONENT_SHARE = 0.9", "_WHOLE_COMPONENT_SHARE = 0.5",
+    m("crop-whole-component-share", SIDES, "_WHOLE_COMPONENT_SHARE = 0.9", "_WHOLE_COMPONENT_SHARE = 0.5",
       f"{T}/test_geometry_cropping.py"),
-    m("crop-undecided-side", CROP, "sides[undecided & right_half] = RIGHT_LUNG",
+    m("crop-undecided-side", SIDES, "sides[undecided & right_half] = RIGHT_LUNG",
       "sides[undecided & right_half] = LEFT_LUNG",
       f"{T}/test_geometry_cropping.py::test_split_left_right_separate_and_touching_lungs"),
     # -- geometry.py --------------------------------------------------------------------
@@ -268,7 +269,7 @@ MUTANTS: List[Mutant] = [
       equivalent="on POSIX os.rename replaces an existing target atomically, exactly as os.replace"),
 ]
 
-PROTECTED = {NET, CROP, GEO, LOSS, TRAIN, DATA, AUG, MODEL, ATOMIC}
+PROTECTED = {NET, CROP, SIDES, GEO, LOSS, TRAIN, DATA, AUG, MODEL, ATOMIC}
 assert {mu.path for mu in MUTANTS} == PROTECTED
 
 

@@ -169,8 +169,8 @@ def train(bank: Path, out: Path, exclude: Sequence[str], time_limit: float, devi
           patience: int = 50) -> Dict:
     """One run from the crop banks (no CT files needed); resumes when ``out`` holds a
     checkpoint of the same run."""
-    from ILDSegmentationLib.modelfile import load_model
-    from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+    from ILDSegmentationLib.engine.modelfile import load_model
+    from ILDSegmentationLib.engine.preprocessing import INTENSITY_PRESETS
     from ILDSegmentationLib.training.cropbank import load_crop_bank
     from ILDSegmentationLib.training.trainer import TrainConfig, Trainer
     unknown = set(exclude) - {f.stem for f in Path(bank).glob("*.npz")}
@@ -250,7 +250,7 @@ def _early_stopped(out: Path) -> bool:
 def evaluate(work: Path, model: Path, heldout: str) -> Path:
     """``ildseg evaluate`` on the held-out cases of one CT; a report already made for
     this very model file (same sha256) is kept."""
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.engine.modelfile import load_model
     report = Path(model).parent / f"heldout-{heldout}.json"
     if report.exists() and json.loads(report.read_text())["model"]["sha256"] == load_model(model).sha256:
         return report
@@ -305,7 +305,7 @@ def write_card_section(provenance: Dict) -> None:
 def install(work: Path, final: Path, loco: Sequence[Tuple[Path, str]]) -> Path:
     """The final run's weights as the bundled model, with the leave-one-CT-out and
     RICORD results in its provenance and its card's held-out section."""
-    from ILDSegmentationLib.modelfile import default_model_path, load_model, read_info, save_model
+    from ILDSegmentationLib.engine.modelfile import default_model_path, load_model, read_info, save_model
     results = {}
     for run, ct in loco:
         r = json.loads(evaluate(work, Path(run) / "model.safetensors", ct).read_text())
@@ -418,6 +418,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from ILDSegmentationLib.cli import set_process_defaults
+    from ILDSegmentationLib.commands.cli import set_process_defaults
     set_process_defaults()  # as `ildseg` does, before torch is imported
     main()

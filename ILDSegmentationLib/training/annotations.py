@@ -15,8 +15,8 @@ import SimpleITK as sitk
 
 from ..classes import CLASSES, TissueClass
 from ..errors import InputError
-from ..geometry import Geometry, as_volume, same_grid
-from ..io import read_image
+from ..imaging.geometry import Geometry, as_volume, same_grid
+from ..imaging.io import read_image
 from ..terminology import parse_terminology_entry
 
 

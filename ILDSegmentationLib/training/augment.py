@@ -26,7 +26,7 @@ from typing import Dict, Tuple
 import numpy as np
 from scipy import ndimage
 
-from ..preprocessing import Intensity
+from ..engine.preprocessing import Intensity
 
 INTENSITY_AUGMENTATIONS: Tuple[str, ...] = ("none", "scanner")
 

@@ -12,11 +12,11 @@ from typing import Dict, List
 import numpy as np
 
 from ..classes import CLASSES
-from ..device import DEVICE_CHOICES
+from ..engine.device import DEVICE_CHOICES
 from ..errors import InputError
-from ..network import PRESETS
-from ..preprocessing import INTENSITY_PRESETS
-from ..resolution import PIXEL_SPACING_CHOICES
+from ..engine.network import PRESETS
+from ..engine.preprocessing import INTENSITY_PRESETS
+from ..engine.resolution import PIXEL_SPACING_CHOICES
 from .augment import INTENSITY_AUGMENTATIONS
 from .loss import ENTROPY_SCALINGS
 
@@ -117,8 +117,8 @@ def cmd_split(args) -> int:
     from .dataset import class_pixel_counts, load_case_crops
     from .manifest import read_manifest
     from .split import distribution_entropy, split_scans
-    from ..atomicfile import atomic_path, check_writable
-    from ..preprocessing import INTENSITY_PRESETS as PRESETS
+    from ..imaging.atomicfile import atomic_path, check_writable
+    from ..engine.preprocessing import INTENSITY_PRESETS as PRESETS
     if args.folds < 2:
         raise InputError(f"--folds must be 2 or more, not {args.folds}")
     check_writable(args.out)
@@ -181,7 +181,7 @@ def _check_time_limit(value) -> None:
 def _check_run_folder(out: Path) -> None:
     """The run folder can be made (or used) and written. The folder itself is made
     when training starts, so that an early error leaves none."""
-    from ..atomicfile import check_writable
+    from ..imaging.atomicfile import check_writable
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise InputError(f"cannot make the run folder {out}: {existing} is a file")
@@ -258,7 +258,7 @@ def cmd_train(args) -> int:
     keep_freed_memory()  # this command's own process: see allocator.py
     trainer = Trainer(config, train, val, Path(args.out), provenance=provenance, progress=say)
     if args.init:
-        from ..modelfile import load_model
+        from ..engine.modelfile import load_model
         init = load_model(args.init)
         trainer.initialize_from(init)
         provenance["initialized_from"] = {"file": init.path.name, "sha256": init.sha256,
@@ -280,7 +280,7 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     from .finetune import FinetuneSettings, finetune
     from .manifest import manifest_sha256, read_manifest
-    from ..modelfile import load_model
+    from ..engine.modelfile import load_model
     settings = FinetuneSettings(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
                                 crops_per_epoch=args.crops_per_epoch, val_fraction=args.val_fraction,
                                 unsupervised_weight=args.unsupervised_weight,
@@ -308,9 +308,9 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_cases
     from .manifest import read_manifest
     from .plots import plot_confusion
-    from ..atomicfile import atomic_path
-    from ..modelfile import load_model
-    from ..atomicfile import check_writable
+    from ..imaging.atomicfile import atomic_path
+    from ..engine.modelfile import load_model
+    from ..imaging.atomicfile import check_writable
     if args.confusion and not args.confusion.lower().endswith(".png"):
         raise InputError(f"the confusion matrix is a PNG picture: name it .png, not {Path(args.confusion).name}")
     for output in (args.report, args.confusion):
@@ -351,9 +351,10 @@ SIMULATED_FILES = ("ct.nrrd", "lung_mask.nrrd", "annotation.nrrd", "truth.nrrd")
 
 def cmd_simulate(args) -> int:
     from .manifest import write_manifest
-    from ..atomicfile import check_writable
-    from ..io import check_ct_plausible, image_like, read_ct, read_lung_mask, write_image
-    from ..simulate import simulate_case
+    from ..imaging.atomicfile import check_writable
+    from ..imaging.images import image_like, write_image
+    from ..imaging.io import check_ct_plausible, read_ct, read_lung_mask
+    from ..simulation.simulate import simulate_case
     if args.lung_mask and len(args.lung_mask) != len(args.ct):
         raise InputError("give one --lung-mask per --ct (or none)")
     if args.cases_per_ct < 1:

@@ -17,9 +17,9 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from ..atomicfile import atomic_path
+from ..imaging.atomicfile import atomic_path
 from ..errors import InputError
-from ..preprocessing import Intensity
+from ..engine.preprocessing import Intensity
 from .dataset import Crop
 
 FORMAT = "ildseg-crop-bank-1"

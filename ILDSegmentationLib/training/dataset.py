@@ -1,7 +1,7 @@
 """Training samples: per-lung crops of annotated axial slices.
 
-The crops come from :func:`ILDSegmentationLib.cropping.crop_boxes` on the output of
-:func:`~ILDSegmentationLib.cropping.split_left_right`, the very functions the
+The crops come from :func:`ILDSegmentationLib.engine.cropping.crop_boxes` on the output of
+:func:`~ILDSegmentationLib.engine.cropping.split_left_right`, the very functions the
 inference engine uses, so the network is trained on the crops it will see. Only
 slices with annotations are used (paper, IV-A). Each crop carries:
 
@@ -19,10 +19,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..classes import NUM_CLASSES
-from ..cropping import crop_boxes, split_left_right
+from ..engine.cropping import crop_boxes
+from ..imaging.lungsides import split_left_right
 from ..errors import ILDSegError, InputError
-from ..geometry import as_volume, canonical_view
-from ..preprocessing import Intensity
+from ..imaging.geometry import as_volume, canonical_view
+from ..engine.preprocessing import Intensity
 from .manifest import Case
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def read_case(case: Case):
     (K, J, I); every error names the case and its manifest line."""
     # File reading (SimpleITK) is imported here: training on crops already in memory
     # (a GPU machine fed prepared crops) needs none of it.
-    from ..io import check_ct_plausible, read_ct, read_lung_mask
+    from ..imaging.io import check_ct_plausible, read_ct, read_lung_mask
     from .annotations import read_annotation
     where = case.where()
     try:
@@ -74,7 +75,7 @@ def read_case(case: Case):
         # A label map or raw values given as the CT would train (or score) on nonsense.
         check_ct_plausible(ct, case.ct)
         if case.lung_mask is None:
-            from ..lungmask import compute_lung_mask
+            from ..imaging.lungmask import compute_lung_mask
             mask = compute_lung_mask(ct.array, ct.geometry)
         else:
             mask = read_lung_mask(case.lung_mask, ct)

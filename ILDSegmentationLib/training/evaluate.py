@@ -10,8 +10,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 
 from ..classes import NUM_CLASSES
-from ..inference import Inferer
-from ..modelfile import LoadedModel
+from ..engine.inference import Inferer
+from ..engine.modelfile import LoadedModel
 from .dataset import read_case
 from .manifest import Case
 from .metrics import confusion_matrix, summarize

@@ -97,7 +97,7 @@ class HeldOut:
 
 def preset_of(network_config) -> str:
     """The name of the architecture preset a model file's network config is."""
-    from ..network import PRESETS
+    from ..engine.network import PRESETS
     for name, config in PRESETS.items():
         if config == network_config:
             return name
@@ -150,16 +150,16 @@ def missing_classes(counts: np.ndarray) -> List[str]:
 def finetune(cases: Sequence[Case], start_model, out_dir: Path, settings: FinetuneSettings,
              device: str = "auto", time_limit_s: Optional[float] = None, provenance: Optional[Dict] = None,
              progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    """Fine-tune ``start_model`` (a :class:`~ILDSegmentationLib.modelfile.LoadedModel`)
+    """Fine-tune ``start_model`` (a :class:`~ILDSegmentationLib.engine.modelfile.LoadedModel`)
     on the annotated ``cases``; writes ``out_dir/model.safetensors`` (with the trainer's
     checkpoint, log and plots) and ``out_dir/finetune.json``; returns that report.
 
     The report's ``before`` and ``after`` hold the balanced accuracy, per-class
     accuracy and confusion matrix on the held-out annotations (pixels of the
     annotated slices, each lung crop run alone at the scan's own pixel size)."""
-    from ..atomicfile import atomic_path
-    from ..device import select_device
-    from ..modelfile import default_model_path
+    from ..imaging.atomicfile import atomic_path
+    from ..engine.device import select_device
+    from ..engine.modelfile import default_model_path
     from .trainer import TrainConfig, Trainer
     from .validation import validation_metrics
     settings.check()

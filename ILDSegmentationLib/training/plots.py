@@ -7,7 +7,7 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from ..atomicfile import atomic_path
+from ..imaging.atomicfile import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..atomicfile import atomic_path
+from ..imaging.atomicfile import atomic_path
 from ..classes import NUM_CLASSES
-from ..device import select_device
+from ..engine.device import select_device
 from ..errors import InputError
-from ..modelfile import LoadedModel, ModelInfo, save_model
-from ..network import PRESETS, DilatedFCN
-from ..preprocessing import INTENSITY_PRESETS
+from ..engine.modelfile import LoadedModel, ModelInfo, save_model
+from ..engine.network import PRESETS, DilatedFCN
+from ..engine.preprocessing import INTENSITY_PRESETS
 from .augment import INTENSITY_AUGMENTATIONS, scanner_variation
 from .batching import passes, prefetch, transformed
 from .dataset import Crop, class_pixel_counts

@@ -48,7 +48,7 @@ def _reference(network: torch.nn.Module, crops: Sequence[Crop], device: torch.de
 
 
 def _cpu_fast(network: torch.nn.Module, crops: Sequence[Crop]) -> np.ndarray:
-    from ..fastpath import FastCPUForward
+    from ..engine.fastpath import FastCPUForward
     network.eval()
     forward = FastCPUForward(network)
     forward.reserve(max(c.image.size for c in crops))
@@ -87,7 +87,7 @@ def validation_metrics(network: torch.nn.Module, crops: Sequence[Crop], device: 
     """Balanced accuracy, per-class accuracy, confusion matrix and Dice on the
     annotated lung pixels of ``crops``. ``fast``: the CPU fast path or the GPU's
     batched path (see the module's docstring); otherwise the reference."""
-    from ..fastpath import supports
+    from ..engine.fastpath import supports
     network.eval()
     if fast and device.type == "cpu" and supports(network, device):
         cm = _cpu_fast(network, crops)

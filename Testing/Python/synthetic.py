@@ -5,10 +5,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ILDSegmentationLib.geometry import Geometry
-from ILDSegmentationLib.modelfile import ModelInfo, load_model, save_model
-from ILDSegmentationLib.network import DilatedFCN, NetworkConfig
-from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+from ILDSegmentationLib.imaging.geometry import Geometry
+from ILDSegmentationLib.engine.modelfile import ModelInfo, load_model, save_model
+from ILDSegmentationLib.engine.network import DilatedFCN, NetworkConfig
+from ILDSegmentationLib.engine.preprocessing import INTENSITY_PRESETS
 
 
 def two_lungs(n_slices: int = 5, rows: int = 80, cols: int = 112, seed: int = 0):

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ILDSegmentationLib import background
-from ILDSegmentationLib.background import (CANCELLED, FAILED, SUCCEEDED, ChildProcess, ProgressLines,
-                                           SegmentationJob, parse_progress_line)
+from ILDSegmentationLib.slicer import background
+from ILDSegmentationLib.commands.progress import ProgressLines, parse_progress_line
+from ILDSegmentationLib.slicer.background import CANCELLED, FAILED, SUCCEEDED, ChildProcess, SegmentationJob
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_child_crash_without_message_names_exit_code_and_last_line():
 # ----------------------------------------------------------------------------------
 slicer = pytest.importorskip("slicer", reason="Slicer's MRML core is not importable (pip install slicer-core, "
                              "Python >= 3.10); inside Slicer the module's self-test runs the same path")
-from ILDSegmentationLib import mrml  # noqa: E402
+from ILDSegmentationLib.slicer import mrml  # noqa: E402
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
 from ILDSegmentationLib.errors import InputError  # noqa: E402
 from test_mrml import (CT_GEOMETRY, CT_SHAPE, OBLIQUE_DIRECTION, add_ct, add_volume, assert_unchanged,  # noqa: E402
@@ -110,7 +110,7 @@ def env():
 
 @pytest.fixture(scope="module")
 def model():
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.engine.modelfile import load_model
     return load_model(device="cpu")
 
 
@@ -190,7 +190,7 @@ def test_background_run_writes_what_the_in_process_run_writes(env, model, tmp_pa
     assert rows[-1][mrml.COL_VOXELS] == int((background_labels > 0).sum())
 
     # issue 15 in the panel: the regions table and the input checks, the same from both runs
-    from ILDSegmentationLib.regions import TABLE_COLUMNS
+    from ILDSegmentationLib.analysis.regions import TABLE_COLUMNS
     regions = mrml.results_from_table(result.regions_table_node)
     assert seg.GetNodeReference(mrml.REGIONS_TABLE_ROLE) is result.regions_table_node
     assert list(regions[0]) == list(TABLE_COLUMNS)

@@ -15,8 +15,8 @@ import SimpleITK as sitk
 
 from synthetic import random_model
 
-from ILDSegmentationLib.batch import (EXIT_SOME_FAILED, BatchCase, CaseOutcome, cases_from_paths,
-                                      read_batch_manifest, summary_row)
+from ILDSegmentationLib.commands.batch import (EXIT_SOME_FAILED, BatchCase, CaseOutcome, cases_from_paths,
+                                               read_batch_manifest, summary_row)
 from ILDSegmentationLib.classes import CLASSES
 
 
@@ -31,7 +31,7 @@ VOXEL_ML = SPACING[0] * SPACING[1] * SPACING[2] / 1000
 
 def _write_ct(path: Path, seed: int) -> np.ndarray:
     """A synthetic chest CT (phantom.py) at ``path``; returns its lung mask."""
-    from ILDSegmentationLib.phantom import make_chest_phantom
+    from ILDSegmentationLib.simulation.phantom import make_chest_phantom
     p = make_chest_phantom(seed=seed, size=96, n_slices=8, spacing=SPACING)
     image = sitk.GetImageFromArray(p.hu)
     image.SetSpacing(SPACING)
@@ -125,7 +125,9 @@ def test_rerun_skips_complete_cases_and_overwrite_redoes_them(cases, tmp_path):
 def test_the_model_is_loaded_once_for_the_whole_batch(cases, tmp_path, monkeypatch):
     """Counts the real loader's calls (wrapped, not replaced) wherever the batch or the
     pipeline could call it."""
-    from ILDSegmentationLib import cli, modelfile, pipeline
+    from ILDSegmentationLib.analysis import pipeline
+    from ILDSegmentationLib.commands import cli
+    from ILDSegmentationLib.engine import modelfile
     d, model = cases
     calls = []
     real = modelfile.load_model

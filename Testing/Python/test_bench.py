@@ -22,12 +22,13 @@ from ILDSegmentationLib.training.trainer import TrainConfig, Trainer
 import SimpleITK as sitk
 import torch
 
-from ILDSegmentationLib import bench, fastpath
-from ILDSegmentationLib.cli import main
-from ILDSegmentationLib.geometry import Geometry
-from ILDSegmentationLib.inference import Inferer
-from ILDSegmentationLib.network import PRESETS, DilatedFCN, NetworkConfig
-from ILDSegmentationLib.phantom import make_chest_phantom
+from ILDSegmentationLib.commands import bench
+from ILDSegmentationLib.engine import fastpath
+from ILDSegmentationLib.commands.cli import main
+from ILDSegmentationLib.imaging.geometry import Geometry
+from ILDSegmentationLib.engine.inference import Inferer
+from ILDSegmentationLib.engine.network import PRESETS, DilatedFCN, NetworkConfig
+from ILDSegmentationLib.simulation.phantom import make_chest_phantom
 
 from permissions import assert_normal_modes, umask
 from synthetic import random_model, sitk_volume, two_lungs
@@ -110,8 +111,8 @@ def test_bundled_model_on_the_phantom_matches_the_reference(default_model):
 
 
 def test_real_ct_matches_the_reference(default_model, dicom_dir):
-    from ILDSegmentationLib.io import read_ct
-    from ILDSegmentationLib.lungmask import compute_lung_mask
+    from ILDSegmentationLib.imaging.io import read_ct
+    from ILDSegmentationLib.imaging.lungmask import compute_lung_mask
     ct = read_ct(dicom_dir)
     mask = compute_lung_mask(ct.array, ct.geometry)
     k = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))

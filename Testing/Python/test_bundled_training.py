@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ILDSegmentationLib.modelfile import load_model
-from ILDSegmentationLib.simulate import simulate_case
+from ILDSegmentationLib.engine.modelfile import load_model
+from ILDSegmentationLib.simulation.simulate import simulate_case
 from ILDSegmentationLib.training.cropbank import AS_HU, load_crop_bank, save_crop_bank
 from ILDSegmentationLib.training.dataset import crops_from_arrays
 

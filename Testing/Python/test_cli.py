@@ -162,7 +162,7 @@ def test_output_names_itk_cannot_read_back_are_refused_before_any_work(small_cas
 
 
 def test_model_notice_says_what_the_weights_are():
-    from ILDSegmentationLib.cli import model_notice
+    from ILDSegmentationLib.analysis.report import model_notice
     assert "UNTRAINED" in model_notice({"name": "m", "trained": False, "provenance": {}})
     note = model_notice({"name": "m", "trained": True, "provenance": {"warning": "simulated data only"}})
     assert note.endswith("simulated data only") and "UNTRAINED" not in note
@@ -173,7 +173,7 @@ def test_demo_runs_on_its_built_in_case_and_scores_against_the_truth(tmp_path, m
     """`ildseg demo` needs no input: it writes its case, the truth and the result, and
     prints the bundled model's balanced accuracy against the known truth, with what
     the user must know about the weights."""
-    from ILDSegmentationLib.modelfile import default_model_path, read_info
+    from ILDSegmentationLib.engine.modelfile import default_model_path, read_info
     with umask(0o022):
         r = ildseg("demo", "--out", tmp_path / "demo", "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -213,7 +213,7 @@ def test_omp_wait_policy_is_set_by_the_command_not_by_importing_the_library():
     a value the user set wins."""
     import os
 
-    code = ("import os, ILDSegmentationLib, ILDSegmentationLib.cli as cli, ILDSegmentationLib.terminology\n"
+    code = ("import os, ILDSegmentationLib, ILDSegmentationLib.commands.cli as cli, ILDSegmentationLib.terminology\n"
             "before = os.environ.get('OMP_WAIT_POLICY')\n"
             "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
             "print(before, os.environ.get('OMP_WAIT_POLICY'))\n")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ILDSegmentationLib.errors import InputError
-from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+from ILDSegmentationLib.engine.preprocessing import INTENSITY_PRESETS
 from ILDSegmentationLib.training.cropbank import hu_crops, load_crop_bank, save_crop_bank
 from ILDSegmentationLib.training.dataset import load_case_crops
 from ILDSegmentationLib.training.manifest import read_manifest

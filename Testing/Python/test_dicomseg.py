@@ -21,7 +21,7 @@ pydicom = pytest.importorskip("pydicom", reason="pydicom is not installed (pip i
 
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
 from ILDSegmentationLib.errors import InputError  # noqa: E402
-from ILDSegmentationLib.io import read_ct  # noqa: E402
+from ILDSegmentationLib.imaging.io import read_ct  # noqa: E402
 
 TERM_FILE = REPO / "ILDSegmentation" / "Resources" / "ILDSegmentation.term.json"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -192,7 +192,7 @@ def test_dicom_seg_option_must_name_a_dcm_file(tmp_path):
 
 
 def test_missing_highdicom_is_one_line_saying_how_to_install(monkeypatch):
-    from ILDSegmentationLib.dicomseg import require_highdicom
+    from ILDSegmentationLib.imaging.dicomseg import require_highdicom
     monkeypatch.setitem(sys.modules, "highdicom", None)  # makes `import highdicom` raise ImportError
     with pytest.raises(InputError, match=r"pip install 'ildsegmentation\[dicom\]'"):
         require_highdicom()
@@ -201,7 +201,7 @@ def test_missing_highdicom_is_one_line_saying_how_to_install(monkeypatch):
 def test_slices_out_of_order_are_refused_not_misplaced():
     """Frame k must lie on source slice k: a file list in another order than the grid's
     is refused (the positions disagree) rather than written with shifted labels."""
-    from ILDSegmentationLib.dicomseg import build_dicom_seg
+    from ILDSegmentationLib.imaging.dicomseg import build_dicom_seg
     ct = read_ct(_need(DICOM_DIR))
     labels = np.zeros(ct.array.shape, np.uint8)
     labels[:, 250:260, 250:260] = 2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ILDSegmentationLib.atomicfile import atomic_path
+from ILDSegmentationLib.imaging.atomicfile import atomic_path
 from ILDSegmentationLib.errors import InputError
 
 from permissions import mode_of, umask

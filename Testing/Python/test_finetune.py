@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ILDSegmentationLib.cli import main
-from ILDSegmentationLib.modelfile import default_model_path, load_model
-from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+from ILDSegmentationLib.commands.cli import main
+from ILDSegmentationLib.engine.modelfile import default_model_path, load_model
+from ILDSegmentationLib.engine.preprocessing import INTENSITY_PRESETS
 from ILDSegmentationLib.training.dataset import load_case_crops
 from ILDSegmentationLib.training.finetune import hold_out
 from ILDSegmentationLib.training.manifest import read_manifest

@@ -25,13 +25,13 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ILDSegmentationLib import cli
+from ILDSegmentationLib.commands import cli
 from ILDSegmentationLib.classes import NUM_CLASSES
 from ILDSegmentationLib.errors import ILDSegError, InputError, LungMaskError
-from ILDSegmentationLib.geometry import Geometry, as_volume, canonical_view
-from ILDSegmentationLib.inference import Inferer
-from ILDSegmentationLib.pipeline import segment_file
-from ILDSegmentationLib.plausibility import NotCTInHUError, check_ct_in_hu
+from ILDSegmentationLib.imaging.geometry import Geometry, as_volume, canonical_view
+from ILDSegmentationLib.engine.inference import Inferer
+from ILDSegmentationLib.analysis.pipeline import segment_file
+from ILDSegmentationLib.imaging.plausibility import NotCTInHUError, check_ct_in_hu
 
 from synthetic import random_model
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ILDSegmentationLib.cropping import CROP_MARGIN, LEFT_LUNG, RIGHT_LUNG, crop_boxes, split_left_right
+from ILDSegmentationLib.engine.cropping import CROP_MARGIN, crop_boxes
+from ILDSegmentationLib.imaging.lungsides import LEFT_LUNG, RIGHT_LUNG, split_left_right
 from ILDSegmentationLib.errors import InputError
-from ILDSegmentationLib.geometry import Geometry, axial_axis, canonical_view
+from ILDSegmentationLib.imaging.geometry import Geometry, axial_axis, canonical_view
 
 from synthetic import array_and_geometry, sitk_volume, two_lungs
 

@@ -7,10 +7,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ILDSegmentationLib.cropping import crop_boxes, split_left_right
+from ILDSegmentationLib.engine.cropping import crop_boxes
+from ILDSegmentationLib.imaging.lungsides import split_left_right
 from ILDSegmentationLib.errors import Cancelled, InputError, LungMaskError
-from ILDSegmentationLib.geometry import Geometry, canonical_view
-from ILDSegmentationLib.inference import Inferer
+from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
+from ILDSegmentationLib.engine.inference import Inferer
 
 from synthetic import array_and_geometry, random_model, sitk_volume, two_lungs
 
@@ -212,7 +213,7 @@ def test_intensity_clips_any_storage_type_without_overflow(dtype):
     """Values beyond the clip range, even float64 ones float32 cannot hold, become
     the clip limits, with no overflow on the way."""
     import warnings
-    from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+    from ILDSegmentationLib.engine.preprocessing import INTENSITY_PRESETS
     info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
     hu = np.array([info.min, -3024, -1000, 0, 40, info.max]).astype(dtype)
     for name, intensity in INTENSITY_PRESETS.items():

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from ILDSegmentationLib.classes import CLASSES
 from ILDSegmentationLib.errors import InputError, LungMaskError
-from ILDSegmentationLib.io import read_ct, read_lung_mask, write_label_map, write_probabilities
+from ILDSegmentationLib.imaging.io import read_ct, read_lung_mask, write_label_map, write_probabilities
 
 from permissions import public_folder, run_unprivileged
 from synthetic import two_lungs

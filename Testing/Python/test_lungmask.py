@@ -1,4 +1,4 @@
-"""Tests of the classical lung mask (ILDSegmentationLib.lungmask).
+"""Tests of the classical lung mask (ILDSegmentationLib.imaging.lungmask).
 
 Real-CT tests read the shared data folder (../shared/data next to the repository,
 or $ILDSEG_TEST_DATA) and skip when it is absent; the synthetic tests always run.
@@ -14,10 +14,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ILDSegmentationLib.cropping import split_left_right
+from ILDSegmentationLib.imaging.lungsides import split_left_right
 from ILDSegmentationLib.errors import LungMaskError
-from ILDSegmentationLib.geometry import Geometry, canonical_view
-from ILDSegmentationLib.lungmask import compute_lung_mask
+from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
+from ILDSegmentationLib.imaging.lungmask import compute_lung_mask
 
 DATA = Path(os.environ.get("ILDSEG_TEST_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 DICOM_DIR = DATA / "lung-pet-ct-dx-A0002"
@@ -446,7 +446,7 @@ TRACHEA_LANDMARKS = {
 
 @pytest.mark.parametrize("name", sorted(TRACHEA_LANDMARKS))
 def test_real_ct_trachea_is_not_lung_where_it_used_to_be(name):
-    from ILDSegmentationLib.io import read_ct
+    from ILDSegmentationLib.imaging.io import read_ct
     path = DATA / name / f"{name}.nrrd"
     if not path.is_file():
         pytest.skip(f"real CT not found at {path} (set ILDSEG_TEST_DATA to the shared data folder)")

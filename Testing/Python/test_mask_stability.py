@@ -4,27 +4,19 @@ bookkeeping on cases whose answer is known, and the box's independence of the ma
 drawn border on a synthetic slice whose lung border is known."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import load_bench_script
 from synthetic import random_model, two_lungs
 
-from ILDSegmentationLib.cropping import (AERATED_REACH_PX, CROP_MARGIN, MASK_CONTEXT_PX, crop_boxes,
-                                         crop_boxes_aerated, split_left_right)
+from ILDSegmentationLib.engine.cropping import (AERATED_REACH_PX, CROP_MARGIN, MASK_CONTEXT_PX, crop_boxes,
+                                                crop_boxes_aerated)
+from ILDSegmentationLib.imaging.lungsides import split_left_right
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ms = _load("mask_stability")
+ms = load_bench_script("mask_stability")
 
 
 # -- the measurement --------------------------------------------------------------
@@ -163,8 +155,8 @@ def test_measurement_sees_the_papers_box_move_and_not_the_aerated_one(tmp_path):
     """On a synthetic CT (lungs in soft tissue, nothing at the image's edge), a changed
     mask border changes a random model's labels with the paper's box and leaves them
     all with the aerated box: the measurement can fail, and the fix holds."""
-    from ILDSegmentationLib.inference import Inferer
-    from ILDSegmentationLib.geometry import Geometry
+    from ILDSegmentationLib.engine.inference import Inferer
+    from ILDSegmentationLib.imaging.geometry import Geometry
     hu, mask = two_lungs(n_slices=3, rows=220, cols=300)
     model = random_model(tmp_path)
     inferers = {p: [Inferer(model, device="cpu", crop_box=p)] for p in ("mask", "aerated")}
@@ -179,7 +171,7 @@ def test_measurement_sees_the_papers_box_move_and_not_the_aerated_one(tmp_path):
 
 
 def test_inferer_refuses_an_unknown_crop_box(tmp_path):
-    from ILDSegmentationLib.inference import Inferer
+    from ILDSegmentationLib.engine.inference import Inferer
     with pytest.raises(ValueError, match="crop_box"):
         Inferer(random_model(tmp_path), device="cpu", crop_box="convex")
 
@@ -192,7 +184,7 @@ def test_segment_command_takes_the_crop_box_and_reports_it(tmp_path):
 
     import SimpleITK as sitk
 
-    from ILDSegmentationLib.cropping import CROP_BOX_CHOICES
+    from ILDSegmentationLib.engine.cropping import CROP_BOX_CHOICES
     hu, mask = two_lungs(n_slices=3, rows=96, cols=128)
     for name, arr in (("ct.nrrd", hu), ("lung.nrrd", mask)):
         image = sitk.GetImageFromArray(arr)

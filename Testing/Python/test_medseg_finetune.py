@@ -2,27 +2,17 @@
 brush, and the cases it writes from the MedSeg TrainingSet."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
+from conftest import load_bench_script
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "medseg-covid-slices"
 
 
-def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("medseg_finetune", BENCH / "medseg_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mf = _load()
+mf = load_bench_script("medseg_finetune")
 
 
 def test_painted_disks_lie_inside_the_region_and_apart():
@@ -58,7 +48,7 @@ def test_healthy_paint_keeps_away_from_the_radiologists_labels():
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/medseg-covid-slices (MedSeg research data)")
 def test_prepare_writes_sparse_cases_the_training_cli_reads(tmp_path):
-    from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+    from ILDSegmentationLib.engine.preprocessing import INTENSITY_PRESETS
     from ILDSegmentationLib.training.dataset import load_case_crops
     from ILDSegmentationLib.training.manifest import read_manifest
     summary = mf.prepare(DATA, tmp_path, 0.7, 3, 3.5, 10.0, seed=0)

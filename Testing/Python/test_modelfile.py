@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ILDSegmentationLib.errors import ModelFileError
-from ILDSegmentationLib.modelfile import ModelInfo, default_model_path, load_model, read_info, save_model
-from ILDSegmentationLib.network import PRESETS, DilatedFCN
-from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+from ILDSegmentationLib.engine.modelfile import ModelInfo, default_model_path, load_model, read_info, save_model
+from ILDSegmentationLib.engine.network import PRESETS, DilatedFCN
+from ILDSegmentationLib.engine.preprocessing import INTENSITY_PRESETS
 
 
 def _model(tmp_path, preset="proposed", **info_kw):
@@ -176,7 +176,7 @@ def test_missing_file_and_plain_safetensors(tmp_path):
 def test_a_damaged_weight_is_caught_by_the_checksum(tmp_path):
     """One flipped byte in the weights still loads as finite numbers of the right shape,
     and would give other labels: the checksum written with them refuses the file."""
-    from ILDSegmentationLib.modelfile import _read_header
+    from ILDSegmentationLib.engine.modelfile import _read_header
     from synthetic import random_model
     good = random_model(tmp_path).path
     data = bytearray(good.read_bytes())

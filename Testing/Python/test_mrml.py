@@ -1,4 +1,4 @@
-"""ILDSegmentationLib.mrml against Slicer's real MRML core (the slicer-core wheel).
+"""ILDSegmentationLib.slicer.mrml against Slicer's real MRML core (the slicer-core wheel).
 
 No fake slicer, qt or MRML: every node, logic, import/export and storage node here
 is Slicer's own C++ code. The whole file is skipped where slicer-core is not
@@ -25,11 +25,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     pytest.skip("Slicer's MRML core is not importable (pip install slicer-core, Python >= 3.10); "
                 "the same code is exercised inside Slicer by the module's self-test", allow_module_level=True)
 
-from ILDSegmentationLib import mrml
+from ILDSegmentationLib.slicer import mrml, nodes
 from ILDSegmentationLib.classes import CLASSES
 from ILDSegmentationLib.errors import Cancelled, DeviceError, InputError, LungMaskError, ModelFileError
-from ILDSegmentationLib.geometry import Geometry, canonical_view
-from ILDSegmentationLib.inference import Inferer
+from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
+from ILDSegmentationLib.engine.inference import Inferer
 from ILDSegmentationLib.terminology import TERMINOLOGY_CONTEXT, parse_terminology_entry, terminology_entry
 
 vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
@@ -103,14 +103,14 @@ def env():
 
 @pytest.fixture(scope="module")
 def model():
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.engine.modelfile import load_model
     return load_model(device="cpu")
 
 
 def add_volume(scene, array: np.ndarray, geometry: Geometry, name: str, cls: str = "vtkMRMLScalarVolumeNode"):
     node = scene.AddNewNodeByClass(cls, name)
     slicer.util.updateVolumeFromArray(node, array)
-    mrml.set_volume_geometry(node, geometry)
+    nodes.set_volume_geometry(node, geometry)
     node.CreateDefaultDisplayNodes()
     return node
 
@@ -152,11 +152,11 @@ def assert_unchanged(before: Dict[str, object], node) -> None:
 def export_labels(env, segmentation_node, reference_node) -> np.ndarray:
     """The segmentation as a K, J, I label map on the reference grid, label value =
     class label (segments exported in class order by Slicer's own export)."""
-    return mrml.segments_to_array(segmentation_node, [c.segment_id for c in CLASSES], reference_node)
+    return nodes.segments_to_array(segmentation_node, [c.segment_id for c in CLASSES], reference_node)
 
 
 def expected_labels(model, ct_node, mask: np.ndarray) -> np.ndarray:
-    hu, geometry = mrml.volume_array_and_geometry(ct_node)
+    hu, geometry = nodes.volume_array_and_geometry(ct_node)
     return Inferer(model, device="cpu").segment(hu, mask, geometry).labels
 
 
@@ -165,7 +165,7 @@ def expected_labels(model, ct_node, mask: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------
 def test_oblique_ct_geometry_ras_to_lps_and_axial_axis(env):
     ct = add_ct(env.scene)
-    hu, geometry = mrml.volume_array_and_geometry(ct)
+    hu, geometry = nodes.volume_array_and_geometry(ct)
     assert hu.shape == CT_SHAPE
     np.testing.assert_allclose(geometry.spacing, CT_GEOMETRY.spacing, atol=1e-9)
     np.testing.assert_allclose(geometry.origin, CT_GEOMETRY.origin, atol=1e-6)
@@ -186,14 +186,14 @@ def test_oblique_ct_geometry_ras_to_lps_and_axial_axis(env):
 def test_geometry_matches_simpleitk_reading_of_the_saved_volume(env, tmp_path):
     """An independent check of the RAS -> LPS conversion: Slicer writes the node,
     SimpleITK (LPS) reads it back, both geometries must agree."""
-    from ILDSegmentationLib.io import read_ct
+    from ILDSegmentationLib.imaging.io import read_ct
 
     ct = add_ct(env.scene)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(tmp_path / "ct.nrrd"))
     assert storage.WriteData(ct)
     read = read_ct(tmp_path / "ct.nrrd")
-    hu, geometry = mrml.volume_array_and_geometry(ct)
+    hu, geometry = nodes.volume_array_and_geometry(ct)
     assert np.array_equal(read.array, hu)
     np.testing.assert_allclose(read.geometry.spacing, geometry.spacing, atol=1e-5)
     np.testing.assert_allclose(read.geometry.origin, geometry.origin, atol=1e-4)
@@ -207,7 +207,7 @@ def test_linear_parent_transform_is_applied(env):
     m.SetElement(0, 3, 10.0)  # 10 mm towards R = -10 mm in LPS x
     transform.SetMatrixTransformToParent(m)
     ct.SetAndObserveTransformNodeID(transform.GetID())
-    _, geometry = mrml.volume_array_and_geometry(ct)
+    _, geometry = nodes.volume_array_and_geometry(ct)
     assert geometry.origin[0] == pytest.approx(CT_GEOMETRY.origin[0] - 10.0)
 
 
@@ -222,10 +222,10 @@ def test_transformed_ct_is_segmented_where_it_is_shown(env, model):
     m.SetElement(2, 3, -7.0)
     transform.SetMatrixTransformToParent(m)
     ct.SetAndObserveTransformNodeID(transform.GetID())
-    _, world = mrml.volume_array_and_geometry(ct)
+    _, world = nodes.volume_array_and_geometry(ct)
     lungs = lungs_at(lps_points(CT_GEOMETRY, CT_SHAPE))  # the lungs of the CT's own voxels...
     mask_node = add_volume(scene, lungs, world, "lungs in world space", "vtkMRMLLabelMapVolumeNode")  # ...placed
-    assert np.array_equal(mrml.lung_mask_from_node(mask_node, ct), (lungs > 0).astype(np.uint8))
+    assert np.array_equal(nodes.lung_mask_from_node(mask_node, ct), (lungs > 0).astype(np.uint8))
     result = mrml.process(scene, ct, mask_node, None, model=model, device="cpu")
     labels = export_labels(env, result.segmentation_node, mask_node)  # mask_node has the world grid
     assert np.array_equal(labels > 0, lungs > 0)
@@ -243,7 +243,7 @@ def test_label_map_mask_on_another_grid_is_resampled(env):
     mask_node = add_volume(env.scene, lungs_at(lps_points(mask_geometry, mask_shape)), mask_geometry,
                            "lungs", "vtkMRMLLabelMapVolumeNode")
     before = snapshot(mask_node)
-    mask = mrml.lung_mask_from_node(mask_node, ct)
+    mask = nodes.lung_mask_from_node(mask_node, ct)
     assert mask.shape == CT_SHAPE and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     disagree = (mask > 0) != expected
     # nearest neighbour from a ~4 mm grid: only boundary voxels may differ
@@ -255,7 +255,7 @@ def test_label_map_mask_on_the_same_grid_is_taken_as_is(env):
     ct = add_ct(env.scene)
     lungs = lungs_at(lps_points(CT_GEOMETRY, CT_SHAPE))
     mask_node = add_volume(env.scene, lungs, CT_GEOMETRY, "lungs", "vtkMRMLLabelMapVolumeNode")
-    assert np.array_equal(mrml.lung_mask_from_node(mask_node, ct), (lungs > 0).astype(np.uint8))
+    assert np.array_equal(nodes.lung_mask_from_node(mask_node, ct), (lungs > 0).astype(np.uint8))
 
 
 def test_label_map_mask_that_misses_the_ct_is_refused(env):
@@ -263,10 +263,10 @@ def test_label_map_mask_that_misses_the_ct_is_refused(env):
     far = centred_geometry(np.eye(3), (5.0, 5.0, 5.0), (10, 64, 64), centre=(0.0, 0.0, 2000.0))
     mask_node = add_volume(env.scene, np.ones((10, 64, 64), np.uint8), far, "far", "vtkMRMLLabelMapVolumeNode")
     with pytest.raises(LungMaskError, match="does not overlap"):
-        mrml.lung_mask_from_node(mask_node, ct)
+        nodes.lung_mask_from_node(mask_node, ct)
     empty = add_volume(env.scene, np.zeros(CT_SHAPE, np.uint8), CT_GEOMETRY, "empty", "vtkMRMLLabelMapVolumeNode")
     with pytest.raises(LungMaskError, match="empty"):
-        mrml.lung_mask_from_node(empty, ct)
+        nodes.lung_mask_from_node(empty, ct)
 
 
 def _lung_segmentation(env, ct, name: str = "lung segmentation"):
@@ -293,14 +293,14 @@ def test_segmentation_mask_with_chosen_segments(env):
     ct = add_ct(env.scene)
     seg, labels = _lung_segmentation(env, ct)
     before, scene_before = snapshot(seg), node_ids(env.scene)
-    mask = mrml.lung_mask_from_node(seg, ct, ["right", "left"])
+    mask = nodes.lung_mask_from_node(seg, ct, ["right", "left"])
     assert np.array_equal(mask > 0, (labels == 1) | (labels == 2))
-    everything = mrml.lung_mask_from_node(seg, ct)  # default: all segments
+    everything = nodes.lung_mask_from_node(seg, ct)  # default: all segments
     assert np.array_equal(everything > 0, labels > 0)
     with pytest.raises(InputError, match="not found"):
-        mrml.lung_mask_from_node(seg, ct, ["right", "nonsense"])
+        nodes.lung_mask_from_node(seg, ct, ["right", "nonsense"])
     with pytest.raises(InputError, match="no lung segment"):
-        mrml.lung_mask_from_node(seg, ct, [])
+        nodes.lung_mask_from_node(seg, ct, [])
     # neither the segmentation nor the scene changed (the export used a private scene)
     assert_unchanged(before, seg)
     assert node_ids(env.scene) == scene_before
@@ -322,7 +322,7 @@ def test_process_with_label_map_on_another_grid(env, model):
                           progress=lambda f, m: messages.append((f, m)))
     seg = result.segmentation_node
     # the labels in the scene are exactly the engine's on the resampled mask
-    want = expected_labels(model, ct, mrml.lung_mask_from_node(mask_node, ct))
+    want = expected_labels(model, ct, nodes.lung_mask_from_node(mask_node, ct))
     assert np.array_equal(export_labels(env, seg, ct), want)
     # six segments, fixed IDs, class names and colors, terminology, reference geometry
     assert mrml.segment_ids_of(seg) == [c.segment_id for c in CLASSES]
@@ -368,7 +368,7 @@ def test_results_table_is_voxel_count_times_voxel_volume(env, model):
     rows = mrml.results_from_table(result.table_node)
     assert [r[mrml.COL_SEGMENT] for r in rows] == [c.name for c in CLASSES] + [mrml.TOTAL_ROW_NAME]
     lung_voxels = int((labels > 0).sum())
-    assert lung_voxels == int((mrml.lung_mask_from_node(mask_node, ct) > 0).sum())
+    assert lung_voxels == int((nodes.lung_mask_from_node(mask_node, ct) > 0).sum())
     for c, row in zip(CLASSES, rows):
         n = int((labels == c.label).sum())
         assert row[mrml.COL_VOXELS] == n
@@ -549,7 +549,7 @@ def test_out_of_gpu_memory_error_changes_nothing(env, model, monkeypatch):
     it finally gives up (cpu_fallback=False, as the Slicer panel asks, to offer the
     CPU) the error reaches the caller and the scene is unchanged. No GPU here: the
     engine is replaced by one that reports the engine's error."""
-    import ILDSegmentationLib.inference as inference
+    import ILDSegmentationLib.engine.inference as inference
 
     seen = {}
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ILDSegmentationLib.network import (PAPER_TABLE_II, PRESETS, DilatedFCN, InstanceNorm, NetworkConfig,
-                                        count_parameters, describe)
+from ILDSegmentationLib.engine.network import (PAPER_TABLE_II, PRESETS, DilatedFCN, InstanceNorm, NetworkConfig,
+                                               count_parameters, describe)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ILDSegmentationLib import cli
+from ILDSegmentationLib.commands import cli
 
 from permissions import privileged, public_folder, run_unprivileged
 from synthetic import random_model, two_lungs
@@ -143,7 +143,7 @@ def test_os_error_on_a_path_is_one_line_exit_2(world, kind, command, slot, tmp_p
 def test_fifo_given_as_input_is_refused_without_opening_it(tmp_path):
     """Opening a FIFO for reading blocks until a writer comes: the type is checked first."""
     from ILDSegmentationLib.errors import InputError
-    from ILDSegmentationLib.io import read_ct
+    from ILDSegmentationLib.imaging.io import read_ct
     os.mkfifo(tmp_path / "ct.nrrd")
     with pytest.raises(InputError, match=r"ct.nrrd: is a named pipe \(FIFO\)"):
         read_ct(tmp_path / "ct.nrrd")
@@ -151,7 +151,7 @@ def test_fifo_given_as_input_is_refused_without_opening_it(tmp_path):
 
 def test_output_over_a_device_file_is_refused_even_for_root(tmp_path):
     """A rename over /dev/null as root would replace the device: refused before any work."""
-    from ILDSegmentationLib.atomicfile import check_writable
+    from ILDSegmentationLib.imaging.atomicfile import check_writable
     from ILDSegmentationLib.errors import InputError
     os.mkfifo(tmp_path / "out.nrrd")
     for target in (tmp_path / "out.nrrd", Path("/dev/null")):

@@ -1,4 +1,4 @@
-"""The synthetic chest CT of ``ildseg demo`` (ILDSegmentationLib.phantom).
+"""The synthetic chest CT of ``ildseg demo`` (ILDSegmentationLib.simulation.phantom).
 
 The default phantom is built once per module (about 2 s); determinism is checked on
 a coarser grid of the same anatomy so the tests stay fast.
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ILDSegmentationLib.geometry import Geometry, canonical_view
-from ILDSegmentationLib.phantom import Phantom, _Grid, _tube_coverage, make_chest_phantom
+from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
+from ILDSegmentationLib.simulation.grids import VoxelGrid, voxel_tube_coverage
+from ILDSegmentationLib.simulation.phantom import Phantom, make_chest_phantom
 
 SMALL = dict(size=96, n_slices=28, spacing=(3.8, 3.8, 10.0))  # same chest, coarse grid
 
@@ -191,10 +192,10 @@ def test_truth_is_healthy_exactly_in_the_lungs(phantom):
 
 
 def test_tube_coverage_is_a_partial_volume_cylinder():
-    grid = _Grid((10, 40, 40), (1.0, 1.0, 5.0), (-19.5, -19.5, -22.5))
+    grid = VoxelGrid((10, 40, 40), (1.0, 1.0, 5.0), (-19.5, -19.5, -22.5))
     # A horizontal tube of radius 4 mm and length 20 mm, along x at y = 0, z = 0.
-    cov = _tube_coverage(grid, np.array([[-10.0, 0.0, 0.0]]), np.array([[10.0, 0.0, 0.0]]),
-                         np.array([4.0]), np.array([4.0]))
+    cov = voxel_tube_coverage(grid, np.array([[-10.0, 0.0, 0.0]]), np.array([[10.0, 0.0, 0.0]]),
+                              np.array([4.0]), np.array([4.0]))
     assert cov.dtype == np.float32 and cov.shape == (10, 40, 40)
     assert 0.0 <= cov.min() and cov.max() <= 1.0
     # Volume (with round caps) = pi r^2 L + 4/3 pi r^3.
@@ -202,8 +203,8 @@ def test_tube_coverage_is_a_partial_volume_cylinder():
     assert cov.sum() * 5.0 == pytest.approx(expected, rel=0.1)
     # A 4 mm tube between two 5 mm slices fills neither: each holds part of it (about
     # 2 of its 5 mm), as in a real thick-slice CT; the slices beyond hold nothing.
-    thin = _tube_coverage(grid, np.array([[-10.0, 0.0, 0.0]]), np.array([[10.0, 0.0, 0.0]]),
-                          np.array([2.0]), np.array([2.0]))
+    thin = voxel_tube_coverage(grid, np.array([[-10.0, 0.0, 0.0]]), np.array([[10.0, 0.0, 0.0]]),
+                               np.array([2.0]), np.array([2.0]))
     k_below, k_above = 4, 5  # slice centres at z = -2.5 and +2.5 mm
     for k in (k_below, k_above):
         assert 0.2 < thin[k, 19, 20] < 0.6

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ILDSegmentationLib import cli
-from ILDSegmentationLib.io import read_ct
-from ILDSegmentationLib.plausibility import NotCTInHUError, check_ct_in_hu
+from ILDSegmentationLib.commands import cli
+from ILDSegmentationLib.imaging.io import read_ct
+from ILDSegmentationLib.imaging.plausibility import NotCTInHUError, check_ct_in_hu
 
 from conftest import DATA
 from synthetic import random_model, two_lungs
@@ -132,7 +132,7 @@ def test_real_cts_pass_without_a_warning(name, caplog):
 
 
 def test_phantom_and_synthetic_test_cts_pass_without_a_warning():
-    from ILDSegmentationLib.phantom import make_chest_phantom
+    from ILDSegmentationLib.simulation.phantom import make_chest_phantom
     from training_data import make_case
     assert check_ct_in_hu(make_chest_phantom().hu, "phantom")["warnings"] == []
     for shape in [(5, 80, 112), (4, 64, 88), (3, 48, 64), (2, 200, 200)]:
@@ -199,8 +199,8 @@ def test_training_and_evaluation_refuse_a_label_map_given_as_the_ct(model_path, 
 
 def test_warnings_are_logged(caplog):
     hu, _ = _hu()
-    from ILDSegmentationLib.io import Volume, check_ct_plausible
-    from ILDSegmentationLib.geometry import Geometry
+    from ILDSegmentationLib.imaging.io import Volume, check_ct_plausible
+    from ILDSegmentationLib.imaging.geometry import Geometry
     image = sitk.GetImageFromArray(np.clip(hu, -160, 240))
     with caplog.at_level(logging.WARNING):
         record = check_ct_plausible(Volume(np.clip(hu, -160, 240), Geometry.from_sitk(image), image), "soft.nrrd")

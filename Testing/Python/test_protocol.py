@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 import torch
 
-from ILDSegmentationLib import cropping
-from ILDSegmentationLib.cli import build_parser
-from ILDSegmentationLib.cropping import LEFT_LUNG, RIGHT_LUNG, crop_boxes, split_left_right
-from ILDSegmentationLib.geometry import Geometry
-from ILDSegmentationLib.inference import Inferer
-from ILDSegmentationLib.network import DilatedFCN, NetworkConfig
-from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+from ILDSegmentationLib.engine import cropping
+from ILDSegmentationLib.commands.cli import build_parser
+from ILDSegmentationLib.engine.cropping import crop_boxes
+from ILDSegmentationLib.imaging.lungsides import LEFT_LUNG, RIGHT_LUNG, split_left_right
+from ILDSegmentationLib.imaging.geometry import Geometry
+from ILDSegmentationLib.engine.inference import Inferer
+from ILDSegmentationLib.engine.network import DilatedFCN, NetworkConfig
+from ILDSegmentationLib.engine.preprocessing import INTENSITY_PRESETS
 from ILDSegmentationLib.training import batching as batching_module
 from ILDSegmentationLib.training import trainer as trainer_module
 from ILDSegmentationLib.training.dataset import Crop, crops_from_arrays, dihedral
@@ -251,7 +252,7 @@ def test_early_stopping_is_relative_half_percent_with_patience_and_keeps_the_bes
     for k, v in trainer.network.state_dict().items():
         assert torch.equal(v.cpu(), best[k]), k
     assert any(not torch.equal(seen_states[5][k], best[k]) for k in best), "training moved the weights"
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.engine.modelfile import load_model
     saved = load_model(tmp_path / "run" / "model.safetensors").network.state_dict()
     for k, v in best.items():
         assert torch.equal(saved[k], v), k

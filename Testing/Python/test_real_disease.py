@@ -3,25 +3,15 @@ made-up slice whose tissues are known, the metric bookkeeping, the MedSeg reader
 orientation, and (when ../shared/data is there) the real MedSeg slices."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import numpy as np
 import pytest
-from conftest import DATA, REPO
+from conftest import DATA, load_bench_script
 
 MEDSEG = DATA / "medseg-covid-slices"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rd = _load("real_disease")
+rd = load_bench_script("real_disease")
 
 
 def _made_up_slice(level=-450.0, width=1400.0, seed=0, soft_hu=40.0):
@@ -120,7 +110,7 @@ def test_reader_transposes_and_pairs(tmp_path):
 
 
 def test_pattern_stats_on_a_made_up_region():
-    ps = _load("pattern_stats")
+    ps = load_bench_script("pattern_stats")
     rng = np.random.default_rng(0)
     hu = np.full((80, 80), -850.0) + rng.normal(0, 20, (80, 80))
     region = np.zeros((80, 80), bool)

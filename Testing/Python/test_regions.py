@@ -1,4 +1,4 @@
-"""Regional quantification (ILDSegmentationLib.regions): sides, zones and depth from
+"""Regional quantification (ILDSegmentationLib.analysis.regions): sides, zones and depth from
 the geometry, regions that add up to the totals exactly, the descriptors, the CSV
 table and the visual report, through the library and the ildseg command."""
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import SimpleITK as sitk
 
 from ILDSegmentationLib.classes import CLASSES
-from ILDSegmentationLib.geometry import Geometry
-from ILDSegmentationLib.regions import (DEFAULT_BAND_MM, TABLE_COLUMNS, costal_pleura_depth, format_regions,
-                                        regional_volumes, table_csv, table_rows, zone_of_slices)
-from ILDSegmentationLib.report import class_volumes, panel_results
+from ILDSegmentationLib.imaging.geometry import Geometry
+from ILDSegmentationLib.analysis.regions import (DEFAULT_BAND_MM, TABLE_COLUMNS, costal_pleura_depth, format_regions,
+                                                 regional_volumes, table_csv, table_rows, zone_of_slices)
+from ILDSegmentationLib.analysis.report import class_volumes, panel_results
 
 # ---------------------------------------------------------------- a chest with a known answer
 # Built in the canonical view: (slice superior -> inferior, row anterior -> posterior,
@@ -157,9 +157,10 @@ def test_depth_is_measured_from_the_chest_wall_not_the_mediastinum():
 
 
 def test_simulator_uses_the_same_depth_function():
-    from ILDSegmentationLib import regions, simulate
-    assert simulate.inplane_distance is regions.inplane_distance
-    assert simulate.inside_chest_wall is regions.inside_chest_wall and simulate.slice_hulls is regions.slice_hulls
+    from ILDSegmentationLib.analysis import regions
+    from ILDSegmentationLib.simulation import case
+    assert case.inplane_distance is regions.inplane_distance
+    assert case.inside_chest_wall is regions.inside_chest_wall and case.slice_hulls is regions.slice_hulls
 
 
 def test_table_rows_csv_and_panel(chest):
@@ -187,7 +188,7 @@ def test_table_rows_csv_and_panel(chest):
 
 def test_visual_report_png_and_pdf(chest, tmp_path):
     pytest.importorskip("matplotlib")
-    from ILDSegmentationLib.visual_report import render_visual_report
+    from ILDSegmentationLib.analysis.visual_report import render_visual_report
     canonical, _ = chest
     labels, geometry = from_canonical(canonical, "prone")
     hu = np.where(labels > 0, -850, 40).astype(np.int16)
@@ -206,8 +207,8 @@ def test_visual_report_png_and_pdf(chest, tmp_path):
 
 
 def test_real_ct_regions_add_up_and_sides_match_the_lung_mask(ricord_path):
-    from ILDSegmentationLib.io import read_ct
-    from ILDSegmentationLib.lungmask import compute_lung_mask
+    from ILDSegmentationLib.imaging.io import read_ct
+    from ILDSegmentationLib.imaging.lungmask import compute_lung_mask
     ct = read_ct(ricord_path)
     mask = compute_lung_mask(ct.array, ct.geometry)  # 1 right, 2 left (its own split)
     # Classes by attenuation bands: a deterministic stand-in for a model's labels.

@@ -29,12 +29,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ILDSegmentationLib import cli
+from ILDSegmentationLib.commands import cli
 from ILDSegmentationLib.errors import InputError
-from ILDSegmentationLib.geometry import Geometry, canonical_view
-from ILDSegmentationLib.inference import Inferer
-from ILDSegmentationLib.io import read_ct
-from ILDSegmentationLib.pipeline import segment_file
+from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
+from ILDSegmentationLib.engine.inference import Inferer
+from ILDSegmentationLib.imaging.io import read_ct
+from ILDSegmentationLib.analysis.pipeline import segment_file
 
 from permissions import public_folder, run_unprivileged, unprivileged_command
 from synthetic import random_model, two_lungs
@@ -168,7 +168,7 @@ def test_interrupt_while_writing_removes_every_output(small_case, model_path, tm
     """Ctrl-C in the middle of writing the second output: the half-written temporary
     file and the first, complete output are both removed."""
     ct, mask, _ = small_case
-    import ILDSegmentationLib.io as io_module
+    import ILDSegmentationLib.imaging.io as io_module
     real_write = sitk.WriteImage
     calls = []
 
@@ -468,8 +468,8 @@ MEMORY_PROBE = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from synthetic import random_model
     from pathlib import Path
-    from ILDSegmentationLib.geometry import Geometry
-    from ILDSegmentationLib.inference import Inferer
+    from ILDSegmentationLib.imaging.geometry import Geometry
+    from ILDSegmentationLib.engine.inference import Inferer
 
     def peak_kb():
         for line in open("/proc/self/status"):
@@ -690,8 +690,8 @@ def test_out_of_field_padding_disturbs_neither_mask_nor_labels(ricord_path):
     """ricord-000082 holds -3024 outside the scanner's field of view, inside the crops
     of many lung slices. The lung mask leaves it out, no label lands on it, and the
     labels are those of the same CT with the padding set to air (-1024 HU)."""
-    from ILDSegmentationLib.lungmask import compute_lung_mask
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.imaging.lungmask import compute_lung_mask
+    from ILDSegmentationLib.engine.modelfile import load_model
     ct = read_ct(ricord_path)
     hu = np.asarray(ct.array)
     padding = hu == -3024
@@ -701,7 +701,8 @@ def test_out_of_field_padding_disturbs_neither_mask_nor_labels(ricord_path):
     as_air = np.where(padding, -1024, hu).astype(hu.dtype)
     np.testing.assert_array_equal(compute_lung_mask(as_air, ct.geometry), mask)
     # Two lung slices whose crops hold thousands of padding voxels (engine on those only).
-    from ILDSegmentationLib.cropping import crop_boxes, split_left_right
+    from ILDSegmentationLib.engine.cropping import crop_boxes
+    from ILDSegmentationLib.imaging.lungsides import split_left_right
     view = canonical_view(ct.geometry)
     hu_c, sides = view.to_canonical(hu), split_left_right(view.to_canonical(mask))
     in_crops = sum(int((hu_c[z, b.r0:b.r1, b.c0:b.c1] == -3024).sum()) for z in (30, 45)

@@ -1,13 +1,13 @@
-"""Running the network at the model's pixel size (ILDSegmentationLib/resolution.py)."""
+"""Running the network at the model's pixel size (ILDSegmentationLib/engine/resolution.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ILDSegmentationLib.geometry import Geometry
-from ILDSegmentationLib.inference import Inferer
-from ILDSegmentationLib.resolution import SPACING_TOLERANCE, InPlaneGrid, network_pixel_spacing
+from ILDSegmentationLib.imaging.geometry import Geometry
+from ILDSegmentationLib.engine.inference import Inferer
+from ILDSegmentationLib.engine.resolution import SPACING_TOLERANCE, InPlaneGrid, network_pixel_spacing
 
 from synthetic import random_model, sitk_volume, two_lungs
 
@@ -134,7 +134,7 @@ def test_bundled_model_on_a_finer_grid_does_as_on_its_own(default_model):
     upsampled 2x (pixels far below the range): run at the model's pixel size, it scores
     better than when the network meets the chest magnified twice (2026-12 model: 0.75
     against 0.67; 0.69 on the in-range grid itself)."""
-    from ILDSegmentationLib.demo import make_demo_case
+    from ILDSegmentationLib.commands.demo import make_demo_case
     lo, hi = default_model.info.pixel_spacing_mm
     assert hi / 2 < lo / 1.05, "the finer grid must lie outside the model's range"
     image, truth = make_demo_case()

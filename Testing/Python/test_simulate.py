@@ -1,4 +1,4 @@
-"""The ILD pattern simulator (ILDSegmentationLib.simulate).
+"""The ILD pattern simulator (ILDSegmentationLib.simulation.simulate).
 
 Real-CT checks run once on the RICORD case (module fixture, a few seconds) and skip
 with the reason when ../shared/data is absent; everything else uses a small
@@ -17,10 +17,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ILDSegmentationLib.errors import InputError, LungMaskError
-from ILDSegmentationLib.geometry import Geometry, canonical_view
-from ILDSegmentationLib.simulate import (ANNOTATED_FRACTION_RANGE, CONSOLIDATION, GGO, HEALTHY, HONEYCOMBING,
-                                         MICRONODULES, PATTERNS, RETICULATION, SimulationConfig, estimate_noise,
-                                         simulate_case)
+from ILDSegmentationLib.imaging.geometry import Geometry, canonical_view
+from ILDSegmentationLib.imaging.noise import estimate_noise
+from ILDSegmentationLib.simulation.config import (ANNOTATED_FRACTION_RANGE, CONSOLIDATION, GGO, HEALTHY, HONEYCOMBING,
+                                                  MICRONODULES, PATTERNS, RETICULATION, SimulationConfig)
+from ILDSegmentationLib.simulation.simulate import simulate_case
 
 DATA = Path(os.environ.get("ILDSEG_TEST_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 RICORD = DATA / "ricord-000082" / "ricord-000082-5mm.nii.gz"
@@ -304,7 +305,7 @@ def test_real_ct_attenuation_goes_the_right_way(ricord_case):
 def test_real_ct_auto_lung_mask_keeps_dense_patterns_at_the_pleura(ricord_case, monkeypatch):
     """A user who lets ildseg compute the lung mask must not lose the dense patterns
     that touch the chest wall (lungmask.py, step 8)."""
-    from ILDSegmentationLib import lungmask
+    from ILDSegmentationLib.imaging import lungmask
     _, geometry, case = ricord_case
 
     def kept(mask):

@@ -66,7 +66,7 @@ def _cmake_list(text: str, name: str) -> List[str]:
 # ----------------------------------------------------------------------------------
 # Python 3.9 and import-time behaviour
 # ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", [MODULE_PY, LIB_DIR / "mrml.py"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [MODULE_PY, LIB_DIR / "slicer" / "mrml.py"], ids=lambda p: p.name)
 def test_compiles_with_python_3_9_syntax(path):
     src = path.read_text(encoding="utf-8")
     module = ast.parse(src, feature_version=(3, 9))
@@ -367,11 +367,11 @@ add_subdirectory("{MODULE_DIR.as_posix()}" ILDSegmentation)
     assert installed == _library_python_files()
     assert (modules / "ILDSegmentationLib" / "models" / "default.safetensors").is_file()
     # the build tree holds the same package for running from the build tree
-    assert (build / "lib" / "Slicer-5.8" / "qt-scripted-modules" / "ILDSegmentationLib" / "mrml.py").is_file()
+    assert (build / "lib" / "Slicer-5.8" / "qt-scripted-modules" / "ILDSegmentationLib" / "slicer" / "mrml.py").is_file()
     assert (build / "unittests.txt").read_text().split() == ["ILDSegmentation.py"]
     # the module finds the installed library next to itself, and the bundled model is there
     assert Path(_exec_library_folder(modules / "ILDSegmentation.py")) == modules
-    from ILDSegmentationLib.modelfile import read_info
+    from ILDSegmentationLib.engine.modelfile import read_info
     assert read_info(modules / "ILDSegmentationLib" / "models" / "default.safetensors").name
 
 
@@ -542,7 +542,7 @@ def _run_extracted(code: str, tmp_path: Path) -> str:
 
 def test_opening_the_panel_imports_no_torch(tmp_path):
     out = _run_extracted("""
-from ILDSegmentationLib.modelfile import default_model_path, read_info
+from ILDSegmentationLib.engine.modelfile import default_model_path, read_info
 model = logic.describeModel(None)
 device = logic.describeDevice("GPU")
 broken = logic.describeModel(os.path.join(os.getcwd(), "ILDSegmentation.json"))
@@ -739,7 +739,10 @@ def _library_messages() -> List[str]:
     """The text of every exception the library raises (f-string fields as {}), and of
     the command line's one-line internal error: what the panel may show."""
     messages = []
-    for path in sorted(LIB_DIR.glob("*.py")):
+    # The panel runs one CT (or a fine-tuning) in a child process: the batch engines of
+    # a cohort (Ray workers, shards) never report to it.
+    batch_only = {LIB_DIR / "commands" / "distributed.py", LIB_DIR / "commands" / "shards.py"}
+    for path in sorted(p for p in LIB_DIR.rglob("*.py") if p.parent.name != "training" and p not in batch_only):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.Raise, ast.Return)) and node.__dict__.get("exc", node.__dict__.get("value")):
                 for s in ast.walk(node.exc if isinstance(node, ast.Raise) else node.value):
@@ -747,7 +750,7 @@ def _library_messages() -> List[str]:
                         messages.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in s.values))
                     elif isinstance(s, ast.Constant) and isinstance(s.value, str):
                         messages.append(s.value)
-    cli = (LIB_DIR / "cli.py").read_text(encoding="utf-8")
+    cli = (LIB_DIR / "commands" / "cli.py").read_text(encoding="utf-8")
     messages += re.findall(r'"(\(rerun with --debug for details\))"', cli)
     return [m for m in messages if re.search(r"--[a-z]|README", m)]
 
@@ -792,7 +795,7 @@ def test_in_process_release_moves_the_kept_model_to_the_cpu(tree):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here: the move back from the GPU is checked by the test above only")
-    from ILDSegmentationLib.modelfile import load_model
+    from ILDSegmentationLib.engine.modelfile import load_model
 
     method = _class_methods(tree, "ILDSegmentationLogic")["releaseDeviceMemory"]
     ns = {"sys": sys}
@@ -833,7 +836,7 @@ def test_extension_screenshot_is_a_picture_in_the_repository():
 
 def test_teach_section_only_wires_the_logic(ui, tree):
     """Issue 16, the panel: every step goes through the logic (which delegates to
-    ILDSegmentationLib.trainingset / background, tested on the real MRML core and a
+    ILDSegmentationLib.slicer.trainingset / background, tested on the real MRML core and a
     real child process); fine-tuning is polled from a timer, with Cancel and the
     remaining time; the new model becomes the chosen model file; the bundled one is
     never the output."""

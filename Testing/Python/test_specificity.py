@@ -1,4 +1,4 @@
-"""The specificity benchmark's bookkeeping (ILDSegmentationLib/specificity.py), on
+"""The specificity benchmark's bookkeeping (bench/specificity.py), on
 the synthetic chest phantom: no model, no real CT."""
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from ILDSegmentationLib.errors import InputError
-from ILDSegmentationLib.geometry import canonical_view
-from ILDSegmentationLib.phantom import make_chest_phantom
-from ILDSegmentationLib.specificity import HILAR_MM, REGIONS, SUBPLEURAL_MM, main, measure, regions
+from ILDSegmentationLib.imaging.geometry import canonical_view
+from ILDSegmentationLib.simulation.phantom import make_chest_phantom
+from conftest import load_bench_script
+
+specificity = load_bench_script("specificity")
+HILAR_MM, REGIONS, SUBPLEURAL_MM = specificity.HILAR_MM, specificity.REGIONS, specificity.SUBPLEURAL_MM
+main, measure, regions = specificity.main, specificity.measure, specificity.regions
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,7 @@ def test_all_healthy_meets_the_goal_and_bad_input_is_refused(phantom):
 
 def test_region_montage_is_written(phantom, tmp_path):
     from PIL import Image
-    from ILDSegmentationLib.specificity import render_regions
+    render_regions = specificity.render_regions
     region = regions(phantom.lung_labels, phantom.geometry)
     out = render_regions(phantom.hu, region, phantom.geometry, tmp_path / "r.png", title="phantom")
     with Image.open(out) as image:

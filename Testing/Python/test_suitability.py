@@ -1,4 +1,4 @@
-"""Is this scan suitable? (ILDSegmentationLib.suitability): each input check on
+"""Is this scan suitable? (ILDSegmentationLib.analysis.suitability): each input check on
 synthetic chests with a known answer, the DICOM tags of a real series, and real CTs
 of ../shared/data through the library and the ildseg command (skipped with the
 reason when that folder is absent)."""
@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from ILDSegmentationLib.geometry import Geometry
-from ILDSegmentationLib.suitability import (_contrast, input_checks, kernel_sharpness, warning_lines)
+from ILDSegmentationLib.imaging.geometry import Geometry
+from ILDSegmentationLib.analysis.suitability import _contrast, input_checks, kernel_sharpness, warning_lines
 from test_simulate import synthetic_chest
 
 CHECKS = ["slice_thickness", "reconstruction_kernel", "contrast", "patient_position", "lung_coverage", "pixel_size",
@@ -146,8 +146,8 @@ def test_warning_lines():
 
 def test_real_dicom_series_tags(dicom_dir):
     """Lung-PET-CT-Dx A0002: 8 mm slices, Siemens B40f, HFS, base below the last slice."""
-    from ILDSegmentationLib.io import read_ct
-    from ILDSegmentationLib.lungmask import compute_lung_mask
+    from ILDSegmentationLib.imaging.io import read_ct
+    from ILDSegmentationLib.imaging.lungmask import compute_lung_mask
     ct = read_ct(dicom_dir)
     checks = input_checks(ct.array, compute_lung_mask(ct.array, ct.geometry), ct.geometry,
                           dicom_files=ct.dicom_files, model_pixel_range=(0.75, 1.0), network_pixel_mm=(0.75, 0.75))
@@ -168,7 +168,7 @@ def test_real_thin_slice_ct_has_no_thickness_warning():
     path = DATA / "lidc-idri-0001" / "lidc-idri-0001.nrrd"
     if not path.is_file():
         pytest.skip(f"real CT not available at {path} (set ILDSEG_TEST_DATA to the shared data folder)")
-    from ILDSegmentationLib.io import read_ct
+    from ILDSegmentationLib.imaging.io import read_ct
     ct = read_ct(path)
     hu = np.asarray(ct.array)
     rough_lung = (hu > -1000) & (hu < -500)  # enough for the checks of thickness and noise

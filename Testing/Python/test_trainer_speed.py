@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ILDSegmentationLib.network import ByteDropout, DilatedFCN, NetworkConfig
+from ILDSegmentationLib.engine.network import ByteDropout, DilatedFCN, NetworkConfig
 from ILDSegmentationLib.training.batching import BUCKET, bucket_shape, passes, prefetch, transformed
 from ILDSegmentationLib.training.dataset import Crop
 from ILDSegmentationLib.training.loss import ild_loss
@@ -169,7 +169,7 @@ torch.set_num_threads(1)
 if sys.argv[1] == "tuned":
     from ILDSegmentationLib.training.allocator import keep_freed_memory
     assert keep_freed_memory()
-from ILDSegmentationLib.network import DilatedFCN
+from ILDSegmentationLib.engine.network import DilatedFCN
 net = DilatedFCN().train()
 opt = torch.optim.Adam(net.parameters())
 shapes = [(120, 150), (110, 160), (130, 140)]

@@ -11,8 +11,8 @@ import torch
 
 from ILDSegmentationLib.classes import CLASSES
 from ILDSegmentationLib.errors import InputError
-from ILDSegmentationLib.modelfile import load_model
-from ILDSegmentationLib.preprocessing import INTENSITY_PRESETS
+from ILDSegmentationLib.engine.modelfile import load_model
+from ILDSegmentationLib.engine.preprocessing import INTENSITY_PRESETS
 from ILDSegmentationLib.training.annotations import read_annotation
 from ILDSegmentationLib.training.dataset import Crop, crops_from_arrays, dihedral, load_case_crops
 from ILDSegmentationLib.training.loss import class_weights, entropy_scale, ild_loss
@@ -96,7 +96,7 @@ def test_eight_augmentations_are_distinct_and_shared_by_image_labels_mask():
 def test_crops_only_from_annotated_slices_with_inference_cropping(tmp_path):
     hu, mask, ann = make_case(tmp_path, seed=1)
     ann[1] = 0  # slice 1 has no annotation
-    from ILDSegmentationLib.geometry import Geometry
+    from ILDSegmentationLib.imaging.geometry import Geometry
     crops = crops_from_arrays("c", hu, mask, ann, Geometry((0.8, 0.8, 2.5)), INTENSITY_PRESETS["hu"])
     # Canonical slices run head first: K index k is canonical slice (K - 1 - k).
     slices = {c.slice_index for c in crops}
@@ -148,11 +148,11 @@ def test_balanced_accuracy_and_dice():
 # -- annotations and manifests ------------------------------------------------------------
 
 def test_seg_nrrd_annotation_maps_segments_to_classes(tmp_path):
-    from ILDSegmentationLib.segfile import write_segmentation
+    from ILDSegmentationLib.imaging.segfile import write_segmentation
     hu, mask, ann = make_case(tmp_path, seed=2)
     ct = sitk.ReadImage(str(tmp_path / "ct.nrrd"))
     write_segmentation(ann, ct, tmp_path / "ann.seg.nrrd")
-    from ILDSegmentationLib.geometry import Geometry
+    from ILDSegmentationLib.imaging.geometry import Geometry
     back = read_annotation(tmp_path / "ann.seg.nrrd", Geometry.from_sitk(ct), hu.shape, "case 'x'")
     np.testing.assert_array_equal(back, ann)
     # A Segment Editor file with plain names (no terminology), in another order.
@@ -296,7 +296,7 @@ def test_resume_ends_with_the_same_weights(crops, tmp_path, augmentation):
 
 
 def test_every_table_ii_preset_trains_one_step(crops, tmp_path):
-    from ILDSegmentationLib.network import PRESETS
+    from ILDSegmentationLib.engine.network import PRESETS
     train, val = crops
     for preset in PRESETS:
         t = Trainer(_config(preset=preset, epochs=1), train[:2], val[:1], tmp_path / preset)

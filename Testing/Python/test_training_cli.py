@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ILDSegmentationLib.cli import main
-from ILDSegmentationLib.modelfile import load_model
+from ILDSegmentationLib.commands.cli import main
+from ILDSegmentationLib.engine.modelfile import load_model
 
 from permissions import assert_normal_modes, files_in, umask
 from training_data import make_manifest
@@ -134,7 +134,7 @@ def _train_segment_evaluate(manifest, tmp_path):
 
 
 def test_simulate_writes_a_case_and_a_one_row_manifest(tmp_path):
-    from ILDSegmentationLib.phantom import make_chest_phantom
+    from ILDSegmentationLib.simulation.phantom import make_chest_phantom
     ph = make_chest_phantom(size=128, spacing=(2.8, 2.8, 10.0), n_slices=28)
     img = sitk.GetImageFromArray(ph.hu)
     img.SetSpacing(ph.geometry.spacing)
@@ -154,7 +154,7 @@ def test_simulate_writes_a_case_and_a_one_row_manifest(tmp_path):
 
 
 def test_simulate_never_writes_over_its_input_and_leaves_nothing_half_done(tmp_path, capsys):
-    from ILDSegmentationLib.phantom import make_chest_phantom
+    from ILDSegmentationLib.simulation.phantom import make_chest_phantom
     ph = make_chest_phantom(size=64, spacing=(5.6, 5.6, 20.0), n_slices=14)
     img = sitk.GetImageFromArray(ph.hu)
     img.SetSpacing(ph.geometry.spacing)
@@ -262,7 +262,7 @@ def test_bad_training_options_name_themselves(manifest, tmp_path, capsys, option
 
 
 def test_fine_tuning_keeps_the_pixel_sizes_the_start_model_knew(manifest, tmp_path):
-    from ILDSegmentationLib.modelfile import save_model
+    from ILDSegmentationLib.engine.modelfile import save_model
     from synthetic import random_model
     start = random_model(tmp_path)
     start.info.pixel_spacing_mm = (1.0, 1.4)

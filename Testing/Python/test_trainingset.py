@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ILDSegmentationLib import background, trainingset
-from ILDSegmentationLib.background import CANCELLED, FAILED, SUCCEEDED, FinetuneJob
+from ILDSegmentationLib.slicer import background, trainingset
+from ILDSegmentationLib.slicer.background import CANCELLED, FAILED, SUCCEEDED, FinetuneJob
 
 
 # ----------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def test_finetune_lines_give_progress_and_an_upper_bound_of_the_remaining_time(m
 # ----------------------------------------------------------------------------------
 slicer = pytest.importorskip("slicer", reason="Slicer's MRML core is not importable (pip install slicer-core, "
                              "Python >= 3.10); inside Slicer the module's self-test runs the same code")
-from ILDSegmentationLib import mrml  # noqa: E402
+from ILDSegmentationLib.slicer import mrml, nodes  # noqa: E402
 from ILDSegmentationLib.classes import CLASSES  # noqa: E402
 from ILDSegmentationLib.errors import InputError  # noqa: E402
 from ILDSegmentationLib.terminology import terminology_entry  # noqa: E402
@@ -113,7 +113,7 @@ def test_segments_painted_by_hand_are_matched_by_name(env):
     labels = np.zeros(CT_SHAPE, np.uint8)
     labels[30:34, 20:24, 2] = 1
     labels[40:44, 20:24, 3] = 2
-    image = mrml._labelmap_node_like(labels, mrml.ijk_to_ras_matrix(ct))
+    image = mrml._labelmap_node_like(labels, nodes.ijk_to_ras_matrix(ct))
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, node)
     segmentation = node.GetSegmentation()
     ids = mrml.segment_ids_of(node)
@@ -125,7 +125,7 @@ def test_segments_painted_by_hand_are_matched_by_name(env):
 
 
 def test_add_case_writes_a_case_the_training_cli_reads(env, tmp_path):
-    from ILDSegmentationLib.io import read_ct
+    from ILDSegmentationLib.imaging.io import read_ct
     from ILDSegmentationLib.training.annotations import read_annotation
     from ILDSegmentationLib.training.manifest import read_manifest
 
@@ -137,7 +137,7 @@ def test_add_case_writes_a_case_the_training_cli_reads(env, tmp_path):
     (case,) = read_manifest(folder / "manifest.csv")
     assert case.case_id == added.case_id == "CT"
     read = read_ct(case.ct)
-    hu, geometry = mrml.volume_array_and_geometry(ct)
+    hu, geometry = nodes.volume_array_and_geometry(ct)
     assert np.array_equal(read.array, hu)
     np.testing.assert_allclose(read.geometry.direction, geometry.direction, atol=1e-6)
     labels = read_annotation(case.annotation, read.geometry, read.array.shape, case.where())
@@ -223,7 +223,7 @@ def test_summary_counts_the_set_and_names_classes_without_examples(env, tmp_path
 
 
 def test_model_folder_lists_models_with_their_provenance_only(tmp_path):
-    from ILDSegmentationLib.modelfile import load_model, save_model
+    from ILDSegmentationLib.engine.modelfile import load_model, save_model
 
     bundled = load_model()
     folder = tmp_path / "my models"
@@ -247,7 +247,7 @@ def test_model_folder_lists_models_with_their_provenance_only(tmp_path):
 
 
 def test_new_run_folders_are_new_and_never_the_bundled_models_folder(tmp_path):
-    from ILDSegmentationLib.modelfile import default_model_path
+    from ILDSegmentationLib.engine.modelfile import default_model_path
 
     first = trainingset.new_run_folder(tmp_path / "models")
     first.mkdir()
@@ -270,7 +270,7 @@ def training_folder(tmp_path_factory):
 
 
 def _bundled_sha() -> str:
-    from ILDSegmentationLib.modelfile import default_model_path, sha256_of
+    from ILDSegmentationLib.engine.modelfile import default_model_path, sha256_of
     return sha256_of(default_model_path())
 
 

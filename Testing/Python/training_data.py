@@ -1,5 +1,5 @@
 """A tiny annotated data set whose classes are visible in the intensity, for fast
-training tests (the realistic one is ILDSegmentationLib.simulate)."""
+training tests (the realistic one is ILDSegmentationLib.simulation.simulate)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,0 +1,191 @@
+"""Slicer logic of "Compare with an earlier scan", GUI-free: ``ildseg compare`` on two
+CT volume nodes in a background child process, the way "Segment ILD" runs
+(:class:`~ILDSegmentationLib.background.BackgroundJob`), and its results loaded into
+the scene: the change map as a segmentation node on the baseline CT, and the change
+table as a table node.
+
+:class:`CompareJob` ``start()`` reads the scene only: it writes both CTs (world-space
+geometry) and, when given, their ILD segmentations (the six class segments, as a label
+map on each CT's grid, to reuse instead of segmenting again) into a temporary folder
+and starts the child. ``poll()`` follows its progress lines; ``finish()``, after
+SUCCEEDED, adds the nodes and returns a :class:`CompareResult`. Nodes given are never
+modified.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from ..imaging.images import write_array
+from .background import SUCCEEDED, BackgroundJob
+
+#: Columns of the change table node (whole lung and every region, per class).
+TABLE_COLUMNS = ("Region", "Class", "Baseline [%]", "Follow-up [%]", "Change [pp]", "Baseline [mL]",
+                 "Follow-up [mL]", "Change [mL]", "Significant")
+
+
+@dataclass
+class CompareResult:
+    """What :meth:`CompareJob.finish` added: the change map segmentation node, the
+    change table node, and the summary (``change.json``)."""
+
+    segmentation_node: Any
+    table_node: Any
+    summary: Dict[str, Any]
+
+
+class CompareJob(BackgroundJob):
+    """``ildseg compare`` on two CT volume nodes in a separate process.
+
+    ``baseline_segmentation`` / ``followup_segmentation``: optional ILD segmentation
+    nodes (from "Segment ILD") to reuse; ``*_mask_node``: optional lung masks (label
+    map or segmentation nodes), used when the scan is segmented. Other parameters as
+    :class:`~ILDSegmentationLib.background.SegmentationJob`; ``force`` compares scans
+    that look like different patients (with a warning)."""
+
+    what = "the comparison process"
+
+    def __init__(self, scene: Any, baseline_node: Any, followup_node: Any, *, baseline_segmentation: Any = None,
+                 followup_segmentation: Any = None, baseline_mask_node: Any = None, followup_mask_node: Any = None,
+                 model: Optional[str] = None, device: str = "auto", force: bool = False,
+                 python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 temp_root: Optional[str] = None, library: Optional[str] = None) -> None:
+        super().__init__(python=python, env=env, temp_root=temp_root, library=library)
+        self.scene = scene
+        self.nodes = {"baseline": (baseline_node, baseline_segmentation, baseline_mask_node),
+                      "followup": (followup_node, followup_segmentation, followup_mask_node)}
+        self.model = None if model in (None, "") else str(model)
+        self.device = device
+        self.force = force
+
+    def start(self) -> "CompareJob":
+        """Check and write the inputs, start the child (InputError in one line, nothing
+        started, when the nodes do not fit)."""
+        from . import nodes
+        from ..classes import CLASSES
+        from ..errors import InputError
+
+        base_node, foll_node = self.nodes["baseline"][0], self.nodes["followup"][0]
+        if base_node is None or foll_node is None:
+            raise InputError("choose a baseline and a follow-up CT volume")
+        if base_node is foll_node:
+            raise InputError("the baseline and the follow-up are the same volume")
+        if self.model is not None and not os.path.isfile(self.model):
+            raise InputError(f"the model file does not exist: {self.model}")
+        inputs = {}
+        for k, (ct_node, seg_node, mask_node) in self.nodes.items():
+            hu, geometry = nodes.volume_array_and_geometry(ct_node)
+            labels = None
+            if seg_node is not None:
+                ids = [c.segment_id for c in CLASSES]
+                missing = [i for i in ids if seg_node.GetSegmentation().GetSegment(i) is None]
+                if missing:
+                    raise InputError(f"the {k} segmentation '{seg_node.GetName()}' is not an ILD segmentation "
+                                     f"(no segment {missing[0]}): run Segment ILD on it, or leave it out")
+                # Segment n of CLASSES gets value n + 1: the class label.
+                labels = nodes.segments_to_array(seg_node, ids, ct_node)
+            mask = None if mask_node is None or labels is not None else nodes.lung_mask_from_node(mask_node, ct_node)
+            inputs[k] = (hu, geometry, labels, mask)
+        folder = self._make_folder()
+        try:
+            args = ["compare"]
+            options: List[str] = []
+            for k, (hu, geometry, labels, mask) in inputs.items():
+                write_array(hu, geometry, folder / f"{k}.nrrd", compress=False)
+                args.append(str(folder / f"{k}.nrrd"))
+                if labels is not None:
+                    write_array(labels, geometry, folder / f"{k}_labels.nrrd", compress=False)
+                    options += [f"--{k}-labels", str(folder / f"{k}_labels.nrrd")]
+                elif mask is not None:
+                    write_array(mask, geometry, folder / f"{k}_mask.nrrd", compress=False)
+                    options += [f"--{k}-mask", str(folder / f"{k}_mask.nrrd")]
+            args += ["--out", str(folder / "out"), "--progress-lines", "--no-visual-report", "--device", self.device,
+                     *options]
+            if self.model is not None:
+                args += ["--model", os.path.abspath(self.model)]
+            if self.force:
+                args.append("--force")
+            self.message = "Starting PyTorch and loading the model"
+            self._launch(args)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def finish(self) -> CompareResult:
+        """After SUCCEEDED: the change map as a segmentation node referencing the
+        baseline CT, the change table as a table node; the temporary folder removed."""
+        from ..errors import ILDSegError
+        if self.state != SUCCEEDED or self.folder is None:
+            raise ILDSegError(f"{self.what} has not succeeded ({self.state}); nothing to load")
+        try:
+            summary = json.loads((self.folder / "out" / "change.json").read_text(encoding="utf-8"))
+            seg = load_change_map(self.scene, str(self.folder / "out" / "change_map.seg.nrrd"),
+                                  self.nodes["baseline"][0])
+            table = change_table_node(self.scene, summary)
+            return CompareResult(seg, table, summary)
+        finally:
+            self.cleanup()
+
+
+def load_change_map(scene: Any, path: str, baseline_node: Any) -> Any:
+    """Read a ``change_map.seg.nrrd`` into a new segmentation node (its segments named
+    and coloured by the file) referencing ``baseline_node``."""
+    import slicer
+    from ..errors import InputError
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", _unique(scene, f"{baseline_node.GetName()} change"))
+    scene.AddNode(storage)
+    storage.SetFileName(path)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise InputError(f"Slicer could not read the change map {path}")
+    node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), baseline_node.GetID())
+    node.CreateDefaultDisplayNodes()
+    # The file lives in a temporary folder that goes away: the node is unsaved data now.
+    node.SetAndObserveStorageNodeID(None)
+    scene.RemoveNode(storage)
+    return node
+
+
+def _unique(scene: Any, name: str) -> str:
+    return scene.GenerateUniqueName(name) if scene.GetFirstNodeByName(name) is not None else name
+
+
+def change_table_node(scene: Any, summary: Dict[str, Any]) -> Any:
+    """A table node of the change: the whole lung per class and fibrotic extent first,
+    then every region (columns :data:`TABLE_COLUMNS`)."""
+    import vtk
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", _unique(scene, "ILD change"))
+    table = node.GetTable()
+    string_cols = {"Region", "Class", "Significant"}
+    arrays = []
+    for name in TABLE_COLUMNS:
+        a = vtk.vtkStringArray() if name in string_cols else vtk.vtkDoubleArray()
+        a.SetName(name)
+        table.AddColumn(a)
+        arrays.append(a)
+    whole = {"region": "lung", "classes": summary["classes"], "fibrotic_extent": summary["fibrotic_extent"]}
+    for r in [whole] + summary["regions"]:
+        rows = [(c["name"], c["baseline_percent"], c["followup_percent"], c["change_percent_points"],
+                 c["baseline_ml"], c["followup_ml"], c["change_ml"], c["significant"]) for c in r["classes"]]
+        fe = r["fibrotic_extent"]
+        rows.append(("Fibrotic (Ret + HC)", fe["baseline"], fe["followup"], fe["change"], fe.get("baseline_ml", float("nan")),
+                     fe.get("followup_ml", float("nan")), fe.get("change_ml", float("nan")), fe.get("significant")))
+        for row in rows:
+            values = (r["region"],) + row
+            for a, v in zip(arrays, values):
+                if isinstance(a, vtk.vtkStringArray):
+                    a.InsertNextValue("" if v is None else ("yes" if v is True else "no" if v is False else str(v)))
+                else:
+                    a.InsertNextValue(float(v))
+    node.Modified()
+    node.SetLocked(True)
+    return node
+
+
+__all__ = ["CompareJob", "CompareResult", "load_change_map", "change_table_node", "TABLE_COLUMNS"]

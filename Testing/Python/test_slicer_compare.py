@@ -1,0 +1,89 @@
+"""The Slicer logic of "Compare with an earlier scan" (ILDSegmentationLib/slicer/compare.py)
+on the real MRML core (slicer-core wheel) and real CC BY CT (a 60 mm slab of
+tcga-luad-tcga-17-z015 and the same slab moved): the background child runs ``ildseg
+compare``, the change map comes back as a segmentation node, the change as a table."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+sitk = pytest.importorskip("SimpleITK")
+slicer = pytest.importorskip("slicer", reason="Slicer's MRML core is not importable (pip install slicer-core, "
+                             "Python >= 3.10)")
+
+from conftest import DATA, _need  # noqa: E402
+from ILDSegmentationLib.slicer import mrml  # noqa: E402
+from ILDSegmentationLib.slicer import nodes as slicer_nodes  # noqa: E402
+from ILDSegmentationLib.slicer.background import SUCCEEDED  # noqa: E402
+from ILDSegmentationLib.errors import InputError  # noqa: E402
+from ILDSegmentationLib.imaging.geometry import Geometry  # noqa: E402
+from ILDSegmentationLib.slicer.compare import TABLE_COLUMNS, CompareJob  # noqa: E402
+from test_mrml import add_volume, assert_unchanged, snapshot  # noqa: E402
+
+Z015 = DATA / "tcga-luad-tcga-17-z015" / "tcga-luad-tcga-17-z015.nrrd"
+
+
+@pytest.fixture(scope="module")
+def scans():
+    from ILDSegmentationLib.imaging.lungmask import compute_lung_mask
+    from ILDSegmentationLib.simulation.followup import motion, moved_scan, shifted_grid
+    full = sitk.ReadImage(str(_need(Z015)))
+    n = full.GetSize()[2]
+    grid = shifted_grid(full, 0.0, (n - 12) // 2, 12)
+    base = moved_scan(full, grid, sitk.Transform())[0]
+    moved = moved_scan(full, grid, motion(full, (2.0, 1.0, 3.0), (3.0, -2.0, 4.0)))[0]
+    out = []
+    for img in (base, moved):
+        hu = sitk.GetArrayFromImage(img)
+        g = Geometry.from_sitk(img)
+        out.append((hu, g, compute_lung_mask(hu, g)))
+    return out
+
+
+def test_compare_job_loads_the_change_map_and_table(scans, tmp_path):
+    env = mrml.HeadlessMRML()
+    scene = env.scene
+    nodes = []
+    for name, (hu, g, lung) in zip(("baseline", "follow-up"), scans):
+        ct = add_volume(scene, hu, g, f"{name} CT")
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} ILD")
+        # An earlier "Segment ILD" result, reused: all lung healthy (no network needed here).
+        mrml.write_labels_to_segmentation((lung != 0).astype(np.uint8), ct, seg)
+        nodes.append((ct, seg))
+    before = [snapshot(ct) for ct, _ in nodes]
+    count = scene.GetNumberOfNodes()
+    job = CompareJob(scene, nodes[0][0], nodes[1][0], baseline_segmentation=nodes[0][1],
+                     followup_segmentation=nodes[1][1], device="cpu", temp_root=str(tmp_path)).start()
+    assert job.wait(600) == SUCCEEDED, job.error
+    result = job.finish()
+    assert result.summary["registration"]["lung_dice_affine"] > 0.9
+    assert result.summary["fibrotic_extent"] == {**result.summary["fibrotic_extent"], "baseline": 0.0,
+                                                 "followup": 0.0, "change": 0.0}
+    seg = result.segmentation_node
+    ids = seg.GetSegmentation().GetSegmentIDs()
+    assert "change_1" in ids and "change_15" in ids and "change_25" in ids
+    assert seg.GetSegmentation().GetSegment("change_15").GetName() == "Reticulation, new"
+    # Healthy-unchanged covers most of the baseline lung.
+    healthy = slicer_nodes.segments_to_array(seg, ["change_1"], nodes[0][0])
+    assert healthy.sum() > 0.8 * np.count_nonzero(scans[0][2])
+    table = result.table_node.GetTable()
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(TABLE_COLUMNS)
+    # Whole lung, 2 lungs, 6 side x zone regions, 2 depths; 6 classes + the fibrotic extent each.
+    assert table.GetValueByName(0, "Region").ToString() == "lung" and table.GetNumberOfRows() == 11 * 7
+    assert scene.GetNumberOfNodes() > count
+    for b, (ct, _) in zip(before, nodes):
+        assert_unchanged(b, ct)
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone
+
+
+def test_compare_job_refuses_bad_nodes_before_starting(scans, tmp_path):
+    env = mrml.HeadlessMRML()
+    hu, g, _ = scans[0]
+    ct = add_volume(env.scene, hu, g, "CT")
+    with pytest.raises(InputError, match="same volume"):
+        CompareJob(env.scene, ct, ct, temp_root=str(tmp_path)).start()
+    other = env.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "not ILD")
+    with pytest.raises(InputError, match="not an ILD segmentation"):
+        CompareJob(env.scene, ct, add_volume(env.scene, hu, g, "CT2"), baseline_segmentation=other,
+                   temp_root=str(tmp_path)).start()
+    assert list(tmp_path.iterdir()) == []
