@@ -33,7 +33,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 
@@ -90,6 +90,13 @@ PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "scipy": "scipy>=1.7", "S
 TORCH_REQUIREMENT = ">=2.1"
 
 DEVICE_CHOICES = ["Auto", "GPU", "CPU"]
+#: ILDSegmentationLib.cropping.CROP_BOX_CHOICES (not imported at module load): where
+#: each lung's crop box is cut, the paper's ("mask") first.
+CROP_BOX_CHOICES = ["mask", "aerated"]
+#: The fine-tuning epochs the spin box offers (the .ui's minimum and maximum). Slicer's
+#: spin box connector sets the widget's range from the parameter's WithinRange, and
+#: without one to the whole int range, overriding the .ui.
+FINETUNE_EPOCHS_RANGE = (1, 1000)
 
 #: Memory one batch of slices may use. In Slicer's own process (logic.process, for
 #: scripts) small CPU batches keep the GUI responsive between batches; the panel's run
@@ -183,6 +190,26 @@ def torchImportProblem() -> Optional[str]:
     return None
 
 
+def forgetOtherInputsNodes(parameterNode) -> bool:
+    """After the input CT changed: unselect the output segmentation and the annotation
+    segmentation when they hold another CT's results or examples (the nodes stay in
+    the scene as they are). Both are decided before either is written: writing the
+    parameter node runs the panel's handler again (nested), with the new CT already
+    seen, so a check left for after the first write would never run. Returns True
+    when something was unselected."""
+    from ILDSegmentationLib import mrml
+    from ILDSegmentationLib.trainingset import annotation_fits_input
+
+    p = parameterNode
+    otherOutput = not mrml.output_fits_input(p.outputSegmentation, p.inputVolume)
+    otherAnnotation = not annotation_fits_input(p.annotationSegmentation, p.inputVolume)
+    if otherOutput:
+        p.outputSegmentation = None
+    if otherAnnotation:
+        p.annotationSegmentation = None  # never added to the training set with this CT
+    return otherOutput or otherAnnotation
+
+
 def _errorHtml(text: str) -> str:
     return "<span style='color:red'>" + text.replace("&", "&amp;").replace("<", "&lt;") + "</span>"
 
@@ -266,6 +293,11 @@ class ILDSegmentationParameterNode:
     annotationSegmentation: painted examples of the input CT (six class segments).
     trainingFolder: the local training set (manifest.csv and one folder per case).
     modelFolder: where fine-tuned models go. finetuneEpochs: at most this many epochs.
+    cropBox: where each lung's crop box is cut (Advanced): "mask" as in the paper, or
+    "aerated" (the aerated lung the mask outlines; ildseg segment --crop-box).
+
+    Every number a spin box shows has a WithinRange equal to the .ui's range: Slicer's
+    connector sets the widget's range from it (a test compares the two).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -284,7 +316,8 @@ class ILDSegmentationParameterNode:
     annotationSegmentation: vtkMRMLSegmentationNode
     trainingFolder: str = ""
     modelFolder: str = ""
-    finetuneEpochs: int = 40
+    finetuneEpochs: Annotated[int, WithinRange(*FINETUNE_EPOCHS_RANGE)] = 40
+    cropBox: Annotated[str, Choice(CROP_BOX_CHOICES)] = "mask"
 
 
 #
@@ -434,13 +467,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         if p.inputVolume is not self._seenInputVolume:
             self._seenInputVolume = p.inputVolume
-            if not mrml.output_fits_input(p.outputSegmentation, p.inputVolume):
-                p.outputSegmentation = None  # the other CT's results stay as they are
-                return
-            from ILDSegmentationLib.trainingset import annotation_fits_input
-
-            if not annotation_fits_input(p.annotationSegmentation, p.inputVolume):
-                p.annotationSegmentation = None  # another CT's examples: never added with this CT
+            if forgetOtherInputsNodes(p):
                 return
         maskIsSegmentation = p.lungMask is not None and p.lungMask.IsA("vtkMRMLSegmentationNode")
         self.ui.lungSegmentsLabel.setVisible(maskIsSegmentation)
@@ -587,7 +614,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setRunning(self, running: bool) -> None:
         self._running = running
         for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton,
-                       self.ui.outputsCollapsibleButton):
+                       self.ui.outputsCollapsibleButton, self.ui.advancedCollapsibleButton):
             widget.enabled = not running
         self.ui.progressBar.setVisible(running)
         if running:
@@ -623,7 +650,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     lungSegmentIDs=list(p.lungSegmentIDs) if maskIsSegmentation else None,
                     modelPath=self.logic.resolveModelPath(p.useBundledModel, p.modelPath),
                     device=p.device, probabilities=p.probabilities,
-                    pixelSpacing="model" if p.atModelPixelSpacing else "native")
+                    pixelSpacing="model" if p.atModelPixelSpacing else "native", cropBox=p.cropBox)
         except ILDSegError as e:
             self.ui.statusLabel.text = forPanel(str(e))
             slicer.util.errorDisplay(forPanel(str(e)))
@@ -1065,17 +1092,19 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def startProcess(self, inputVolume, lungMaskNode=None, outputSegmentationNode=None, lungSegmentIDs=None,
                      modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
-                     pixelSpacing: str = "model"):
+                     pixelSpacing: str = "model", cropBox: str = "mask",
+                     maxMemoryMB: float = BACKGROUND_BATCH_MEMORY_MB):
         """Start the segmentation in a separate process and return the running
         ILDSegmentationLib.background.SegmentationJob: poll() it (from a QTimer), cancel()
-        it, and after SUCCEEDED pass it to finishProcess(). Arguments as process().
-        Bad inputs raise ILDSegError here, before anything starts."""
+        it, and after SUCCEEDED pass it to finishProcess(). Arguments as process();
+        maxMemoryMB bounds one batch of slices in the separate process. Bad inputs
+        raise ILDSegError here, before anything starts."""
         from ILDSegmentationLib.background import SegmentationJob
 
         job = SegmentationJob(
             slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, segment_ids=lungSegmentIDs,
             model=modelPath, device=self.backgroundDevice(device) if device in DEVICE_CHOICES else device,
-            probabilities=probabilities, pixel_spacing=pixelSpacing, max_memory_mb=BACKGROUND_BATCH_MEMORY_MB,
+            probabilities=probabilities, pixel_spacing=pixelSpacing, max_memory_mb=maxMemoryMB, crop_box=cropBox,
             python=self.pythonExecutable(), env=slicer.util.startupEnvironment(),
             temp_root=slicer.app.temporaryPath)
         return job.start()
@@ -1161,7 +1190,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                 modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
                 progress: Optional[Callable[[float, str], None]] = None,
                 cancel: Optional[Callable[[], bool]] = None, cpuFallback: bool = True,
-                pixelSpacing: str = "model"):
+                pixelSpacing: str = "model", cropBox: str = "mask"):
         """Segment ILD patterns of ``inputVolume`` into a segmentation node.
 
         lungMaskNode: None (computed automatically), a label map or a segmentation
@@ -1172,7 +1201,8 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         stops the run and leaves the scene as it was. Out of GPU memory, batches are
         halved, then the run finishes on the CPU (cpuFallback) or raises DeviceError.
         pixelSpacing: "model" (a CT outside the model's training range of pixel sizes is
-        resampled in-plane into it) or "native". Returns
+        resampled in-plane into it) or "native". cropBox: "mask" (the paper's crop
+        boxes) or "aerated" (ildseg segment --crop-box). Returns
         ILDSegmentationLib.mrml.ProcessResult (segmentation_node, table_node, ...).
         """
         from ILDSegmentationLib import mrml
@@ -1193,7 +1223,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, model=model, device=torchDevice,
                 segment_ids=lungSegmentIDs, progress=progress, cancel=cancel, probabilities=probabilities,
                 max_memory_mb=CPU_BATCH_MEMORY_MB if deviceType == "cpu" else GPU_BATCH_MEMORY_MB,
-                cpu_fallback=cpuFallback, pixel_spacing=pixelSpacing)
+                cpu_fallback=cpuFallback, pixel_spacing=pixelSpacing, crop_box=cropBox)
         finally:
             if deviceType != "cpu":
                 self.releaseDeviceMemory()

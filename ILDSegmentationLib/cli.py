@@ -319,6 +319,8 @@ def _interrupted_note(args: Optional[argparse.Namespace]) -> str:
         return "; no epoch had finished, nothing to resume"
     if command == "simulate":
         return "; no case was written"
+    if command == "finetune":
+        return "; the unfinished run's outputs were removed"
     return ""
 
 
