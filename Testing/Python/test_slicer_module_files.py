@@ -210,7 +210,10 @@ def test_no_slot_on_a_bound_widget_writes_the_parameter_node(ui, tree):
     assert not offending, offending
     # the lung segments follow the parameter node's lungMask, the output its CT
     handler = ast.unparse(methods["_onParameterNodeModified"])
-    assert "lung_segment_ids_for(p.lungMask" in handler and "output_fits_input(p.outputSegmentation" in handler
+    forget = ast.unparse(next(n for n in tree.body if isinstance(n, ast.FunctionDef)
+                              and n.name == "forgetOtherInputsNodes"))
+    assert "lung_segment_ids_for(p.lungMask" in handler and "forgetOtherInputsNodes(p)" in handler
+    assert "output_fits_input(p.outputSegmentation" in forget
 
 
 def test_edit_button_is_enabled_only_with_segments_to_edit(tree):
@@ -245,7 +248,7 @@ def test_parameter_node_is_bound_to_the_ui(ui, tree):
                      "outputSegmentation", "probabilities", "atModelPixelSpacing", "annotationSegmentation",
                      "trainingFolder", "modelFolder", "finetuneEpochs"):
         assert expected in fields
-    assert fields["finetuneEpochs"] == "int" and bound["finetuneEpochs"] == "QSpinBox"
+    assert fields["finetuneEpochs"].startswith("Annotated[int, WithinRange(") and bound["finetuneEpochs"] == "QSpinBox"
     assert fields["trainingFolder"] == fields["modelFolder"] == "str"
     assert fields["annotationSegmentation"] == "vtkMRMLSegmentationNode"
 
@@ -693,8 +696,7 @@ def test_installing_torch_asks_once_with_the_minimum_version(tree):
     its dialog under the installation's busy cursor; no minimum version was given."""
     method = _class_methods(tree, "ILDSegmentationWidget")["_ensureDependencies"]
     (install,) = _calls(method, "installTorch")
-    keywords = {k.arg: ast.unparse(k.value) for k in install.keywords}
-    assert keywords == {"askConfirmation": "False", "torchVersionRequirement": "TORCH_REQUIREMENT"}
+    assert ast.unparse(install) == "self.logic.installTorch()"  # the logic's, with TORCH_REQUIREMENT (issue 29)
     torch_questions = [c for c in _calls(method, "confirmOkCancelDisplay") if "PyTorch" in ast.unparse(c)]
     assert len(torch_questions) == 1 and "TORCH_REQUIREMENT" in ast.unparse(torch_questions[0])
     assert _calls(method, "torchVersionProblem") and _calls(method, "installedTorchVersion")
@@ -866,7 +868,8 @@ def test_teach_section_only_wires_the_logic(ui, tree):
     widget_source = "\n".join(ast.unparse(f) for f in widget.values())
     assert "processEvents" not in widget_source
     # the annotations of one CT are never added with another (as the output, defect 4)
-    handler = ast.unparse(widget["_onParameterNodeModified"])
+    handler = ast.unparse(next(n for n in tree.body if isinstance(n, ast.FunctionDef)
+                               and n.name == "forgetOtherInputsNodes"))
     assert "annotation_fits_input(p.annotationSegmentation, p.inputVolume)" in handler
     assert "p.annotationSegmentation = None" in handler
 
@@ -889,3 +892,173 @@ def test_results_show_the_regions_table_and_the_input_checks(ui, tree):
                                       "pixel size: outside the range (--pixel-spacing native)"])
     assert "<li>slice thickness: 5.0 mm slices &lt;thick></li>" in html
     assert "--pixel-spacing" not in html and "Run at the model's pixel size" in html
+
+
+# ----------------------------------------------------------------------------------
+# Issue 29: what a second read against Slicer 5.8.1, 5.10.0 and main found. What
+# needs Qt is checked in the module's code; the logic is tested on the real MRML core
+# (test_slicer_panel_logic.py, test_trainingset.py).
+# ----------------------------------------------------------------------------------
+def _module_constants(tree: ast.Module) -> dict:
+    """The module's top-level names bound to literals (numbers, strings, tuples, lists)."""
+    ns: dict = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            for target in node.targets:
+                ns[target.id] = value
+    return ns
+
+
+def _ui_number(widget: ET.Element, name: str):
+    prop = next((p for p in widget.findall("property") if p.get("name") == name), None)
+    if prop is None:
+        return None
+    text = prop.findtext("number") or prop.findtext("double")
+    return float(text) if text is not None else None
+
+
+NUMBER_WIDGETS = {"QSpinBox", "QDoubleSpinBox", "QSlider", "ctkDoubleSpinBox", "ctkSliderWidget",
+                  "ctkRangeWidget", "qMRMLSliderWidget", "qMRMLSpinBox"}
+
+
+def test_every_number_a_spin_box_shows_has_the_ui_s_range(ui, tree):
+    """Item 1: Slicer's QSliderOrSpinBoxToIntConnector (5.8.1, 5.10.0, main) sets the
+    widget's range from the parameter's WithinRange, and without one to the whole int
+    range, overriding the .ui's (an epoch count of 0 reached the command line)."""
+    fields = _parameter_fields(tree)
+    constants = _module_constants(tree)
+    checked = []
+    for widget in ui.iter("widget"):
+        name = next((p.findtext("string") for p in widget.findall("property")
+                     if p.get("name") == "SlicerParameterName"), None)
+        if name is None or widget.get("class") not in NUMBER_WIDGETS:
+            continue
+        low, high = _ui_number(widget, "minimum"), _ui_number(widget, "maximum")
+        assert low is not None and high is not None, f"{widget.get('name')}: the .ui gives no minimum/maximum"
+        annotation = ast.parse(fields[name], mode="eval").body
+        ranges = [n for n in ast.walk(annotation) if isinstance(n, ast.Call) and ast.unparse(n.func) == "WithinRange"]
+        assert len(ranges) == 1, f"{name}: {fields[name]} has no WithinRange"
+        got = eval(compile(ast.Expression(ranges[0]), "<annotation>", "eval"),
+                   {**constants, "WithinRange": lambda a, b: (a, b)})
+        assert got == (low, high), f"{name}: WithinRange{got} but the .ui's {widget.get('name')} shows {low}..{high}"
+        checked.append(name)
+    assert "finetuneEpochs" in checked
+
+
+def test_changing_the_ct_decides_output_and_annotation_together(tree):
+    """Item 2: the handler reset the output and returned; the nested call had already
+    seen the new CT, so the annotation check never ran. One function decides both
+    (run on the real MRML core in test_slicer_panel_logic.py)."""
+    handler = _class_methods(tree, "ILDSegmentationWidget")["_onParameterNodeModified"]
+    assert _calls(handler, "forgetOtherInputsNodes")
+    for node in ast.walk(handler):
+        if isinstance(node, ast.Assign):
+            assert not any(ast.unparse(t) in ("p.outputSegmentation", "p.annotationSegmentation")
+                           for t in node.targets), ast.unparse(node)
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "forgetOtherInputsNodes")
+    assert not [n for n in ast.walk(function) if isinstance(n, ast.Return)][:-1], "one return, at the end"
+
+
+def test_the_gui_connection_is_tracked_on_every_slicer_version(tree):
+    """Item 6: parameterNodeWrapper.connectGui returns None on Slicer 5.8.1 (it returns
+    the tag from 5.10), so disconnectGui(None) did nothing and the connectors piled up;
+    connectParametersToGui returns the tag on 5.8.1, 5.10.0 and main (wrapper.py)."""
+    widget = _class_methods(tree, "ILDSegmentationWidget")
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    assert not [c for c in calls if c.func.attr == "connectGui"], "connectGui returns no tag on Slicer 5.8"
+    connects = [c for c in calls if c.func.attr == "connectParametersToGui"]
+    assert [ast.unparse(c) for c in connects] == ["self._parameterNode.connectParametersToGui(self._parameterWidgets)"]
+    connect = ast.unparse(widget["_connectParameterNodeGui"])
+    assert "self._disconnectParameterNodeGui()" in connect.split("connectParametersToGui")[0]  # never two at once
+    assert "self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(" in connect
+    disconnects = [c for c in calls if c.func.attr == "disconnectGui"]
+    assert [ast.unparse(c) for c in disconnects] == ["self._parameterNode.disconnectGui(self._parameterNodeGuiTag)"]
+    disconnect = ast.unparse(widget["_disconnectParameterNodeGui"])
+    assert "self._parameterNodeGuiTag is not None" in disconnect and disconnect.endswith(
+        "self._parameterNodeGuiTag = None")
+    for name in ("exit", "setParameterNode"):
+        assert "self._disconnectParameterNodeGui()" in ast.unparse(widget[name]), name
+    setup = ast.unparse(widget["setup"])
+    assert "self._parameterWidgets = {" in setup and "property('SlicerParameterName')" in setup
+
+
+def test_self_test_has_a_timeout_a_tolerance_and_needs_no_path(tree, tmp_path, monkeypatch):
+    """Item 7: the self-test waited for the background run without a timeout, required
+    identical labels from runs with different batch memory, and found PythonSlicer only
+    on PATH."""
+    import os
+    test = _class_methods(tree, "ILDSegmentationTest")["test_SegmentSyntheticChest"]
+    text = ast.unparse(test)
+    (start,) = _calls(test, "logic.startProcess")
+    assert {k.arg: ast.unparse(k.value) for k in start.keywords}["maxMemoryMB"] == "CPU_BATCH_MEMORY_MB"
+    loop = next(n for n in ast.walk(test) if isinstance(n, ast.While) and "job.poll()" in ast.unparse(n.test))
+    assert "SELF_TEST_RUN_TIMEOUT_S" in text and "time.monotonic() > deadline" in ast.unparse(loop)
+    assert "job.cleanup()" in ast.unparse(loop) and "self.fail(" in ast.unparse(loop)
+    assert "array_equal(mrml.segments_to_array(seg" not in text and "SELF_TEST_MAX_DISAGREEMENT" in text
+    constants = _module_constants(tree)
+    assert 0 < constants["SELF_TEST_MAX_DISAGREEMENT"] <= 0.01 and constants["SELF_TEST_RUN_TIMEOUT_S"] >= 60
+
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "findPythonSlicer")
+    ns = {"os": os, "Optional": object}
+    exec(compile(ast.Module([function], []), str(MODULE_PY), "exec"), ns)
+    find = ns["findPythonSlicer"]
+    home = tmp_path / "Slicer-5.8.1-linux-amd64"
+    (home / "bin").mkdir(parents=True)
+    launcher = home / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", "")
+    assert find(str(home), str(home / "bin" / "SlicerApp-real")) == str(launcher)
+    assert find(None, str(home / "bin" / "SlicerApp-real")) == str(launcher)  # beside the executable
+    assert find(str(tmp_path / "elsewhere"), str(tmp_path / "python3")) is None
+    logic = ast.unparse(_class_methods(tree, "ILDSegmentationLogic")["pythonExecutable"])
+    assert "findPythonSlicer(app.slicerHome" in logic
+    assert logic.index("findPythonSlicer(") < logic.index("shutil.which('PythonSlicer')")  # PATH last
+
+
+def test_torch_is_installed_without_torchvision_and_never_imported_here(tree):
+    """Item 9: PyTorchUtilsLogic.installTorch installs torchvision too and imports torch
+    into Slicer's process at its end; the module installs torch alone with
+    light-the-torch in a separate process and never imports it afterwards."""
+    logic = _class_methods(tree, "ILDSegmentationLogic")
+    install = logic["installTorch"]
+    text = ast.unparse(install)
+    assert "'light_the_torch', 'install', 'torch' + requirement" in text
+    assert "launchConsoleProcess(command" in text and "logProcessOutput(process)" in text
+    assert "pip_install('light-the-torch>=0.5')" in text
+    assert not [n for n in ast.walk(install) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    code_strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                    and not n.value.lstrip().startswith(("Install torch", "\"\"\""))]
+    docstrings = {ast.get_docstring(n) for n in ast.walk(tree)
+                  if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Module))}
+    assert not [s for s in code_strings if "torchvision" in s and s not in docstrings]
+    assert "PyTorchUtils" not in " ".join(ast.unparse(c) for c in ast.walk(tree) if isinstance(c, ast.Call))
+    ensure = _class_methods(tree, "ILDSegmentationWidget")["_ensureDependencies"]
+    assert not [n for n in ast.walk(ensure) if isinstance(n, ast.Import)]  # no "import torch" after installing
+
+
+def test_crop_box_is_an_advanced_typed_option(ui, tree):
+    """The command line's --crop-box in the panel: a Choice parameter bound to a combo
+    box in the collapsed Advanced section, passed to the run."""
+    from ILDSegmentationLib.cropping import CROP_BOX_CHOICES
+
+    fields = _parameter_fields(tree)
+    assert fields["cropBox"] == "Annotated[str, Choice(CROP_BOX_CHOICES)]"
+    assert tuple(_module_constants(tree)["CROP_BOX_CHOICES"]) == CROP_BOX_CHOICES
+    assert _parameter_defaults(tree)["cropBox"] == "mask"  # the paper's
+    advanced = next(w for w in ui.iter("widget") if w.get("name") == "advancedCollapsibleButton")
+    assert any(p.get("name") == "collapsed" and p.findtext("bool") == "true" for p in advanced.findall("property"))
+    combo = next(w for w in advanced.iter("widget") if w.get("name") == "cropBoxComboBox")
+    assert combo.get("class") == "QComboBox"
+    assert [p.findtext("string") for p in combo.findall("property") if p.get("name") == "SlicerParameterName"] \
+        == ["cropBox"]
+    widget = _class_methods(tree, "ILDSegmentationWidget")
+    assert "cropBox=p.cropBox" in ast.unparse(widget["_startJob"])
+    assert "self.ui.advancedCollapsibleButton" in ast.unparse(widget["_setRunning"])
+    logic = _class_methods(tree, "ILDSegmentationLogic")
+    assert "crop_box=cropBox" in ast.unparse(logic["startProcess"]) and "crop_box=cropBox" in ast.unparse(
+        logic["process"])
