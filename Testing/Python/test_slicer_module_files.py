@@ -420,8 +420,8 @@ def test_s4ext_and_index_json_agree_with_cmake():
     assert s4ext["depends"] == "PyTorch" and s4ext["category"] == "Segmentation"
     index = json.loads((REPO / "ILDSegmentation.json").read_text(encoding="utf-8"))
     # the catalog schema has additionalProperties: false
-    assert set(index) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled",
-                          "scm_revision", "scm_type", "scm_url", "tier"}
+    assert set(index) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "dicom_support_rule",
+                          "enabled", "scm_revision", "scm_type", "scm_url", "tier"}
     assert "slicer-extension-catalog-entry-schema" in index["$schema"]
     assert index["build_dependencies"] == ["PyTorch"]
     assert index["category"] == s4ext["category"]
@@ -440,8 +440,10 @@ def test_s4ext_and_index_json_agree_with_cmake():
 INDEX_SCHEMA_URL = ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
                     "slicer-extension-catalog-entry-schema-v1.0.1.json#")
 INDEX_REQUIRED = {"$schema", "category", "scm_url"}
+# v1.0.2 (which the Index's pre-commit hook validates every entry with) adds dicom_support_rule.
 INDEX_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-               "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+               "build_dependencies": list, "dicom_support_rule": str, "build_subdirectory": str, "enabled": bool,
+               "tier": int}
 
 
 def index_entry_problems(entry) -> List[str]:
@@ -1062,3 +1064,81 @@ def test_crop_box_is_an_advanced_typed_option(ui, tree):
     logic = _class_methods(tree, "ILDSegmentationLogic")
     assert "crop_box=cropBox" in ast.unparse(logic["startProcess"]) and "crop_box=cropBox" in ast.unparse(
         logic["process"])
+
+
+def _json_arrays(text: str):
+    """(start, end) offsets of every JSON array in ``text`` (strings skipped)."""
+    stack, spans, in_string, escaped = [], [], False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            escaped = ch == "\\" and not escaped
+            if ch == '"' and not escaped:
+                in_string = False
+            continue
+        if ch == '"':
+            in_string, escaped = True, False
+        elif ch == "[":
+            stack.append(i)
+        elif ch == "]":
+            spans.append((stack.pop(), i))
+    return spans
+
+
+def index_format_problems(text: str) -> List[str]:
+    """What the Extensions Index's lint refuses in a catalog entry's text: prettier
+    3.5.3 with prettier-plugin-multiline-arrays and multilineArraysWrapThreshold 0
+    (.prettierrc.js), and the pre-commit hooks end-of-file-fixer, mixed-line-ending,
+    trailing-whitespace and forbid-tabs; check_description_files.py wants LF only.
+    For a catalog entry (an object of strings, numbers, booleans and arrays of
+    strings) prettier's output is Python's json.dumps(indent=2) plus a newline,
+    every non-empty array one element per line."""
+    problems = []
+    if "\r" in text:
+        problems.append("line endings other than LF")
+    if "\t" in text:
+        problems.append("tabs")
+    if any(line != line.rstrip() for line in text.split("\n")):
+        problems.append("trailing whitespace")
+    if not text.endswith("\n") or text.endswith("\n\n"):
+        problems.append("not one newline at the end")
+    for start, end in _json_arrays(text):
+        body = text[start + 1:end]
+        if body.strip() and "\n" not in body:
+            problems.append(f"array on one line: {text[start:end + 1]} (wrap threshold 0: one element per line)")
+    try:
+        canonical = json.dumps(json.loads(text), indent=2, ensure_ascii=False) + "\n"
+    except ValueError as e:
+        return problems + [f"not JSON: {e}"]
+    if not problems and text != canonical:
+        problems.append("not prettier's layout (2-space indent, one member per line)")
+    return problems
+
+
+def test_index_json_has_the_index_s_prettier_layout():
+    """Item 5: '"build_dependencies": ["PyTorch"]' on one line failed the Index's lint.
+    (Checked once with the real tools as well: prettier 3.5.3 + the plugin with the
+    Index's .prettierrc.js passes the file, and jsonschema validates it against the
+    schemas v1.0.1 and v1.0.2; see RELEASING.md.)"""
+    text = (REPO / "ILDSegmentation.json").read_bytes().decode("utf-8")
+    assert index_format_problems(text) == []
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{\n  "build_dependencies": ["PyTorch"],\n  "tier": 1\n}\n', "array on one line"),
+    ('{\n  "build_dependencies": [\n    "PyTorch"\n  ],\n  "tier": 1\n}', "not one newline at the end"),
+    ('{\r\n  "tier": 1\r\n}\r\n', "line endings other than LF"),
+    ('{\n  "tier": 1 \n}\n', "trailing whitespace"),
+    ('{\n    "tier": 1\n}\n', "not prettier's layout"),
+])
+def test_index_format_check_catches_what_the_lint_refuses(text, problem):
+    assert any(p.startswith(problem) for p in index_format_problems(text)), index_format_problems(text)
+
+
+def test_index_entry_names_match_what_the_index_checks():
+    """check_description_files.py: the CMake project is named as the entry's file, the
+    repository name starts with 'Slicer', the URL scheme is https or git."""
+    entry = json.loads((REPO / "ILDSegmentation.json").read_text(encoding="utf-8"))
+    project = re.search(r"^project\((\w+)\)", TOP_CMAKE.read_text(encoding="utf-8"), re.M).group(1)
+    assert project == "ILDSegmentation" and not project.lower().startswith("slicer")
+    repository = entry["scm_url"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
+    assert repository.startswith("Slicer") and entry["scm_url"].split("://")[0] in ("https", "git")
