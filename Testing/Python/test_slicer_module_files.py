@@ -405,7 +405,7 @@ def test_terminology_file_has_the_six_classes():
         assert tuple(coded["recommendedDisplayRGBValue"]) == c.color_uint8
         assert coded["3dSlicerLabel"] == c.name
     codes = {t["CodeValue"] for t in types}
-    assert codes == {"39607008", "112120", "112122", "95436008", "112113", "112106"}
+    assert codes == {"17621005", "112120", "112122", "95436008", "112113", "112106"}
 
 
 def test_s4ext_and_index_json_agree_with_cmake():
@@ -1142,3 +1142,64 @@ def test_index_entry_names_match_what_the_index_checks():
     assert project == "ILDSegmentation" and not project.lower().startswith("slicer")
     repository = entry["scm_url"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
     assert repository.startswith("Slicer") and entry["scm_url"].split("://")[0] in ("https", "git")
+
+
+def _dicom_collection(cid: int):
+    from pydicom.sr.codedict import codes
+    return getattr(codes, f"CID{cid}", None) or getattr(codes, f"cid{cid}")
+
+
+def _dicom_concepts(cid: int) -> Dict[tuple, str]:
+    """(scheme, value) -> meaning of the concepts DICOM PS3.16 lists in context group ``cid``."""
+    collection = _dicom_collection(cid)
+    return {(c.scheme_designator, c.value): c.meaning for c in
+            (getattr(collection, name) for name in dir(collection) if name[:1].isupper())
+            if hasattr(c, "scheme_designator")}
+
+
+def test_every_code_is_dicom_s_or_snomed_s_and_says_where_it_comes_from():
+    """Item 10: each code of the terminology file and of the library against DICOM
+    PS3.16's context groups (pydicom's tables of the standard), with the context group
+    the file names in its "cid" field; the one code DICOM does not list is SNOMED CT's
+    and is said to be; docs/terminology.md names every code's source."""
+    pytest.importorskip("pydicom", reason="pydicom (test extra) holds DICOM PS3.16's context groups")
+    from ILDSegmentationLib.classes import ANATOMIC_REGION
+
+    doc = json.loads(TERM_FILE.read_text(encoding="utf-8"))
+    (category,) = doc["SegmentationCodes"]["Category"]
+    coded = [category] + category["Type"] + [m for t in category["Type"] for m in t.get("Modifier", [])]
+    sources = (REPO / "docs" / "terminology.md").read_text(encoding="utf-8")
+    snomed_only = []
+    for item in coded:
+        code = (item["CodingSchemeDesignator"], item["CodeValue"])
+        assert f"{code[0]} {code[1]}" in sources, f"{code} has no source in docs/terminology.md"
+        if "cid" in item:
+            listed = _dicom_concepts(int(item["cid"]))
+            assert code in listed, f"{code} is not in DICOM CID {item['cid']}"
+            assert item["CodeMeaning"] == listed[code], (code, item["CodeMeaning"], listed[code])
+        else:
+            assert code[0] == "SCT" and "SNOMED CT" in item["contextGroupName"], code
+            snomed_only.append(code)
+    assert snomed_only == [("SCT", "95436008")]  # consolidation: no DICOM context group has one
+    assert (category["CodeValue"], category["cid"]) == ("49755003", "7150")
+    assert ("SCT", "17621005") in _dicom_concepts(7194)  # Normal is a type of this category
+    assert ANATOMIC_REGION[:2] in _dicom_concepts(4) and _dicom_concepts(4)[ANATOMIC_REGION[:2]] == ANATOMIC_REGION[2]
+    for c in CLASSES:  # the library writes what the file says
+        assert c.type_modifier is None
+        (t,) = [t for t in category["Type"] if t["3dSlicerIntegerLabel"] == c.label]
+        assert (t["CodingSchemeDesignator"], t["CodeValue"], t["CodeMeaning"]) == c.type_code
+    assert (category["CodingSchemeDesignator"], category["CodeValue"], category["CodeMeaning"]) == CATEGORY
+
+
+def test_healthy_segments_coded_as_before_are_still_read_as_healthy():
+    """Segments written before issue 29 carry type Lung with modifier Normal."""
+    from ILDSegmentationLib.terminology import TERMINOLOGY_CONTEXT, terminology_entry
+    from ILDSegmentationLib.training.annotations import class_of_segment
+
+    old = "~".join((TERMINOLOGY_CONTEXT, "SCT^49755003^Morphologically Altered Structure", "SCT^39607008^Lung",
+                    "SCT^17621005^Normal", "Anatomic codes - DICOM master list", "SCT^39607008^Lung", "^^"))
+    assert class_of_segment("anything", old).label == 1
+    lung_alone = old.replace("SCT^17621005^Normal", "^^")
+    assert class_of_segment("anything", lung_alone) is None  # the lung itself is no class
+    for c in CLASSES:
+        assert class_of_segment("anything", terminology_entry(c)) is c
