@@ -1206,9 +1206,14 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         from ILDSegmentationLib.background import FinetuneJob
         from ILDSegmentationLib.trainingset import MANIFEST_NAME, new_run_folder
 
+        from ILDSegmentationLib.errors import InputError
+
         if not str(trainingFolder or "").strip():
-            from ILDSegmentationLib.errors import InputError
             raise InputError(_("choose a training folder first"))
+        low, high = FINETUNE_EPOCHS_RANGE
+        if not low <= int(epochs) <= high:  # e.g. a scene saved before the spin box had its range
+            raise InputError(_("the number of epochs must be {low} to {high}, not {epochs}").format(
+                low=low, high=high, epochs=epochs))
         job = FinetuneJob(
             os.path.join(trainingFolder, MANIFEST_NAME), str(new_run_folder(modelFolder)), start_model=startModel,
             epochs=epochs, val_fraction=valFraction,

@@ -961,6 +961,8 @@ def test_every_number_a_spin_box_shows_has_the_ui_s_range(ui, tree):
         assert got == (low, high), f"{name}: WithinRange{got} but the .ui's {widget.get('name')} shows {low}..{high}"
         checked.append(name)
     assert "finetuneEpochs" in checked
+    # a scene saved before the range existed may hold 0: the logic refuses it in one line
+    assert "FINETUNE_EPOCHS_RANGE" in ast.unparse(_class_methods(tree, "ILDSegmentationLogic")["startFinetune"])
 
 
 def test_changing_the_ct_decides_output_and_annotation_together(tree):
