@@ -324,6 +324,8 @@ def _interrupted_note(args: Optional[argparse.Namespace]) -> str:
         return "; no output was written"
     if command == "simulate":
         return "; no case was written"
+    if command == "finetune":
+        return "; the unfinished run's outputs were removed"
     return ""
 
 

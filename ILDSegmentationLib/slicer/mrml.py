@@ -366,6 +366,7 @@ def process(
     max_memory_mb: float = 1024.0,
     cpu_fallback: bool = True,
     pixel_spacing: str = "model",
+    crop_box: str = "mask",
 ) -> ProcessResult:
     """Segment the ILD patterns of ``ct_node`` into a segmentation node.
 
@@ -381,6 +382,8 @@ def process(
     (``cpu_fallback``) or raises DeviceError. pixel_spacing: "model" runs the network
     at a pixel size within the model's training range (resampling the CT in-plane
     when outside it), "native" at the CT's own (see :class:`~ILDSegmentationLib.engine.inference.Inferer`).
+    crop_box: where each lung's crop is cut, "mask" (the paper's) or "aerated"
+    (:data:`~ILDSegmentationLib.engine.cropping.CROP_BOX_CHOICES`, ``ildseg segment --crop-box``).
 
     Nothing in the scene changes until everything is computed; on cancel
     (:class:`Cancelled`) or any error the scene is left exactly as it was. Input
@@ -419,7 +422,7 @@ def process(
     # Out of GPU memory the engine halves its batches, then finishes on the CPU or,
     # without cpu_fallback, raises DeviceError so that the caller can ask the user.
     inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, cpu_fallback=cpu_fallback,
-                      pixel_spacing=pixel_spacing)
+                      pixel_spacing=pixel_spacing, crop_box=crop_box)
     result = segment_lungs(hu, geometry, mask, inferer, probabilities=probabilities,
                            mask_progress=_stage(progress, cancel, 0.02, 0.08),
                            progress=_stage(progress, cancel, 0.10, 0.85), cancel=cancel, timings=timings)

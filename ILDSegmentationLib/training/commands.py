@@ -299,9 +299,33 @@ def cmd_finetune(args) -> int:
     provenance = {"trained_on": f"manifest {Path(args.manifest).name}", "manifest_sha256": manifest_sha256(args.manifest),
                   "command": "ildseg " + " ".join(args.argv)}
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    finetune(cases, start, out, settings, device=args.device, time_limit_s=args.time_limit,
-             provenance=provenance, progress=say)
+    # A run that does not finish (an error, Ctrl-C, SIGTERM from the Slicer panel's
+    # Cancel or from Slicer quitting) leaves no run folder: a model.safetensors written
+    # just before the end is not a finished run (its finetune.json is missing), and a
+    # fine-tuning run cannot be resumed. What was there before the run stays.
+    existed = out.exists()
+    before = set(out.iterdir()) if existed else set()
+    try:
+        finetune(cases, start, out, settings, device=args.device, time_limit_s=args.time_limit,
+                 provenance=provenance, progress=say)
+    except BaseException:
+        _remove_run_outputs(out, existed, before)
+        raise
     return 0
+
+
+def _remove_run_outputs(out: Path, existed: bool, before) -> None:
+    """Remove what an unfinished run wrote: the whole run folder when the run made it,
+    else only the entries that were not there before."""
+    import shutil
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in (set(out.iterdir()) if out.is_dir() else set()) - set(before):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def cmd_evaluate(args) -> int:

@@ -555,7 +555,7 @@ def test_out_of_gpu_memory_error_changes_nothing(env, model, monkeypatch):
 
     class OutOfMemoryInferer(inference.Inferer):
         def __init__(self, loaded, device="auto", max_memory_mb=1024, mixed_precision=True, cpu_fallback=True,
-                     pixel_spacing="model"):
+                     pixel_spacing="model", crop_box="mask"):
             seen.update(device=device, max_memory_mb=max_memory_mb, cpu_fallback=cpu_fallback)
             super().__init__(loaded, device="cpu", max_memory_mb=max_memory_mb)
 
