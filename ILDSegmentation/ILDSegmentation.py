@@ -90,6 +90,10 @@ PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "scipy": "scipy>=1.7", "S
 TORCH_REQUIREMENT = ">=2.1"
 
 DEVICE_CHOICES = ["Auto", "GPU", "CPU"]
+#: How probabilities become labels (ILDSegmentationLib/engine/decision.py): Auto = the
+#: model file's rule for whole lungs, Paper = the paper's argmax, Prior = the model's
+#: class-prior (logit adjustment) rule.
+DECISION_CHOICES = ["Auto", "Paper", "Prior"]
 
 #: Memory one batch of slices may use. In Slicer's own process (logic.process, for
 #: scripts) small CPU batches keep the GUI responsive between batches; the panel's run
@@ -263,6 +267,7 @@ class ILDSegmentationParameterNode:
     per-class probability maps. atModelPixelSpacing: run the network at a pixel size
     within the model's training range (a CT outside it is resampled in-plane and the
     labels brought back); off runs at the CT's own pixel size, as the paper did.
+    decision: the decision rule, one of DECISION_CHOICES.
     annotationSegmentation: painted examples of the input CT (six class segments).
     trainingFolder: the local training set (manifest.csv and one folder per case).
     modelFolder: where fine-tuned models go. finetuneEpochs: at most this many epochs.
@@ -279,6 +284,7 @@ class ILDSegmentationParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     probabilities: bool = False
     atModelPixelSpacing: bool = True
+    decision: Annotated[str, Choice(DECISION_CHOICES)] = "Auto"
     # Teaching it (issue 16). The folders are str, wired by hand to their path boxes
     # (as modelPath): "" means none chosen.
     annotationSegmentation: vtkMRMLSegmentationNode
@@ -623,7 +629,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     lungSegmentIDs=list(p.lungSegmentIDs) if maskIsSegmentation else None,
                     modelPath=self.logic.resolveModelPath(p.useBundledModel, p.modelPath),
                     device=p.device, probabilities=p.probabilities,
-                    pixelSpacing="model" if p.atModelPixelSpacing else "native")
+                    pixelSpacing="model" if p.atModelPixelSpacing else "native", decision=p.decision)
         except ILDSegError as e:
             self.ui.statusLabel.text = forPanel(str(e))
             slicer.util.errorDisplay(forPanel(str(e)))
@@ -708,6 +714,8 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if result.resampled:
             note = _(" Run at {row:.2f} x {column:.2f} mm pixels, the model's training range.").format(
                 row=result.network_pixel_spacing_mm[0], column=result.network_pixel_spacing_mm[1]) + note
+        if result.decision:
+            note = _(" Decision rule: {rule}.").format(rule=result.decision) + note
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}; lung {volume:.0f} mL.{note}").format(
             seconds=result.seconds, device=result.device, volume=result.volumes["lung_volume_ml"], note=note)
         self.ui.deviceInfoLabel.text = _("Last run on: {device}").format(device=result.device)
@@ -1065,7 +1073,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def startProcess(self, inputVolume, lungMaskNode=None, outputSegmentationNode=None, lungSegmentIDs=None,
                      modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
-                     pixelSpacing: str = "model"):
+                     pixelSpacing: str = "model", decision: str = "Auto"):
         """Start the segmentation in a separate process and return the running
         ILDSegmentationLib.background.SegmentationJob: poll() it (from a QTimer), cancel()
         it, and after SUCCEEDED pass it to finishProcess(). Arguments as process().
@@ -1075,7 +1083,8 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         job = SegmentationJob(
             slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, segment_ids=lungSegmentIDs,
             model=modelPath, device=self.backgroundDevice(device) if device in DEVICE_CHOICES else device,
-            probabilities=probabilities, pixel_spacing=pixelSpacing, max_memory_mb=BACKGROUND_BATCH_MEMORY_MB,
+            probabilities=probabilities, pixel_spacing=pixelSpacing, decision=decision.lower(),
+            max_memory_mb=BACKGROUND_BATCH_MEMORY_MB,
             python=self.pythonExecutable(), env=slicer.util.startupEnvironment(),
             temp_root=slicer.app.temporaryPath)
         return job.start()
@@ -1161,7 +1170,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                 modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
                 progress: Optional[Callable[[float, str], None]] = None,
                 cancel: Optional[Callable[[], bool]] = None, cpuFallback: bool = True,
-                pixelSpacing: str = "model"):
+                pixelSpacing: str = "model", decision: str = "Auto"):
         """Segment ILD patterns of ``inputVolume`` into a segmentation node.
 
         lungMaskNode: None (computed automatically), a label map or a segmentation
@@ -1172,7 +1181,8 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         stops the run and leaves the scene as it was. Out of GPU memory, batches are
         halved, then the run finishes on the CPU (cpuFallback) or raises DeviceError.
         pixelSpacing: "model" (a CT outside the model's training range of pixel sizes is
-        resampled in-plane into it) or "native". Returns
+        resampled in-plane into it) or "native". decision: Auto (the model's rule for
+        whole lungs), Paper (the paper's argmax) or Prior (the model's class prior). Returns
         ILDSegmentationLib.mrml.ProcessResult (segmentation_node, table_node, ...).
         """
         from ILDSegmentationLib import mrml
@@ -1193,7 +1203,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, model=model, device=torchDevice,
                 segment_ids=lungSegmentIDs, progress=progress, cancel=cancel, probabilities=probabilities,
                 max_memory_mb=CPU_BATCH_MEMORY_MB if deviceType == "cpu" else GPU_BATCH_MEMORY_MB,
-                cpu_fallback=cpuFallback, pixel_spacing=pixelSpacing)
+                cpu_fallback=cpuFallback, pixel_spacing=pixelSpacing, decision=decision.lower())
         finally:
             if deviceType != "cpu":
                 self.releaseDeviceMemory()

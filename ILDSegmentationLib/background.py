@@ -416,7 +416,7 @@ class SegmentationJob(BackgroundJob):
     def __init__(self, scene: Any, ct_node: Any, lung_mask_node: Any = None, output_segmentation_node: Any = None,
                  *, segment_ids: Optional[Sequence[str]] = None, model: Optional[str] = None, device: str = "auto",
                  probabilities: bool = False, pixel_spacing: str = "model", max_memory_mb: float = 1024.0,
-                 python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 decision: str = "auto", python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                  temp_root: Optional[str] = None, library: Optional[str] = None) -> None:
         super().__init__(python=python, env=env, temp_root=temp_root, library=library)
         self.scene = scene
@@ -428,6 +428,7 @@ class SegmentationJob(BackgroundJob):
         self.device = device
         self.probabilities = probabilities
         self.pixel_spacing = pixel_spacing
+        self.decision = decision
         self.max_memory_mb = max_memory_mb
         self._geometry = None
         self._lung_mask_source = ""
@@ -455,7 +456,7 @@ class SegmentationJob(BackgroundJob):
             args = ["segment", str(folder / "ct.nrrd"), "-o", str(folder / "labels.nrrd"),
                     "--report", str(folder / "report.json"), "--progress-lines",
                     "--lung-mask", str(folder / "lung_mask.nrrd") if mask is not None else "auto",
-                    "--device", self.device, "--pixel-spacing", self.pixel_spacing,
+                    "--device", self.device, "--pixel-spacing", self.pixel_spacing, "--decision", self.decision,
                     "--max-memory", f"{self.max_memory_mb:g}"]
             if self.model is not None:
                 args += ["--model", os.path.abspath(self.model)]
@@ -493,7 +494,8 @@ class SegmentationJob(BackgroundJob):
                                model_sha256=str(model.get("sha256", "")), device=str(report.get("device", "")),
                                lung_mask_source=self._lung_mask_source,
                                network_pixel_spacing_mm=tuple(network) if network else None,
-                               resampled=bool(spacing.get("resampled")))
+                               resampled=bool(spacing.get("resampled")),
+                               decision=str((report.get("decision_rule") or {}).get("description", "")))
             timings = {k: float(v) for k, v in (report.get("timings_s") or {}).items() if k != "total"}
             volumes = class_volumes(labels, self._geometry)
             # Regions table and input warnings as the command computed them (its report).

@@ -446,10 +446,12 @@ def run_batch_command(args: Any) -> int:
     segment_options: Dict[str, Any] = {"device": args.device, "max_memory_mb": args.max_memory,
                                        "pixel_spacing": args.pixel_spacing}
     # Run options that the segment command may add: its attribute -> segment_file's keyword.
-    for option, keyword in (("crop_box", "crop_box"), ("subpleural_band", "subpleural_band_mm")):
+    for option, keyword in (("crop_box", "crop_box"), ("subpleural_band", "subpleural_band_mm"),
+                            ("decision", "decision")):
         if getattr(args, option, None) is not None:
             segment_options[keyword] = getattr(args, option)
-    Inferer(model, device=args.device, max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing)
+    Inferer(model, device=args.device, max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing,
+            decision=getattr(args, "decision", "paper"))
 
     from .cli import model_notice
     notice = model_notice({"trained": model.info.trained, "name": model.info.name,

@@ -508,6 +508,8 @@ class ProcessResult:
     #: when the CT was resampled into the model's training range.
     network_pixel_spacing_mm: Optional[Tuple[float, float]] = None
     resampled: bool = False
+    #: The decision rule that made the labels, in words (engine/decision.py).
+    decision: str = ""
     #: Per region x class volumes (ILDSegmentationLib.regions.TABLE_COLUMNS), or None.
     regions_table_node: Any = None
     #: One line per input check that warns (ILDSegmentationLib.suitability), and the
@@ -651,6 +653,7 @@ def process(
     max_memory_mb: float = 1024.0,
     cpu_fallback: bool = True,
     pixel_spacing: str = "model",
+    decision: str = "auto",
 ) -> ProcessResult:
     """Segment the ILD patterns of ``ct_node`` into a segmentation node.
 
@@ -666,6 +669,8 @@ def process(
     (``cpu_fallback``) or raises DeviceError. pixel_spacing: "model" runs the network
     at a pixel size within the model's training range (resampling the CT in-plane
     when outside it), "native" at the CT's own (see :class:`~.inference.Inferer`).
+    decision: "auto" (the model's rule for whole lungs), "paper" (the paper's argmax)
+    or "prior" (:mod:`.engine.decision`).
 
     Nothing in the scene changes until everything is computed; on cancel
     (:class:`Cancelled`) or any error the scene is left exactly as it was. Input
@@ -706,7 +711,7 @@ def process(
     # Out of GPU memory the engine halves its batches, then finishes on the CPU or,
     # without cpu_fallback, raises DeviceError so that the caller can ask the user.
     inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, cpu_fallback=cpu_fallback,
-                      pixel_spacing=pixel_spacing)
+                      pixel_spacing=pixel_spacing, decision=decision)
     result = inferer.segment(hu, mask, geometry, probabilities=probabilities,
                              progress=_stage(progress, cancel, 0.10, 0.85), cancel=cancel)
     timings["network"] = time.perf_counter() - t
@@ -729,7 +734,8 @@ def process(
         result.probabilities if probabilities else None,
         RunInfo(model_name=info.name, model_trained=bool(info.trained), model_sha256=getattr(loaded, "sha256", ""),
                 device=result.device, lung_mask_source=source,
-                network_pixel_spacing_mm=result.network_pixel_spacing_mm, resampled=result.resampled),
+                network_pixel_spacing_mm=result.network_pixel_spacing_mm, resampled=result.resampled,
+                decision=result.decision.describe()),
         t_start=t_start, timings=timings, progress=progress, panel=panel)
 
 
@@ -777,6 +783,7 @@ class RunInfo:
     lung_mask_source: str
     network_pixel_spacing_mm: Optional[Tuple[float, float]] = None
     resampled: bool = False
+    decision: str = ""
 
 
 def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labels: np.ndarray,
@@ -879,7 +886,8 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labe
         for key, value in (("Model", run.model_name), ("ModelTrained", str(bool(run.model_trained)).lower()),
                            ("ModelSHA256", run.model_sha256), ("Device", run.device),
                            ("LungMask", run.lung_mask_source), ("InputVolume", ct_node.GetName()),
-                           ("NetworkPixelSpacingMm", " x ".join(f"{v:.4g}" for v in spacing) if spacing else "")):
+                           ("NetworkPixelSpacingMm", " x ".join(f"{v:.4g}" for v in spacing) if spacing else ""),
+                           ("DecisionRule", run.decision)):
             seg_node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
         _place_in_hierarchy(scene, ct_node, commit.created)
     except BaseException:
@@ -893,7 +901,7 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, labe
         lung_mask_source=run.lung_mask_source, model_name=run.model_name, model_trained=bool(run.model_trained),
         device=run.device, seconds=time.perf_counter() - t_start,
         created_node_ids=[n.GetID() for n in commit.created], timings=timings,
-        network_pixel_spacing_mm=run.network_pixel_spacing_mm, resampled=run.resampled,
+        network_pixel_spacing_mm=run.network_pixel_spacing_mm, resampled=run.resampled, decision=run.decision,
         regions_table_node=regions_node, warnings=list((panel or {}).get("warnings") or []),
         distribution=list((panel or {}).get("distribution") or []))
 

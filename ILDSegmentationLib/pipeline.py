@@ -63,6 +63,7 @@ def segment_file(
     max_memory_mb: float = 1024,
     pixel_spacing: str = "model",
     crop_box: str = "mask",
+    decision: str = "auto",
     progress: Optional[ProgressCallback] = None,
     cancel: CancelCheck = None,
 ) -> Dict[str, Any]:
@@ -72,7 +73,9 @@ def segment_file(
     ``dicom_seg``, writes a DICOM Segmentation referencing the CT's DICOM series
     (:mod:`.dicomseg`; refused before any work for a CT that is not DICOM). ``model``:
     a model file, None for the bundled one, or a model already loaded. ``crop_box``: "mask" (the paper's)
-    or "aerated" (a box the mask's exact border does not move), see the same. Returns
+    or "aerated" (a box the mask's exact border does not move), see the same.
+    ``decision``: "auto" (the model's rule for whole lungs), "paper" or "prior"
+    (:mod:`.engine.decision`); the report says which ran. Returns
     the report (also written to ``report``).
 
     ``table``: CSV of the volumes per region and class; ``visual_report``: one-page PNG
@@ -114,7 +117,7 @@ def segment_file(
     # A batch passes the model it loaded once (batch.py); a path or None loads it here.
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, pixel_spacing=pixel_spacing,
-                      crop_box=crop_box)
+                      crop_box=crop_box, decision=decision)
     timings: Dict[str, float] = {}
 
     t = time.perf_counter()
@@ -164,6 +167,7 @@ def segment_file(
         "device": result.device,
         "pixel_spacing_mm": pixel_spacing_summary(result, info, pixel_spacing),
         "crop_box": crop_box,
+        "decision_rule": {**result.decision.to_dict(), "choice": decision, "description": result.decision.describe()},
         "slices": {"total": result.slices_total, "with_lung": result.slices_with_lung, "lung_crops": result.crops},
         **regional,
         "input_checks": checks,

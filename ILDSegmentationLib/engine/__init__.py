@@ -1,0 +1,1 @@
+"""The inference engine: network, model files, cropping, and the decision rule."""
