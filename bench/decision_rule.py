@@ -125,27 +125,27 @@ def cache_normal_lungs(model, data: Path, slices: int, out: Path) -> None:
     np.savez_compressed(out, **arrays)
 
 
-def cache_heldout(model, heldout: Path, slices: int, out: Path) -> None:
-    """Probabilities and truth of the annotated voxels of at most ``slices`` annotated slices per held-out case."""
+def cache_heldout(model, manifest: Path, slices: int, out: Path) -> None:
+    """Probabilities and truth of the annotated voxels of at most ``slices`` annotated
+    slices per case of one held-out CT's manifest."""
     from ILDSegmentationLib.geometry import canonical_view
     from ILDSegmentationLib.inference import Inferer
     from ILDSegmentationLib.training.dataset import read_case
     from ILDSegmentationLib.training.manifest import read_manifest
     inferer = Inferer(model, device="cpu")
     arrays = {}
-    for manifest in sorted(Path(heldout).glob("*/manifest.csv")):
-        for case in read_manifest(manifest):
-            ct, mask, annotation = read_case(case)
-            view = canonical_view(ct.geometry)
-            ac = view.to_canonical(annotation)
-            zs = _even(np.flatnonzero(ac.reshape(ac.shape[0], -1).any(axis=1)), slices)
-            chosen = np.zeros(annotation.shape, np.uint8)
-            view.to_canonical(chosen)[zs] = 1
-            r = inferer.segment(ct.array, mask, ct.geometry, probabilities=True, only_slices_of=chosen)
-            keep = (annotation > 0) & (mask > 0) & (chosen > 0)
-            arrays[f"{manifest.parent.name}/{case.case_id}/probs"] = r.probabilities[keep].astype(np.float16)
-            arrays[f"{manifest.parent.name}/{case.case_id}/truth"] = (annotation[keep] - 1).astype(np.int8)
-            print(f"  held-out {case.case_id}: {len(zs)} slices, {int(keep.sum())} annotated voxels", flush=True)
+    for case in read_manifest(manifest):
+        ct, mask, annotation = read_case(case)
+        view = canonical_view(ct.geometry)
+        ac = view.to_canonical(annotation)
+        zs = _even(np.flatnonzero(ac.reshape(ac.shape[0], -1).any(axis=1)), slices)
+        chosen = np.zeros(annotation.shape, np.uint8)
+        view.to_canonical(chosen)[zs] = 1
+        r = inferer.segment(ct.array, mask, ct.geometry, probabilities=True, only_slices_of=chosen)
+        keep = (annotation > 0) & (mask > 0) & (chosen > 0)
+        arrays[f"{case.case_id}/probs"] = r.probabilities[keep].astype(np.float16)
+        arrays[f"{case.case_id}/truth"] = (annotation[keep] - 1).astype(np.int8)
+        print(f"  held-out {case.case_id}: {len(zs)} slices, {int(keep.sum())} annotated voxels", flush=True)
     np.savez_compressed(out, **arrays)
 
 
@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--write-model", type=Path, default=None,
                    help="write the model with the chosen rule in its metadata to this file")
     p.add_argument("--skip-heldout", action="store_true")
+    p.add_argument("--only", nargs="*", help="cache only the inputs whose cache name holds one of these words")
     args = p.parse_args(argv)
     from ILDSegmentationLib.engine.decision import DecisionRule
     model = _model(args.model)
@@ -180,11 +181,15 @@ def main(argv=None) -> int:
     steps = [("validation.npz", lambda f: cache_validation(model, args.bank, f)),
              ("normal.npz", lambda f: cache_normal_lungs(model, args.data, args.slices, f))]
     if not args.skip_heldout:
-        steps.append(("heldout.npz", lambda f: cache_heldout(model, args.heldout, args.slices, f)))
+        for manifest in sorted(Path(args.heldout).glob("*/manifest.csv")):
+            steps.append((f"heldout-{manifest.parent.name}.npz",
+                          lambda f, m=manifest: cache_heldout(model, m, args.slices, f)))
     banks_ready = any(Path(args.bank).glob("*.npz"))
     for name, make in steps:
         if name == "validation.npz" and not banks_ready:
             print(f"no crop banks in {args.bank} yet: validation not cached", flush=True)
+            continue
+        if args.only and not any(o in name for o in args.only):
             continue
         if not (work / name).exists():
             print(f"caching {name} ...", flush=True)
@@ -203,7 +208,10 @@ def main(argv=None) -> int:
 
     val = dict(np.load(work / "validation.npz"))
     normal = dict(np.load(work / "normal.npz"))
-    held = dict(np.load(work / "heldout.npz")) if (work / "heldout.npz").exists() else {}
+    held = {}
+    for f in sorted(work.glob("heldout-*.npz")):
+        ct = f.stem[len("heldout-"):]
+        held.update({f"{ct}/{k}": v for k, v in np.load(f).items()})
 
     def rule(tau):
         return DecisionRule("paper") if tau == 0 else DecisionRule("prior", tau, tuple(weights))

@@ -112,3 +112,41 @@ def test_engine_labels_follow_the_rule_and_probabilities_stay_the_network(tmp_pa
     np.testing.assert_array_equal(prior.labels[lung], DecisionRule("prior", 1.0, WEIGHTS).argmax(p) + 1)
     assert (prior.labels[~lung] == 0).all()
     assert np.count_nonzero(prior.labels[lung] == 1) > np.count_nonzero(paper.labels[lung] == 1)
+
+
+def test_segment_command_runs_the_models_rule_and_says_so(tmp_path):
+    """`ildseg segment`: auto runs the model file's rule, --decision paper the paper's;
+    report.json and the printed summary say which; a model without a prior refuses
+    --decision prior with one line (exit 2) and writes nothing."""
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+    model = _model_with(tmp_path, RULE)
+    hu, mask = two_lungs()
+    for name, arr in (("ct.nrrd", hu), ("mask.nrrd", mask)):
+        sitk.WriteImage(sitk_volume(arr), str(tmp_path / name))
+
+    def run(*extra, model_path=model.path, out="labels.nrrd"):
+        return subprocess.run([sys.executable, "-m", "ILDSegmentationLib", "segment", str(tmp_path / "ct.nrrd"),
+                               "--lung-mask", str(tmp_path / "mask.nrrd"), "--model", str(model_path),
+                               "--device", "cpu", "-o", str(tmp_path / out), "--report",
+                               str(tmp_path / (out + ".json")), *extra], capture_output=True, text=True, timeout=600)
+
+    labels = {}
+    for choice, expected in (("auto", "prior"), ("paper", "paper")):
+        r = run("--decision", choice, out=f"{choice}.nrrd")
+        assert r.returncode == 0, r.stderr
+        report = json.loads((tmp_path / f"{choice}.nrrd.json").read_text())
+        assert report["decision_rule"]["name"] == expected and report["decision_rule"]["choice"] == choice
+        assert f"decision rule: {expected}" in r.stdout
+        labels[choice] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{choice}.nrrd")))
+    assert report["decision_rule"]["description"].startswith("paper")
+    assert np.count_nonzero(labels["auto"] == 1) > np.count_nonzero(labels["paper"] == 1)
+
+    (tmp_path / "plain").mkdir()
+    plain = random_model(tmp_path / "plain")
+    r = run("--decision", "prior", model_path=plain.path, out="refused.nrrd")
+    assert r.returncode == 2 and "records no class-prior rule" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "refused.nrrd").exists() and not (tmp_path / "refused.nrrd.json").exists()
