@@ -6,7 +6,7 @@ validation data only, and print the paper's argmax and the rule side by side.
         [--heldout /work/ildtrain/heldout] [--model M] [--slices 16] [--write-model OUT.safetensors]
 
 The network runs once per input and its probabilities are cached in ``W`` (keyed by
-the model's sha256); every tau is then scored on the cache. Inputs:
+the checksum of the model's weights); every tau is then scored on the cache. Inputs:
 
 * **validation crops**: the ``val`` crops of the crop banks (``scripts/train_bundled_model.py
   prepare``: simulated cases in the training backgrounds, 1.0 mm variant), scored by
@@ -174,7 +174,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from ILDSegmentationLib.engine.decision import DecisionRule
     model = _model(args.model)
-    work = args.work / model.sha256[:16]
+    from ILDSegmentationLib.modelfile import weights_checksum
+    # Keyed by the weights, not the file: writing a rule into the metadata keeps the cache.
+    work = args.work / weights_checksum(model.network.state_dict())[:16]
     work.mkdir(parents=True, exist_ok=True)
     print(f"model {model.path} ({model.sha256[:12]}), cache {work}", flush=True)
 
