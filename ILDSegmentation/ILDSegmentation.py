@@ -97,6 +97,10 @@ CROP_BOX_CHOICES = ["mask", "aerated"]
 #: spin box connector sets the widget's range from the parameter's WithinRange, and
 #: without one to the whole int range, overriding the .ui.
 FINETUNE_EPOCHS_RANGE = (1, 1000)
+#: How probabilities become labels (ILDSegmentationLib.engine.decision): Auto = the
+#: model file's rule for whole lungs, Paper = the paper's argmax, Prior = the model's
+#: class-prior (logit adjustment) rule.
+DECISION_CHOICES = ["Auto", "Paper", "Prior"]
 
 #: Memory one batch of slices may use. In Slicer's own process (logic.process, for
 #: scripts) small CPU batches keep the GUI responsive between batches; the panel's run
@@ -311,6 +315,7 @@ class ILDSegmentationParameterNode:
     per-class probability maps. atModelPixelSpacing: run the network at a pixel size
     within the model's training range (a CT outside it is resampled in-plane and the
     labels brought back); off runs at the CT's own pixel size, as the paper did.
+    decision: the decision rule, one of DECISION_CHOICES.
     annotationSegmentation: painted examples of the input CT (six class segments).
     trainingFolder: the local training set (manifest.csv and one folder per case).
     modelFolder: where fine-tuned models go. finetuneEpochs: at most this many epochs.
@@ -332,6 +337,7 @@ class ILDSegmentationParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     probabilities: bool = False
     atModelPixelSpacing: bool = True
+    decision: Annotated[str, Choice(DECISION_CHOICES)] = "Auto"
     # Teaching it (issue 16). The folders are str, wired by hand to their path boxes
     # (as modelPath): "" means none chosen.
     annotationSegmentation: vtkMRMLSegmentationNode
@@ -682,7 +688,8 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     lungSegmentIDs=list(p.lungSegmentIDs) if maskIsSegmentation else None,
                     modelPath=self.logic.resolveModelPath(p.useBundledModel, p.modelPath),
                     device=p.device, probabilities=p.probabilities,
-                    pixelSpacing="model" if p.atModelPixelSpacing else "native", cropBox=p.cropBox)
+                    pixelSpacing="model" if p.atModelPixelSpacing else "native", cropBox=p.cropBox,
+                    decision=p.decision)
         except ILDSegError as e:
             self.ui.statusLabel.text = forPanel(str(e))
             slicer.util.errorDisplay(forPanel(str(e)))
@@ -767,6 +774,8 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if result.resampled:
             note = _(" Run at {row:.2f} x {column:.2f} mm pixels, the model's training range.").format(
                 row=result.network_pixel_spacing_mm[0], column=result.network_pixel_spacing_mm[1]) + note
+        if result.decision:
+            note = _(" Decision rule: {rule}.").format(rule=result.decision) + note
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}; lung {volume:.0f} mL.{note}").format(
             seconds=result.seconds, device=result.device, volume=result.volumes["lung_volume_ml"], note=note)
         self.ui.deviceInfoLabel.text = _("Last run on: {device}").format(device=result.device)
@@ -1144,7 +1153,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def startProcess(self, inputVolume, lungMaskNode=None, outputSegmentationNode=None, lungSegmentIDs=None,
                      modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
-                     pixelSpacing: str = "model", cropBox: str = "mask",
+                     pixelSpacing: str = "model", cropBox: str = "mask", decision: str = "Auto",
                      maxMemoryMB: float = BACKGROUND_BATCH_MEMORY_MB):
         """Start the segmentation in a separate process and return the running
         ILDSegmentationLib.slicer.background.SegmentationJob: poll() it (from a QTimer), cancel()
@@ -1157,6 +1166,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, segment_ids=lungSegmentIDs,
             model=modelPath, device=self.backgroundDevice(device) if device in DEVICE_CHOICES else device,
             probabilities=probabilities, pixel_spacing=pixelSpacing, max_memory_mb=maxMemoryMB, crop_box=cropBox,
+            decision=decision.lower(),
             python=self.pythonExecutable(), env=slicer.util.startupEnvironment(),
             temp_root=slicer.app.temporaryPath)
         return job.start()
@@ -1247,7 +1257,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                 modelPath: Optional[str] = None, device: str = "Auto", probabilities: bool = False,
                 progress: Optional[Callable[[float, str], None]] = None,
                 cancel: Optional[Callable[[], bool]] = None, cpuFallback: bool = True,
-                pixelSpacing: str = "model", cropBox: str = "mask"):
+                pixelSpacing: str = "model", cropBox: str = "mask", decision: str = "Auto"):
         """Segment ILD patterns of ``inputVolume`` into a segmentation node.
 
         lungMaskNode: None (computed automatically), a label map or a segmentation
@@ -1259,8 +1269,9 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         halved, then the run finishes on the CPU (cpuFallback) or raises DeviceError.
         pixelSpacing: "model" (a CT outside the model's training range of pixel sizes is
         resampled in-plane into it) or "native". cropBox: "mask" (the paper's crop
-        boxes) or "aerated" (ildseg segment --crop-box). Returns
-        ILDSegmentationLib.slicer.mrml.ProcessResult (segmentation_node, table_node, ...).
+        boxes) or "aerated" (ildseg segment --crop-box). decision: Auto (the model's rule
+        for whole lungs), Paper (the paper's argmax) or Prior (the model's class prior).
+        Returns ILDSegmentationLib.slicer.mrml.ProcessResult (segmentation_node, table_node, ...).
         """
         from ILDSegmentationLib.slicer import mrml
         from ILDSegmentationLib.errors import ILDSegError
@@ -1280,7 +1291,7 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene, inputVolume, lungMaskNode, outputSegmentationNode, model=model, device=torchDevice,
                 segment_ids=lungSegmentIDs, progress=progress, cancel=cancel, probabilities=probabilities,
                 max_memory_mb=CPU_BATCH_MEMORY_MB if deviceType == "cpu" else GPU_BATCH_MEMORY_MB,
-                cpu_fallback=cpuFallback, pixel_spacing=pixelSpacing, crop_box=cropBox)
+                cpu_fallback=cpuFallback, pixel_spacing=pixelSpacing, crop_box=cropBox, decision=decision.lower())
         finally:
             if deviceType != "cpu":
                 self.releaseDeviceMemory()

@@ -407,7 +407,8 @@ class SegmentationJob(BackgroundJob):
     def __init__(self, scene: Any, ct_node: Any, lung_mask_node: Any = None, output_segmentation_node: Any = None,
                  *, segment_ids: Optional[Sequence[str]] = None, model: Optional[str] = None, device: str = "auto",
                  probabilities: bool = False, pixel_spacing: str = "model", max_memory_mb: float = 1024.0,
-                 crop_box: str = "mask", python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 crop_box: str = "mask", decision: str = "auto", python: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None,
                  temp_root: Optional[str] = None, library: Optional[str] = None) -> None:
         super().__init__(python=python, env=env, temp_root=temp_root, library=library)
         self.scene = scene
@@ -419,6 +420,7 @@ class SegmentationJob(BackgroundJob):
         self.device = device
         self.probabilities = probabilities
         self.pixel_spacing = pixel_spacing
+        self.decision = decision
         self.max_memory_mb = max_memory_mb
         self.crop_box = crop_box
         self._geometry = None
@@ -453,7 +455,7 @@ class SegmentationJob(BackgroundJob):
             args = ["segment", str(folder / "ct.nrrd"), "-o", str(folder / "labels.nrrd"),
                     "--report", str(folder / "report.json"), "--progress-lines",
                     "--lung-mask", str(folder / "lung_mask.nrrd") if mask is not None else "auto",
-                    "--device", self.device, "--pixel-spacing", self.pixel_spacing,
+                    "--device", self.device, "--pixel-spacing", self.pixel_spacing, "--decision", self.decision,
                     "--max-memory", f"{self.max_memory_mb:g}", "--crop-box", self.crop_box]
             if self.model is not None:
                 args += ["--model", os.path.abspath(self.model)]
