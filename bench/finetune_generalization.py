@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ILDSegmentationLib.classes import CLASSES  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
@@ -69,9 +72,10 @@ def simulate(ct: Path, out: Path, cases: int, seed: int) -> list:
         return [row for row in csv.DictReader(f)]
 
 
-def thinned_manifest(row: dict, folder: Path, every: int, offset: int, name: str) -> Path:
+def thinned_manifest(row: dict, folder: Path, every: int, offset: int, name: str, labels=None) -> Path:
     """A one-case manifest whose annotation keeps every ``every``-th annotated slice
-    (axial, array axis 0) from ``offset`` on."""
+    (axial, array axis 0) from ``offset`` on, and only the ``labels`` (1..6) given
+    (None: all)."""
     import SimpleITK as sitk
     from ILDSegmentationLib.training.manifest import write_manifest
     source = folder / row["annotation"]
@@ -81,7 +85,11 @@ def thinned_manifest(row: dict, folder: Path, every: int, offset: int, name: str
     keep = annotated[offset::every]
     thin = np.zeros_like(ann)
     thin[keep] = ann[keep]
-    out = source.with_name(f"annotation-every{every}-{offset}.nrrd")
+    tag = ""
+    if labels:
+        thin[~np.isin(thin, labels)] = 0
+        tag = "-only" + "".join(map(str, sorted(labels)))
+    out = source.with_name(f"annotation-every{every}-{offset}{tag}.nrrd")
     if not out.is_file():
         result = sitk.GetImageFromArray(thin)
         result.CopyInformation(image)
@@ -114,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--choices", nargs="+", default=list(CHOICES), choices=list(CHOICES))
+    p.add_argument("--paint", nargs="+", choices=[c.name for c in CLASSES], metavar="CLASS",
+                   help="keep only these classes of A1's annotation (what a site paints: e.g. Healthy "
+                        "'Ground glass opacity' Consolidation), to see what the others lose; default all")
     p.add_argument("--json", help="write the figures here")
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
@@ -121,7 +132,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     rows_a = simulate(Path(args.ct_a), work / "a", 2, args.seed)
     rows_b = simulate(Path(args.ct_b), work / "b", 1, args.seed + 100)
-    train = thinned_manifest(rows_a[0], work / "a", args.every, 0, "train-a1")
+    labels = sorted(c.label for c in CLASSES if c.name in args.paint) if args.paint else None
+    tag = "" if labels is None else "-only" + "".join(map(str, labels))
+    train = thinned_manifest(rows_a[0], work / "a", args.every, 0, f"train-a1{tag}", labels)
     same = thinned_manifest(rows_a[1], work / "a", args.every, 1, "score-a2")
     other = thinned_manifest(rows_b[0], work / "b", args.every, 1, "score-b1")
     results = {"bundled": {"same_ct": score("bundled", same, work / "bundled-a2.json"),
@@ -129,7 +142,7 @@ def main(argv=None) -> int:
     print(f"bundled model: A2 (same CT) {results['bundled']['same_ct']:.4f}, "
           f"B1 (other CT) {results['bundled']['other_ct']:.4f}", flush=True)
     for name in args.choices:
-        run = work / "runs" / name
+        run = work / f"runs{tag}" / name
         t0 = time.perf_counter()
         if not (run / "finetune.json").is_file():
             check(ildseg("finetune", "--manifest", str(train), "--out", str(run), "--device", "cpu",
@@ -137,13 +150,17 @@ def main(argv=None) -> int:
                          *CHOICES[name], *extra), ok=(0, 4))
         report = json.loads((run / "finetune.json").read_text())
         tuned = report["model"] or report["rejected_model"]
+        same_score, other_score = score(tuned, same, run / "score-a2.json"), score(tuned, other, run / "score-b1.json")
         entry = {"kept_start_model": report["kept_start_model"],
+                 "per_class": {k: {"bundled": json.loads((work / f"bundled-{c}.json").read_text())
+                                   ["per_class_accuracy"],
+                                   "fine-tuned": json.loads((run / f"score-{c}.json").read_text())
+                                   ["per_class_accuracy"]} for k, c in (("same_ct", "a2"), ("other_ct", "b1"))},
                  "held_out_before": report["before"]["balanced_accuracy"],
                  "held_out_after": report["after"]["balanced_accuracy"],
                  "best_epoch": report["best_epoch"], "epochs_run": report["epochs_run"],
                  "finetune_seconds": report["seconds"],
-                 "same_ct": score(tuned, same, run / "score-a2.json"),
-                 "other_ct": score(tuned, other, run / "score-b1.json")}
+                 "same_ct": same_score, "other_ct": other_score}
         # What the user ends up with: the start model when the run kept it.
         base = results["bundled"]
         entry["offered_same_ct"] = base["same_ct"] if entry["kept_start_model"] else entry["same_ct"]
@@ -162,7 +179,7 @@ def main(argv=None) -> int:
     print(f"machine: {machine}; {time.perf_counter() - started:.0f} s in all")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "ct_a": args.ct_a, "ct_b": args.ct_b, "seed": args.seed, "every": args.every, "epochs": args.epochs,
+            "ct_a": args.ct_a, "ct_b": args.ct_b, "paint": args.paint, "seed": args.seed, "every": args.every, "epochs": args.epochs,
             "patience": args.patience, "extra": extra, "choices": {k: CHOICES[k] for k in args.choices},
             "results": results, "caveat": caveat, "machine": machine}, indent=2))
     return 0
