@@ -174,8 +174,13 @@ def main(argv=None) -> int:
     caveat = ("the bundled model was trained on simulated cases (other seeds) in all six CC BY CTs, these two "
               "included: A and B are not CTs it never saw")
     print(f"caveat: {caveat}")
-    machine = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores (shared), " \
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    machine = f"{cpu}, {os.cpu_count()} cores (shared), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
     print(f"machine: {machine}; {time.perf_counter() - started:.0f} s in all")
     if args.json:
         Path(args.json).write_text(json.dumps({

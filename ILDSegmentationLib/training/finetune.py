@@ -326,6 +326,10 @@ def finetune(cases: Sequence[Case], start_model, out_dir: Path, settings: Finetu
         + (f"; {len(held.unused)} annotated slices within {held.gap_mm:g} mm of the slab used by neither side"
            if held.unit == "slab" else ""))
     say(("WARNING: " if not held.estimates_next_patient else "") + held.note)
+    unheld = [c.name for c, n, m in zip(CLASSES, val_counts, train_counts) if n == 0 and m > 0]
+    if unheld:
+        say("the held-out annotations have no " + ", ".join(unheld) + ": the before/after figure (and the choice "
+            "of the start or the fine-tuned model) says nothing about those classes")
     say("annotated pixels for training: " + ", ".join(f"{c.name} {n}" for c, n in zip(CLASSES, train_counts)))
     if lacking:
         say("no examples of " + ", ".join(lacking) + ": the fine-tuned model is not taught these classes "
@@ -373,6 +377,7 @@ def finetune(cases: Sequence[Case], start_model, out_dir: Path, settings: Finetu
         "annotated_pixels": {"training": dict(zip([c.name for c in CLASSES], map(int, train_counts))),
                              "held_out": dict(zip([c.name for c in CLASSES], map(int, val_counts)))},
         "classes_without_examples": lacking,
+        "classes_taught_but_not_held_out": unheld,
         "before": _brief(before), "after": _brief(after),
         "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
         "seconds": round(time.perf_counter() - started, 1),
