@@ -264,7 +264,7 @@ def test_start_model_pull_adds_both_terms_with_their_weights(start):
     got = pull(RegularizerBatch(student, x, None, logits, target, lung, None))
     with torch.no_grad():
         teacher = start.network.eval()(x)
-    expected = 0.7 * 0.5 * float(distillation_term(logits, teacher, target, lung)) + \
+    expected = 0.7 * 0.5 * float(distillation_term(logits, teacher, target, lung).detach()) + \
         0.3 * float(l2sp_term(student, dict(start.network.named_parameters())).detach())
     got = float(got.detach())
     assert got > 0 and got == pytest.approx(expected, rel=1e-5)
