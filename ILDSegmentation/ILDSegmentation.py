@@ -929,14 +929,19 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 from ILDSegmentationLib.slicer.trainingset import describe_finetune
 
-                self.ui.finetuneStatusLabel.text = "<br>".join(
-                    [_("Fine-tuned. The new model is chosen for Segment ILD (the bundled one is unchanged).")]
-                    + describe_finetune(report))
-                self.updateUserModels()
-                p = self._parameterNode
-                if p is not None:
-                    p.useBundledModel = False
-                    p.modelPath = report["model"]
+                if report.get("kept_start_model"):  # no better than the start model: keep that one selected
+                    self.ui.finetuneStatusLabel.text = "<br>".join(
+                        [_("Fine-tuning did not beat the start model; the start model stays selected.")]
+                        + describe_finetune(report))
+                else:
+                    self.ui.finetuneStatusLabel.text = "<br>".join(
+                        [_("Fine-tuned. The new model is chosen for Segment ILD (the bundled one is unchanged).")]
+                        + describe_finetune(report))
+                    self.updateUserModels()
+                    p = self._parameterNode
+                    if p is not None:
+                        p.useBundledModel = False
+                        p.modelPath = report["model"]
         elif state == CANCELLED:
             self.ui.finetuneStatusLabel.text = _("Fine-tuning cancelled; no model was written.")
         else:

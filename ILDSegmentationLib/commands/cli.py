@@ -2,6 +2,7 @@
 
 Errors the user can fix print one line (``ildseg: error: ...``) and exit with 2;
 a batch of ``ildseg segment`` in which some cases failed exits with 3 (batch.py);
+``ildseg finetune`` whose model did not beat the start model exits with 4 (training/finetune.py);
 ``--debug`` shows the traceback. Ctrl-C or SIGTERM leaves no output file.
 """
 from __future__ import annotations

@@ -90,6 +90,8 @@ class ChildProcess:
         self.env.update(env_updates or {})
         self.cwd = cwd
         self.what = what
+        #: Exit statuses that mean the command did its work (FinetuneJob adds 4).
+        self.success_codes: Tuple[int, ...] = (0,)
         self.kill_after_s = kill_after_s
         self.state = RUNNING
         self.error: Optional[str] = None
@@ -244,7 +246,7 @@ class ChildProcess:
         if self._cancel_at is not None:
             self.state = CANCELLED
             return
-        if returncode == 0:
+        if returncode in self.success_codes:
             self.state = SUCCEEDED
             return
         self.state = FAILED
@@ -313,6 +315,7 @@ class BackgroundJob:
     progress (fraction 0..1, message) and elapsed time, and clean-up."""
 
     what = "the background process"
+    success_codes: Tuple[int, ...] = (0,)
 
     def __init__(self, *, python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                  temp_root: Optional[str] = None, library: Optional[str] = None) -> None:
@@ -346,8 +349,10 @@ class BackgroundJob:
 
     def _launch(self, args: Sequence[str]) -> None:
         argv = [self.python, "-m", "ILDSegmentationLib", *args]
-        self.child = ChildProcess(argv, env=self.base_env, env_updates=child_environment(self.base_env, self.library),
-                                  cwd=str(self.folder), what=self.what).start()
+        child = ChildProcess(argv, env=self.base_env, env_updates=child_environment(self.base_env, self.library),
+                             cwd=str(self.folder), what=self.what)
+        child.success_codes = self.success_codes
+        self.child = child.start()
         self.started_at = time.monotonic()
 
     def handle_line(self, line: str) -> None:
@@ -506,10 +511,13 @@ class FinetuneJob(BackgroundJob):
     On failure or cancel the run folder is removed, so no partial model ever shows up
     among the user's models. :meth:`finish` returns the run's ``finetune.json``
     (``before`` / ``after``: balanced and per-class accuracy on the held-out
-    annotations) with ``model`` the new model file.
+    annotations) with ``model`` the new model file, or, when the fine-tuned model
+    did not beat the start model (exit status 4, ``kept_start_model`` true), with
+    ``model`` None: the start model stays the one to use.
     """
 
     what = "the fine-tuning process"
+    success_codes = (0, 4)  # 4: finished, the start model was kept (training/finetune.py)
 
     def __init__(self, manifest: str, run_folder: str, *, start_model: Optional[str] = None, epochs: int = 40,
                  val_fraction: float = 0.25, device: str = "auto", time_limit_s: Optional[float] = None,
@@ -616,11 +624,13 @@ class FinetuneJob(BackgroundJob):
         try:
             report_path = self.run_folder / "finetune.json"
             model = self.run_folder / "model.safetensors"
-            if not report_path.is_file() or not model.is_file():
+            kept = self.child is not None and self.child.returncode == 4
+            if not report_path.is_file() or not (kept or model.is_file()):
                 raise ILDSegError(f"{self.what} ended without writing {model.name} and finetune.json "
                                   f"into {self.run_folder}")
             report = json.loads(report_path.read_text(encoding="utf-8"))
-            report["model"] = str(model)
+            report["kept_start_model"] = kept
+            report["model"] = None if kept else str(model)
             return report
         finally:
             self.cleanup()

@@ -410,17 +410,25 @@ def list_models(folder: PathLike) -> List[ModelEntry]:
 
 def describe_finetune(report: Dict[str, Any]) -> List[str]:
     """Lines for the panel from a fine-tuning report (finetune.json): the held-out
-    balanced accuracy before and after, then per class (n/a: no held-out pixel of
-    that class), then the classes the training set did not teach."""
+    balanced accuracy before and after (first: whether the start model was kept),
+    how the annotations were held out (with one scan: that the figure does not
+    estimate the next patient), then per class (n/a: no held-out pixel of that
+    class), then the classes the training set did not teach."""
     before, after = report.get("before") or {}, report.get("after") or {}
 
     def share(value: Optional[float]) -> str:
         return "n/a" if value is None else f"{100.0 * value:.1f} %"
 
     held = report.get("held_out") or {}
-    lines = [f"Held-out balanced accuracy: {share(before.get('balanced_accuracy'))} before, "
-             f"{share(after.get('balanced_accuracy'))} after"
-             + (f" (held out: {held.get('unit')} {', '.join(map(str, held.get('items') or []))})" if held else "")]
+    lines = []
+    if report.get("kept_start_model"):
+        lines.append(f"Not better than the start model on the held-out annotations (by at least "
+                     f"{share(report.get('min_gain'))}): the start model stays selected; no new model is offered.")
+    lines.append(f"Held-out balanced accuracy: {share(before.get('balanced_accuracy'))} before, "
+                 f"{share(after.get('balanced_accuracy'))} after"
+                 + (f" (held out: {held.get('unit')} {', '.join(map(str, held.get('items') or []))})" if held else ""))
+    if held.get("note"):
+        lines.append(("Warning: " if held.get("estimates_next_patient") is False else "") + held["note"])
     per_before = before.get("per_class_accuracy") or {}
     per_after = after.get("per_class_accuracy") or {}
     for c in CLASSES:

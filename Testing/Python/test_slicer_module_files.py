@@ -875,6 +875,8 @@ def test_teach_section_only_wires_the_logic(ui, tree):
     assert "_onFinetuneTimer" in ast.unparse(widget["setup"])
     poll = ast.unparse(widget["_onFinetuneTimer"])
     assert "job.poll()" in poll and "job.remaining_s" in poll and "describe_finetune(report)" in poll
+    # A run no better than its start model leaves the selected model as it was.
+    assert "report.get('kept_start_model')" in poll
     assert "p.modelPath = report['model']" in poll and "p.useBundledModel = False" in poll
     assert "updateUserModels()" in poll
     for name, library in (("createAnnotationSegmentation", "create_annotation_segmentation"),

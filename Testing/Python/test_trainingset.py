@@ -15,6 +15,7 @@ import pytest
 
 from ILDSegmentationLib.slicer import background, trainingset
 from ILDSegmentationLib.slicer.background import CANCELLED, FAILED, SUCCEEDED, FinetuneJob
+from ILDSegmentationLib.training.finetune import ONE_SCAN_NOTE
 
 
 # ----------------------------------------------------------------------------------
@@ -278,8 +279,10 @@ def test_finetune_in_the_background_gives_a_selectable_model(training_folder, tm
     bundled = _bundled_sha()
     models = tmp_path / "models"
     run = trainingset.new_run_folder(models)
+    # The case's four painted slices lie closer than the default slab gap; --min-gain -1:
+    # the model is offered whatever two epochs make of it (kept-start: the next test).
     job = FinetuneJob(str(training_folder / "manifest.csv"), str(run), epochs=2, device="cpu",
-                      temp_root=str(tmp_path)).start()
+                      extra_args=["--slab-gap", "0", "--min-gain", "-1"], temp_root=str(tmp_path)).start()
     assert job.wait(600) == SUCCEEDED, job.error
     assert job.max_epochs == 2 and [n for n, _ in job.epoch_results] in ([1], [1, 2])
     assert job.remaining_s is not None
@@ -290,6 +293,7 @@ def test_finetune_in_the_background_gives_a_selectable_model(training_folder, tm
         assert set(report[key]["per_class_accuracy"]) == {c.name for c in CLASSES}
     lines = trainingset.describe_finetune(report)
     assert lines[0].startswith("Held-out balanced accuracy: ") and " before, " in lines[0]
+    assert f"Warning: {ONE_SCAN_NOTE}" in lines  # one scan: its figure is no next-patient estimate
     assert any(line.startswith("Healthy: ") and " -> " in line for line in lines)
     assert lines[-1] == f"Model: {run / 'model.safetensors'}"
     (entry,) = trainingset.list_models(models)
@@ -299,12 +303,29 @@ def test_finetune_in_the_background_gives_a_selectable_model(training_folder, tm
     assert [p for p in tmp_path.iterdir() if p.name.startswith("ildseg-")] == []
 
 
+def test_finetune_that_does_not_beat_the_start_model_offers_no_model(training_folder, tmp_path):
+    """Exit status 4 is a finished run whose model is no better than the start: the job
+    succeeds, its report says the start model stays, and no model is listed."""
+    models = tmp_path / "models"
+    run = trainingset.new_run_folder(models)
+    job = FinetuneJob(str(training_folder / "manifest.csv"), str(run), epochs=1, device="cpu",
+                      extra_args=["--slab-gap", "0", "--lr", "1e-12"], temp_root=str(tmp_path)).start()
+    assert job.wait(600) == SUCCEEDED, job.error
+    assert job.child.returncode == 4
+    report = job.finish()
+    assert report["kept_start_model"] is True and report["model"] is None
+    lines = trainingset.describe_finetune(report)
+    assert lines[0].startswith("Not better than the start model") and "start model stays selected" in lines[0]
+    assert not any(line.startswith("Model: ") for line in lines)
+    assert trainingset.list_models(models) == []
+
+
 @pytest.mark.skipif(os.name == "nt", reason="signals are POSIX here")
 def test_cancelled_finetune_leaves_no_model_behind(training_folder, tmp_path):
     models = tmp_path / "models"
     run = trainingset.new_run_folder(models)
     job = FinetuneJob(str(training_folder / "manifest.csv"), str(run), epochs=40, device="cpu",
-                      temp_root=str(tmp_path)).start()
+                      extra_args=["--slab-gap", "0"], temp_root=str(tmp_path)).start()
     import time
     deadline = time.monotonic() + 300
     while job.poll() not in (SUCCEEDED, FAILED, CANCELLED) and job.max_epochs is None:
@@ -362,8 +383,9 @@ def test_a_run_folder_model_without_its_report_is_not_offered(tmp_path):
 
 def _finetune_until_first_epoch(training_folder, run, tmp_path):
     import time
+    # The case's painted slices lie closer than the default slab gap (issue 25's one-scan hold-out).
     job = FinetuneJob(str(training_folder / "manifest.csv"), str(run), epochs=40, device="cpu",
-                      temp_root=str(tmp_path)).start()
+                      extra_args=["--slab-gap", "0"], temp_root=str(tmp_path)).start()
     deadline = time.monotonic() + 300
     while job.poll() not in (SUCCEEDED, FAILED, CANCELLED) and not job.epoch_results:
         assert time.monotonic() < deadline
@@ -381,7 +403,7 @@ def test_finetune_command_removes_its_run_folder_on_sigterm(training_folder, tmp
     run = tmp_path / "models" / "run"
     child = background.ChildProcess(
         [sys.executable, "-m", "ILDSegmentationLib", "finetune", "--manifest", str(training_folder / "manifest.csv"),
-         "--out", str(run), "--epochs", "40", "--device", "cpu"],
+         "--out", str(run), "--epochs", "40", "--device", "cpu", "--slab-gap", "0"],
         env_updates=background.child_environment(), kill_after_s=120.0).start()  # SIGKILL would prove nothing
     import time
     deadline = time.monotonic() + 300
