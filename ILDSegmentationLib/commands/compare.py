@@ -344,7 +344,7 @@ def cmd_compare(args: Any) -> int:
     import sys
     from ..analysis.change import format_change
     if args.progress_lines:
-        from ..slicer.background import ProgressLines
+        from .progress import ProgressLines
         bar = ProgressLines()
     else:
         from .cli import _Progress

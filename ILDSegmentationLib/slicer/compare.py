@@ -63,7 +63,7 @@ class CompareJob(BackgroundJob):
     def start(self) -> "CompareJob":
         """Check and write the inputs, start the child (InputError in one line, nothing
         started, when the nodes do not fit)."""
-        from .. import mrml
+        from . import nodes
         from ..classes import CLASSES
         from ..errors import InputError
 
@@ -76,7 +76,7 @@ class CompareJob(BackgroundJob):
             raise InputError(f"the model file does not exist: {self.model}")
         inputs = {}
         for k, (ct_node, seg_node, mask_node) in self.nodes.items():
-            hu, geometry = mrml.volume_array_and_geometry(ct_node)
+            hu, geometry = nodes.volume_array_and_geometry(ct_node)
             labels = None
             if seg_node is not None:
                 ids = [c.segment_id for c in CLASSES]
@@ -85,8 +85,8 @@ class CompareJob(BackgroundJob):
                     raise InputError(f"the {k} segmentation '{seg_node.GetName()}' is not an ILD segmentation "
                                      f"(no segment {missing[0]}): run Segment ILD on it, or leave it out")
                 # Segment n of CLASSES gets value n + 1: the class label.
-                labels = mrml.segments_to_array(seg_node, ids, ct_node)
-            mask = None if mask_node is None or labels is not None else mrml.lung_mask_from_node(mask_node, ct_node)
+                labels = nodes.segments_to_array(seg_node, ids, ct_node)
+            mask = None if mask_node is None or labels is not None else nodes.lung_mask_from_node(mask_node, ct_node)
             inputs[k] = (hu, geometry, labels, mask)
         folder = self._make_folder()
         try:

@@ -12,7 +12,7 @@ slicer = pytest.importorskip("slicer", reason="Slicer's MRML core is not importa
                              "Python >= 3.10)")
 
 from conftest import DATA, _need  # noqa: E402
-from ILDSegmentationLib.slicer import mrml  # noqa: E402
+from ILDSegmentationLib.slicer import mrml, nodes as slicer_nodes  # noqa: E402
 from ILDSegmentationLib.slicer.background import SUCCEEDED  # noqa: E402
 from ILDSegmentationLib.errors import InputError  # noqa: E402
 from ILDSegmentationLib.imaging.geometry import Geometry  # noqa: E402
@@ -63,7 +63,7 @@ def test_compare_job_loads_the_change_map_and_table(scans, tmp_path):
     assert "change_1" in ids and "change_15" in ids and "change_25" in ids
     assert seg.GetSegmentation().GetSegment("change_15").GetName() == "Reticulation, new"
     # Healthy-unchanged covers most of the baseline lung.
-    healthy = mrml.segments_to_array(seg, ["change_1"], nodes[0][0])
+    healthy = slicer_nodes.segments_to_array(seg, ["change_1"], nodes[0][0])
     assert healthy.sum() > 0.8 * np.count_nonzero(scans[0][2])
     table = result.table_node.GetTable()
     assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(TABLE_COLUMNS)
