@@ -3,7 +3,8 @@
 Label values are those of the output label map and of training annotations:
 0 is "outside the lung" in outputs and "not annotated" in annotations.
 Colors follow the paper's Fig. 7 (blue, purple, green, yellow, orange, red).
-Terminology codes are (coding scheme, code value, code meaning) triplets.
+Terminology codes are (coding scheme, code value, code meaning) triplets; where each
+comes from (DICOM PS3.16 context groups, SNOMED CT) is in docs/terminology.md.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Optional, Tuple
 
 Code = Tuple[str, str, str]
 
-#: Category shared by the five patterns and healthy tissue in the terminology.
-CATEGORY: Code = ("SCT", "49755003", "Morphologically Altered Structure")
+#: Category shared by the five patterns and healthy tissue in the terminology: DICOM
+#: CID 7150 Segmentation Property Category, with its meaning there (Slicer's own lists
+#: still say "Morphologically Altered Structure"; Slicer matches codes by scheme and value).
+CATEGORY: Code = ("SCT", "49755003", "Morphologically Abnormal Structure")
 #: Anatomic region of every class.
 ANATOMIC_REGION: Code = ("SCT", "39607008", "Lung")
 
@@ -34,8 +37,12 @@ class TissueClass:
 
 
 CLASSES: Tuple[TissueClass, ...] = (
+    # "Normal" is a type of that category in DICOM CID 7194 (Morphologically Abnormal
+    # Structure Segmentation Property Type); the region says where: Lung. (Earlier
+    # files used type Lung + modifier Normal, a pair no DICOM context group has; they
+    # are still read as Healthy, training/annotations.py.)
     TissueClass(1, "Healthy", "H", (0.0, 0.0, 1.0), "healthy",
-                ("SCT", "39607008", "Lung"), ("SCT", "17621005", "Normal")),
+                ("SCT", "17621005", "Normal")),
     TissueClass(2, "Ground glass opacity", "GGO", (0.58, 0.0, 0.83), "ground_glass_opacity",
                 ("DCM", "112120", "Ground glass opacity")),
     TissueClass(3, "Micronodules", "MN", (0.0, 0.8, 0.0), "micronodules",

@@ -336,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto, as `ildseg segment`)")
     p.add_argument("--pixel-spacing", default="model", choices=("model", "native"),
                    help="as `ildseg segment` (default: model)")
+    p.add_argument("--decision", default="auto", choices=("auto", "paper", "prior"),
+                   help="decision rule, as `ildseg segment` (default: auto)")
     return p
 
 
@@ -359,7 +361,7 @@ def _run(args: argparse.Namespace) -> int:
         if path is not None and not path.parent.is_dir():
             raise InputError(f"folder of {path} does not exist")
     loaded = load_model(args.model)
-    inferer = Inferer(loaded, device=args.device, pixel_spacing=args.pixel_spacing)
+    inferer = Inferer(loaded, device=args.device, pixel_spacing=args.pixel_spacing, decision=args.decision)
     if args.overlay_dir is not None:
         args.overlay_dir.mkdir(parents=True, exist_ok=True)
     cases: Dict[str, Dict[str, Any]] = {}
@@ -373,13 +375,15 @@ def _run(args: argparse.Namespace) -> int:
         "commit": _git_commit(),
         "model": {"file": str(loaded.path), "sha256": loaded.sha256, "name": loaded.info.name},
         "settings": {"lung_mask": "automatic", "pixel_spacing": args.pixel_spacing, "device": args.device,
+                     "decision": inferer.decision.describe(),
                      "subpleural_mm": SUBPLEURAL_MM, "hilar_mm": HILAR_MM, "basal_fraction": BASAL_FRACTION},
         "machine": machine_info(),
         "cases": cases,
     }
     print(format_table(cases))
     m = report["machine"]
-    print(f"\nmodel {loaded.path.name} (sha256 {loaded.sha256[:12]}), commit {report['commit']}, {report['date']}; "
+    print(f"\ndecision rule: {inferer.decision.describe()}")
+    print(f"model {loaded.path.name} (sha256 {loaded.sha256[:12]}), commit {report['commit']}, {report['date']}; "
           f"{m['cpu_model']}, {m['cpu_usable']} CPUs usable, torch {m['torch']}")
     if args.json is not None:
         from ILDSegmentationLib.imaging.atomicfile import atomic_path

@@ -44,7 +44,9 @@ class CaseResult:
     input_checks: :func:`~.suitability.input_checks` (one dict per check).
     model: file, sha256, name, trained, provenance. device: where the network ran.
     pixel_spacing: (row, column) mm of the CT and of what the network saw
-    (:func:`pixel_spacing_summary`). crop_box: the crop box choice. slices: total,
+    (:func:`pixel_spacing_summary`). crop_box: the crop box choice. decision_rule: the
+    rule that made the labels (:func:`decision_summary`; empty for a report written
+    before the rule was recorded). slices: total,
     with lung, lung crops. timings: seconds per step. maps: the region maps (side,
     zone, depth per voxel) when computed here, for pictures; None when rebuilt from
     a report.
@@ -61,6 +63,7 @@ class CaseResult:
     crop_box: Any
     slices: Dict[str, int]
     timings: Dict[str, float] = field(default_factory=dict)
+    decision_rule: Dict[str, Any] = field(default_factory=dict)
     maps: Optional[RegionMaps] = None
 
     @property
@@ -76,7 +79,8 @@ class CaseResult:
         """The analysis' keys of the report, in the report's order (``ildseg segment``
         adds the input, the lung mask's source, the outputs and the timings)."""
         return {**self.volumes, "model": self.model, "device": self.device, "pixel_spacing_mm": self.pixel_spacing,
-                "crop_box": self.crop_box, "slices": self.slices, **self.regional, "input_checks": self.input_checks}
+                "crop_box": self.crop_box, "decision_rule": self.decision_rule, "slices": self.slices, **self.regional,
+                "input_checks": self.input_checks}
 
     def panel(self) -> Dict[str, Any]:
         """What a results panel shows beyond the class volumes (:func:`~.report.panel_results`)."""
@@ -93,7 +97,8 @@ class CaseResult:
                    input_checks=list(report.get("input_checks") or []), model=dict(report.get("model") or {}),
                    device=str(report.get("device", "")), pixel_spacing=dict(report.get("pixel_spacing_mm") or {}),
                    crop_box=report.get("crop_box"), slices=dict(report.get("slices") or {}),
-                   timings={k: float(v) for k, v in (report.get("timings_s") or {}).items() if k != "total"})
+                   timings={k: float(v) for k, v in (report.get("timings_s") or {}).items() if k != "total"},
+                   decision_rule=dict(report.get("decision_rule") or {}))
 
 
 def pixel_spacing_summary(result: SegmentationResult, info: Any, choice: str) -> Dict[str, Any]:
@@ -102,6 +107,13 @@ def pixel_spacing_summary(result: SegmentationResult, info: Any, choice: str) ->
             "network": [round(v, 4) for v in result.network_pixel_spacing_mm],
             "resampled": result.resampled, "choice": choice,
             "model_range": None if info.pixel_spacing_mm is None else list(info.pixel_spacing_mm)}
+
+
+def decision_summary(result: SegmentationResult, inferer: Inferer) -> Dict[str, Any]:
+    """The report's ``decision_rule``: the rule that made the labels
+    (:mod:`ILDSegmentationLib.engine.decision`), the option asked for (``choice``:
+    auto, paper or prior) and the rule in words."""
+    return {**result.decision.to_dict(), "choice": inferer.decision_choice, "description": result.decision.describe()}
 
 
 def model_summary(loaded: Any) -> Dict[str, Any]:
@@ -155,7 +167,7 @@ def describe_labels(result: SegmentationResult, hu: np.ndarray, geometry: Geomet
     return CaseResult(labels=labels, probabilities=result.probabilities, volumes=volumes, regional=regional,
                       input_checks=checks, model=model_summary(inferer.model), device=result.device,
                       pixel_spacing=pixel_spacing_summary(result, info, inferer.pixel_spacing),
-                      crop_box=inferer.crop_box,
+                      crop_box=inferer.crop_box, decision_rule=decision_summary(result, inferer),
                       slices={"total": result.slices_total, "with_lung": result.slices_with_lung,
                               "lung_crops": result.crops},
                       timings=timings, maps=maps)

@@ -54,6 +54,7 @@ def segment_file(
     max_memory_mb: float = 1024,
     pixel_spacing: str = "model",
     crop_box: str = "mask",
+    decision: str = "auto",
     progress: Optional[ProgressCallback] = None,
     cancel: CancelCheck = None,
 ) -> Dict[str, Any]:
@@ -63,7 +64,9 @@ def segment_file(
     ``dicom_seg``, writes a DICOM Segmentation referencing the CT's DICOM series
     (:mod:`ILDSegmentationLib.imaging.dicomseg`; refused before any work for a CT that is not DICOM). ``model``:
     a model file, None for the bundled one, or a model already loaded. ``crop_box``: "mask" (the paper's)
-    or "aerated" (a box the mask's exact border does not move), see the same. Returns
+    or "aerated" (a box the mask's exact border does not move), see the same.
+    ``decision``: "auto" (the model's rule for whole lungs), "paper" or "prior"
+    (:mod:`ILDSegmentationLib.engine.decision`); the report says which ran. Returns
     the report (also written to ``report``).
 
     ``table``: CSV of the volumes per region and class; ``visual_report``: one-page PNG
@@ -105,7 +108,7 @@ def segment_file(
     # A batch passes the model it loaded once (batch.py); a path or None loads it here.
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, pixel_spacing=pixel_spacing,
-                      crop_box=crop_box)
+                      crop_box=crop_box, decision=decision)
     timings: Dict[str, float] = {}
 
     t = time.perf_counter()

@@ -74,11 +74,19 @@ def run_batch_command(args: Any) -> int:
     segment_options: Dict[str, Any] = {"device": args.device, "max_memory_mb": args.max_memory,
                                        "pixel_spacing": args.pixel_spacing}
     # Run options that the segment command may add: its attribute -> segment_file's keyword.
-    for option, keyword in (("crop_box", "crop_box"), ("subpleural_band", "subpleural_band_mm")):
+    for option, keyword in (("crop_box", "crop_box"), ("subpleural_band", "subpleural_band_mm"),
+                            ("decision", "decision")):
         if getattr(args, option, None) is not None:
             segment_options[keyword] = getattr(args, option)
     if engine == "local":  # a Ray worker checks the device where it runs (the driver may have no GPU)
-        Inferer(model, device=args.device, max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing)
+        Inferer(model, device=args.device, max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing,
+                decision=getattr(args, "decision", "paper"))
+    else:  # the decision rule depends on the model file alone: refused here, before any worker starts
+        from ..engine.decision import resolve_decision
+        try:
+            resolve_decision(getattr(args, "decision", "paper"), model.info.decision)
+        except ValueError as e:
+            raise InputError(f"decision rule: {e}") from None
 
     from ..analysis.report import model_notice
     notice = model_notice({"trained": model.info.trained, "name": model.info.name,

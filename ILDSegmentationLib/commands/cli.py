@@ -2,6 +2,7 @@
 
 Errors the user can fix print one line (``ildseg: error: ...``) and exit with 2;
 a batch of ``ildseg segment`` in which some cases failed exits with 3 (batch.py);
+``ildseg finetune`` whose model did not beat the start model exits with 4 (training/finetune.py);
 ``--debug`` shows the traceback. Ctrl-C or SIGTERM leaves no output file.
 """
 from __future__ import annotations
@@ -41,6 +42,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="model = run the network at a pixel size within the range the model was trained at, "
                         "resampling CTs outside it in-plane (labels come back on the CT's grid); "
                         "native = at the CT's own pixel size, as in the paper (default: model)")
+    p.add_argument("--decision", default="auto", choices=("auto", "paper", "prior"),
+                   help="how class probabilities become labels: paper = their argmax, as in the paper (its class "
+                        "weights make all six classes equally likely, so vessels in a normal lung become "
+                        "micronodules); prior = the model file's logit adjustment for whole lungs (its training "
+                        "class weights, tau chosen on validation data); auto = the rule the model file recommends "
+                        "(default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +141,8 @@ def _print_summary(summary: dict, quiet: bool) -> None:
     regions = format_regions(summary)
     if regions:
         print(regions)
+    if summary.get("decision_rule"):
+        print(f"decision rule: {summary['decision_rule']['description']}")
     print(f"device: {summary['device']}   time: {summary['timings_s']['total']:.1f} s "
           f"({', '.join(f'{k} {v:.1f}' for k, v in summary['timings_s'].items() if k != 'total')})")
 
@@ -190,7 +199,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                **({} if args.subpleural_band is None else
                                   {"subpleural_band_mm": args.subpleural_band}),
                                max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing,
-                               crop_box=args.crop_box, progress=bar)
+                               crop_box=args.crop_box, decision=args.decision, progress=bar)
     finally:
         bar.close()
     args.outputs_complete = True
@@ -218,7 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bar = ProgressBar(args.quiet)
     try:
         summary = run_demo(args.out, model=args.model, device=args.device, max_memory_mb=args.max_memory,
-                           pixel_spacing=args.pixel_spacing, progress=bar)
+                           pixel_spacing=args.pixel_spacing, decision=args.decision, progress=bar)
     finally:
         bar.close()
     _print_summary(summary, args.quiet)
@@ -309,6 +318,8 @@ def _interrupted_note(args: Optional[argparse.Namespace]) -> str:
         return "; no output was written"
     if command == "simulate":
         return "; no case was written"
+    if command == "finetune":
+        return "; the unfinished run's outputs were removed"
     return ""
 
 

@@ -140,6 +140,7 @@ def compare_files(
     max_memory_mb: float = 1024,
     pixel_spacing: str = "model",
     crop_box: str = "mask",
+    decision: str = "auto",
     subpleural_band_mm: float = DEFAULT_BAND_MM,
     visual_report: bool = True,
     deformable: bool = True,
@@ -186,8 +187,9 @@ def compare_files(
         for p in names.values():
             check_writable(p)
         summary = _compare(inputs, names, written, model=model, device=device, max_memory_mb=max_memory_mb,
-                           pixel_spacing=pixel_spacing, crop_box=crop_box, band_mm=subpleural_band_mm,
-                           visual_report=visual_report, deformable=deformable, force=force, progress=progress)
+                           pixel_spacing=pixel_spacing, crop_box=crop_box, decision=decision,
+                           band_mm=subpleural_band_mm, visual_report=visual_report, deformable=deformable,
+                           force=force, progress=progress)
         summary["timings_s"]["total"] = round(time.perf_counter() - t0, 2)
         with atomic_path(names["json"]) as tmp:
             Path(tmp).write_text(json.dumps(summary, indent=2))
@@ -207,7 +209,7 @@ def _stage(progress: Any, start: float, span: float) -> Any:
     return None if progress is None else (lambda f, msg: progress(start + span * f, msg))
 
 
-def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spacing, crop_box, band_mm,
+def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spacing, crop_box, decision, band_mm,
              visual_report, deformable, force, progress) -> Dict[str, Any]:
     from ..engine.modelfile import load_model
     from ..analysis.pipeline import segment_file
@@ -236,7 +238,8 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
                                 else load_model(model))
             report = segment_file(ct_path, names[f"{k}_labels"], lung_mask=mask, model=loaded, device=device,
                                   report=names[f"{k}_report"], max_memory_mb=max_memory_mb,
-                                  pixel_spacing=pixel_spacing, crop_box=crop_box, subpleural_band_mm=band_mm,
+                                  pixel_spacing=pixel_spacing, crop_box=crop_box, decision=decision,
+                                  subpleural_band_mm=band_mm,
                                   progress=_stage(progress, 0.4 * n, 0.4))
             written += [names[f"{k}_labels"], names[f"{k}_report"]]
             labels[k] = read_labels(names[f"{k}_labels"], cts[k], k)
@@ -351,7 +354,7 @@ def cmd_compare(args: Any) -> int:
                                 followup_mask=args.followup_mask, baseline_labels=args.baseline_labels,
                                 followup_labels=args.followup_labels, model=args.model, device=args.device,
                                 max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing,
-                                crop_box=args.crop_box, subpleural_band_mm=args.subpleural_band,
+                                crop_box=args.crop_box, decision=args.decision, subpleural_band_mm=args.subpleural_band,
                                 visual_report=not args.no_visual_report, deformable=not args.affine_only,
                                 force=args.force, progress=bar)
     finally:

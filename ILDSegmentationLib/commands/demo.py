@@ -39,9 +39,11 @@ def make_demo_case(seed: int = DEMO_SEED):
 
 
 def run_demo(out: PathLike, model: Optional[PathLike] = None, device: str = "auto", max_memory_mb: float = 1024,
-             pixel_spacing: str = "model", progress: Optional[ProgressCallback] = None) -> Dict[str, Any]:
+             pixel_spacing: str = "model", decision: str = "auto",
+             progress: Optional[ProgressCallback] = None) -> Dict[str, Any]:
     """Write demo_ct.nrrd, demo_truth.seg.nrrd, segmentation.seg.nrrd, report.json and
-    overlay.png into ``out``; return the report with ``demo_balanced_accuracy``."""
+    overlay.png into ``out``; return the report with ``demo_balanced_accuracy``.
+    ``decision``: the decision rule (:mod:`ILDSegmentationLib.engine.decision`), as for ``ildseg segment``."""
     from ..training.metrics import confusion_matrix, summarize
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,8 @@ def run_demo(out: PathLike, model: Optional[PathLike] = None, device: str = "aut
     write_label_map(truth, ct_image, out / "demo_truth.seg.nrrd")
     summary = segment_file(ct_path, out / "segmentation.seg.nrrd", model=model, device=device,
                            report=out / "report.json", overlay=out / "overlay.png",
-                           max_memory_mb=max_memory_mb, pixel_spacing=pixel_spacing, progress=progress)
+                           max_memory_mb=max_memory_mb, pixel_spacing=pixel_spacing, decision=decision,
+                           progress=progress)
     predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.seg.nrrd")))
     scores = summarize(confusion_matrix(truth, predicted))
     summary["demo_balanced_accuracy"] = scores["balanced_accuracy"]

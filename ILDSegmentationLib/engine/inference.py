@@ -24,6 +24,7 @@ from ..classes import NUM_CLASSES
 from ..imaging.lungsides import split_left_right
 from .cropping import CROP_BOX_CHOICES, CropBox, crop_boxes, crop_boxes_aerated
 from .device import describe_device, select_device
+from .decision import DecisionRule, resolve_decision
 from ..errors import CancelCheck, Cancelled, DeviceError, InputError, LungMaskError, is_cancelled
 from .fastpath import FastCPUForward, supports as fast_cpu_supported, trim_heap
 from ..imaging.geometry import CanonicalView, Geometry, as_volume, canonical_view
@@ -69,6 +70,8 @@ class SegmentationResult:
     #: (row, column) pixel spacing in mm the network ran at, and the CT's own.
     network_pixel_spacing_mm: Optional[Tuple[float, float]] = None
     ct_pixel_spacing_mm: Optional[Tuple[float, float]] = None
+    #: The decision rule that made the labels (:mod:`.engine.decision`).
+    decision: DecisionRule = field(default_factory=DecisionRule)
 
     @property
     def resampled(self) -> bool:
@@ -96,11 +99,17 @@ class Inferer:
         pixels wider or narrower does not move the box and change the labels. Labels
         are written inside the mask either way. A callable (:data:`BoxFunction`) is
         used as given (benchmarks).
+    decision: how probabilities become labels (:mod:`.engine.decision`): "paper"
+        (default here, the paper's argmax, as evaluation on annotated regions needs),
+        "prior" (the model file's logit adjustment for whole lungs), "auto" (the
+        model's recommended rule), or a :class:`~.engine.decision.DecisionRule`.
+        Probabilities returned are the network's either way.
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", max_memory_mb: float = 1024,
                  mixed_precision: bool = True, cpu_fallback: bool = True, fast_cpu: bool = True,
-                 pixel_spacing: str = "model", crop_box: Union[str, BoxFunction] = "mask") -> None:
+                 pixel_spacing: str = "model", crop_box: Union[str, BoxFunction] = "mask",
+                 decision: Union[str, DecisionRule] = "paper") -> None:
         if not (isinstance(max_memory_mb, (int, float)) and math.isfinite(max_memory_mb) and max_memory_mb > 0):
             raise InputError(f"the memory for a batch (--max-memory) must be a number of MB above 0, "
                              f"not {max_memory_mb}")
@@ -108,6 +117,13 @@ class Inferer:
             raise ValueError(f"pixel_spacing must be one of {PIXEL_SPACING_CHOICES}, not {pixel_spacing!r}")
         if not callable(crop_box) and crop_box not in CROP_BOX_CHOICES:
             raise ValueError(f"crop_box must be one of {CROP_BOX_CHOICES} or a function, not {crop_box!r}")
+        try:
+            self.decision = resolve_decision(decision, model.info.decision)
+        except ValueError as e:
+            raise InputError(f"decision rule: {e}") from None
+        #: What was asked for ("auto", "paper", "prior"; "rule" for a DecisionRule given
+        #: as is): the report names it beside the rule that ran.
+        self.decision_choice = decision if isinstance(decision, str) else "rule"
         self.crop_box = crop_box
         self.pixel_spacing = pixel_spacing
         self.cpu_fallback = cpu_fallback
@@ -188,7 +204,7 @@ class Inferer:
         return SegmentationResult(
             labels=labels, probabilities=probs, device=r.device, slices_total=r.slices_total,
             slices_with_lung=r.slices_with_lung, crops=r.crops, seconds=t_end - t_start, timings=timings,
-            network_pixel_spacing_mm=target, ct_pixel_spacing_mm=spacing)
+            network_pixel_spacing_mm=target, ct_pixel_spacing_mm=spacing, decision=self.decision)
 
     def _segment_canonical(self, hu: np.ndarray, mask: np.ndarray, view: CanonicalView,
                            wanted: Optional[np.ndarray], probabilities: bool, progress, cancel,
@@ -226,7 +242,7 @@ class Inferer:
             for b, pb in zip(batch, p):
                 inside = sides[b.slice_index, b.r0:b.r1, b.c0:b.c1] == b.side
                 region = labels_c[b.slice_index, b.r0:b.r1, b.c0:b.c1]
-                region[inside] = (pb.argmax(axis=0) + 1).astype(np.uint8)[inside]
+                region[inside] = (self.decision.argmax(pb) + 1).astype(np.uint8)[inside]
                 if probs is not None:
                     self._store_probabilities(probs, view, b, pb, inside)
             done += len(batch)
@@ -246,7 +262,8 @@ class Inferer:
         return SegmentationResult(
             labels=labels, probabilities=probs, device=self.device_name,
             slices_total=int(sides.shape[0]), slices_with_lung=n_slices, crops=len(boxes),
-            seconds=t_end - t_start, timings={"prepare": t_prep - t_start, "network": t_end - t_prep})
+            seconds=t_end - t_start, timings={"prepare": t_prep - t_start, "network": t_end - t_prep},
+            decision=self.decision)
 
     # -- internals ----------------------------------------------------------------
     def _boxes(self, sides: np.ndarray, hu: np.ndarray, z: int) -> List[CropBox]:

@@ -7,7 +7,12 @@ pickle), and its header is checked before anything is allocated. The metadata ke
     {"format": "ildseg-model", "format_version": 1, "name": str,
      "network": NetworkConfig.to_dict(), "intensity": Intensity.to_dict(),
      "classes": [{"label": 1, "name": "Healthy", "color": [r, g, b]}, ...],
-     "trained": bool, "provenance": {...free-form: data, command, date, metrics}}
+     "trained": bool, "provenance": {...free-form: data, command, date, metrics},
+     "decision": {"default": "paper"|"prior", "prior": {"name": "prior", "tau": float,
+                  "class_weights": [6 floats]}, ...how it was chosen}   (optional)}
+
+``decision`` is the model's own decision rule for whole lungs (engine/decision.py);
+a file without it runs the paper's argmax.
 
 The training CLI writes the same format, so a trained model loads here unchanged.
 """
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 from ..imaging.atomicfile import atomic_path
 from ..classes import CLASSES
 from ..errors import ModelFileError
+from .decision import check_model_decision
 from .netconfig import NetworkConfig
 from .preprocessing import Intensity
 
@@ -71,6 +77,9 @@ class ModelInfo:
     #: millimetres, and what a pattern looks like to it, depend on the pixel size;
     #: inference resamples CTs outside this range into it (see inference.py).
     pixel_spacing_mm: Optional[Tuple[float, float]] = None
+    #: The model's decision rule for whole lungs (see engine/decision.py), or None:
+    #: the paper's argmax. {"default": "paper"|"prior", "prior": {...}, ...}.
+    decision: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> str:
         d = {
@@ -80,6 +89,8 @@ class ModelInfo:
         }
         if self.pixel_spacing_mm is not None:
             d["pixel_spacing_mm"] = list(self.pixel_spacing_mm)
+        if self.decision is not None:
+            d["decision"] = self.decision
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -124,7 +135,13 @@ class ModelInfo:
             if not (0 < lo <= hi < 100):
                 raise ModelFileError(f"model metadata 'pixel_spacing_mm' {spacing} is not a range of pixel sizes in mm")
             spacing = (lo, hi)
-        return cls(d["name"], network, intensity, d["classes"], d["trained"], d["provenance"], spacing)
+        decision = d.get("decision")
+        if decision is not None:
+            try:
+                check_model_decision(decision)
+            except (TypeError, ValueError) as e:
+                raise ModelFileError(f"model metadata 'decision' is invalid ({e})") from None
+        return cls(d["name"], network, intensity, d["classes"], d["trained"], d["provenance"], spacing, decision)
 
 
 @dataclass

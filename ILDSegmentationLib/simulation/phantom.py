@@ -40,8 +40,18 @@ from .grids import VoxelGrid, unit, voxel_tube_coverage
 
 # Attenuation of the tissues, in Hounsfield units (non-contrast CT).
 HU_AIR = -1000.0
-HU_LUNG = -860.0  # healthy parenchyma at full inspiration, anterior (non-dependent) part
-HU_LUNG_GRAVITY = 35.0  # dependent (posterior) lung is denser by about this much
+# Healthy parenchyma, measured on the six CC BY CTs of ../shared/data at 1.0 mm
+# pixels (bench/lung_parenchyma.py; 2026-12, issue 24): median -811 to -880 HU (-871 on
+# the five with a standard kernel), the posterior fifth of the lung's depth 17-42 HU
+# denser than the anterior fifth (median 40). Before, the phantom's lung was 40 HU
+# denser than that (median -829) and the bundled model called a third of it ground glass.
+HU_LUNG = -915.0  # anterior (non-dependent) parenchyma at full inspiration
+HU_LUNG_GRAVITY = 62.0  # the dependent (posterior) lung is denser by up to this much
+#: Parenchymal texture (unresolved small vessels, secondary lobules): SD in HU and
+#: correlation length (Gaussian sigma, pixels in-plane). Real lungs at 1.0 mm: local SD
+#: 26-33 HU in 5 x 5 windows, 40-47 HU between neighbouring pixels (standard kernels).
+LUNG_TEXTURE_SD = 24.0
+LUNG_TEXTURE_SIGMA_PX = 1.0
 HU_FAT = -100.0
 HU_MEDIASTINAL_FAT = -90.0
 HU_MUSCLE = 45.0
@@ -592,8 +602,9 @@ def make_chest_phantom(seed: int = 0, size: int = 256, n_slices: int = 56,
     _paint(hu, full(spine.spine_block & (spine.vb > 1.0)) & under_fat, HU_MUSCLE)  # paraspinal muscles
     # Lung parenchyma: denser in the dependent (posterior) part, with a mild texture
     # of unresolved small vessels and secondary lobules.
-    texture = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=(0.5, 1.5, 1.5))
-    texture *= np.float32(12.0 / max(float(texture.std()), 1e-6))
+    texture = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32),
+                                      sigma=(0.5, LUNG_TEXTURE_SIGMA_PX, LUNG_TEXTURE_SIGMA_PX))
+    texture *= np.float32(LUNG_TEXTURE_SD / max(float(texture.std()), 1e-6))
     gravity = HU_LUNG_GRAVITY * np.clip((y + 80.0) / 160.0, 0.0, 1.0).astype(np.float32)
     hu = np.where(in_lung, np.float32(HU_LUNG) + gravity + texture, hu).astype(np.float32)
     _paint(hu, vessel_cov, HU_BLOOD)

@@ -90,6 +90,8 @@ class ChildProcess:
         self.env.update(env_updates or {})
         self.cwd = cwd
         self.what = what
+        #: Exit statuses that mean the command did its work (FinetuneJob adds 4).
+        self.success_codes: Tuple[int, ...] = (0,)
         self.kill_after_s = kill_after_s
         self.state = RUNNING
         self.error: Optional[str] = None
@@ -190,6 +192,34 @@ class ChildProcess:
         self.state = CANCELLING
         self._kill_group(force=False)
 
+    def stop(self, grace_s: Optional[float] = None) -> str:
+        """Cancel and wait until nothing of the child's group runs (blocking, at most
+        ``grace_s`` (default ``kill_after_s``) for SIGTERM, then SIGKILL and up to
+        KILL_WAIT_S more). For leaving for good (Slicer quits, the module is
+        reloaded): no poll will follow, and what the child writes must be over before
+        its outputs are removed. Returns the state."""
+        if self._proc is None or self.state in FINISHED_STATES:
+            return self.state
+        self.cancel()
+        grace = self.kill_after_s if grace_s is None else grace_s
+
+        def running() -> bool:
+            return self._proc.poll() is None or self._group_alive()
+
+        deadline = time.monotonic() + grace
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if running():
+            self._kill_group(force=True)
+            self._killed = True
+            deadline = time.monotonic() + KILL_WAIT_S
+            while running() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._eof = True  # the pipe's end is not waited for: nobody reads on
+        self._exited_at = self._exited_at or time.monotonic()
+        self.poll()
+        return self.state
+
     def _group_alive(self) -> bool:
         if os.name == "nt" or self._proc is None:
             return False
@@ -216,7 +246,7 @@ class ChildProcess:
         if self._cancel_at is not None:
             self.state = CANCELLED
             return
-        if returncode == 0:
+        if returncode in self.success_codes:
             self.state = SUCCEEDED
             return
         self.state = FAILED
@@ -285,6 +315,7 @@ class BackgroundJob:
     progress (fraction 0..1, message) and elapsed time, and clean-up."""
 
     what = "the background process"
+    success_codes: Tuple[int, ...] = (0,)
 
     def __init__(self, *, python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                  temp_root: Optional[str] = None, library: Optional[str] = None) -> None:
@@ -318,8 +349,10 @@ class BackgroundJob:
 
     def _launch(self, args: Sequence[str]) -> None:
         argv = [self.python, "-m", "ILDSegmentationLib", *args]
-        self.child = ChildProcess(argv, env=self.base_env, env_updates=child_environment(self.base_env, self.library),
-                                  cwd=str(self.folder), what=self.what).start()
+        child = ChildProcess(argv, env=self.base_env, env_updates=child_environment(self.base_env, self.library),
+                             cwd=str(self.folder), what=self.what)
+        child.success_codes = self.success_codes
+        self.child = child.start()
         self.started_at = time.monotonic()
 
     def handle_line(self, line: str) -> None:
@@ -353,6 +386,10 @@ class BackgroundJob:
             self.child.cancel()
 
     def cleanup(self) -> None:
+        """Remove the temporary folder; a child still running is stopped first
+        (:meth:`ChildProcess.stop`), so that nothing writes into it afterwards."""
+        if self.child is not None and self.child.state not in FINISHED_STATES:
+            self.child.stop()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
@@ -375,7 +412,8 @@ class SegmentationJob(BackgroundJob):
     def __init__(self, scene: Any, ct_node: Any, lung_mask_node: Any = None, output_segmentation_node: Any = None,
                  *, segment_ids: Optional[Sequence[str]] = None, model: Optional[str] = None, device: str = "auto",
                  probabilities: bool = False, pixel_spacing: str = "model", max_memory_mb: float = 1024.0,
-                 python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                 crop_box: str = "mask", decision: str = "auto", python: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None,
                  temp_root: Optional[str] = None, library: Optional[str] = None) -> None:
         super().__init__(python=python, env=env, temp_root=temp_root, library=library)
         self.scene = scene
@@ -387,7 +425,9 @@ class SegmentationJob(BackgroundJob):
         self.device = device
         self.probabilities = probabilities
         self.pixel_spacing = pixel_spacing
+        self.decision = decision
         self.max_memory_mb = max_memory_mb
+        self.crop_box = crop_box
         self._geometry = None
         self._lung_mask_source = ""
 
@@ -401,6 +441,10 @@ class SegmentationJob(BackgroundJob):
         mrml.check_process_nodes(self.scene, self.ct_node, self.lung_mask_node, self.output_segmentation_node)
         if self.model is not None and not os.path.isfile(self.model):
             raise InputError(f"the model file does not exist: {self.model}")
+        from ..engine.cropping import CROP_BOX_CHOICES
+
+        if self.crop_box not in CROP_BOX_CHOICES:
+            raise InputError(f"the crop box must be one of {', '.join(CROP_BOX_CHOICES)}, not {self.crop_box!r}")
         hu, geometry = nodes.volume_array_and_geometry(self.ct_node)
         mask = None
         if self.lung_mask_node is not None:
@@ -416,8 +460,8 @@ class SegmentationJob(BackgroundJob):
             args = ["segment", str(folder / "ct.nrrd"), "-o", str(folder / "labels.nrrd"),
                     "--report", str(folder / "report.json"), "--progress-lines",
                     "--lung-mask", str(folder / "lung_mask.nrrd") if mask is not None else "auto",
-                    "--device", self.device, "--pixel-spacing", self.pixel_spacing,
-                    "--max-memory", f"{self.max_memory_mb:g}"]
+                    "--device", self.device, "--pixel-spacing", self.pixel_spacing, "--decision", self.decision,
+                    "--max-memory", f"{self.max_memory_mb:g}", "--crop-box", self.crop_box]
             if self.model is not None:
                 args += ["--model", os.path.abspath(self.model)]
             if self.probabilities:
@@ -467,10 +511,13 @@ class FinetuneJob(BackgroundJob):
     On failure or cancel the run folder is removed, so no partial model ever shows up
     among the user's models. :meth:`finish` returns the run's ``finetune.json``
     (``before`` / ``after``: balanced and per-class accuracy on the held-out
-    annotations) with ``model`` the new model file.
+    annotations) with ``model`` the new model file, or, when the fine-tuned model
+    did not beat the start model (exit status 4, ``kept_start_model`` true), with
+    ``model`` None: the start model stays the one to use.
     """
 
     what = "the fine-tuning process"
+    success_codes = (0, 4)  # 4: finished, the start model was kept (training/finetune.py)
 
     def __init__(self, manifest: str, run_folder: str, *, start_model: Optional[str] = None, epochs: int = 40,
                  val_fraction: float = 0.25, device: str = "auto", time_limit_s: Optional[float] = None,
@@ -558,6 +605,15 @@ class FinetuneJob(BackgroundJob):
             shutil.rmtree(self.run_folder, ignore_errors=True)
         return state
 
+    def cleanup(self) -> None:
+        """Stop a run still going (Slicer quits, the module is reloaded, Cancel) and
+        remove its temporary folder and, unless the run succeeded, its run folder:
+        an unfinished run leaves nothing among the user's models. (The command removes
+        its own outputs on SIGTERM too; this covers a child killed outright.)"""
+        super().cleanup()
+        if self.child is not None and self.state != SUCCEEDED:
+            shutil.rmtree(self.run_folder, ignore_errors=True)
+
     def finish(self) -> Dict[str, Any]:
         """After SUCCEEDED: the run's finetune.json as a dict (``model``: the new model
         file). The temporary folder is removed; the run folder stays."""
@@ -568,11 +624,13 @@ class FinetuneJob(BackgroundJob):
         try:
             report_path = self.run_folder / "finetune.json"
             model = self.run_folder / "model.safetensors"
-            if not report_path.is_file() or not model.is_file():
+            kept = self.child is not None and self.child.returncode == 4
+            if not report_path.is_file() or not (kept or model.is_file()):
                 raise ILDSegError(f"{self.what} ended without writing {model.name} and finetune.json "
                                   f"into {self.run_folder}")
             report = json.loads(report_path.read_text(encoding="utf-8"))
-            report["model"] = str(model)
+            report["kept_start_model"] = kept
+            report["model"] = None if kept else str(model)
             return report
         finally:
             self.cleanup()

@@ -244,6 +244,8 @@ class ProcessResult:
     #: when the CT was resampled into the model's training range.
     network_pixel_spacing_mm: Optional[Tuple[float, float]] = None
     resampled: bool = False
+    #: The decision rule that made the labels, in words (ILDSegmentationLib.engine.decision).
+    decision: str = ""
     #: Per region x class volumes (ILDSegmentationLib.analysis.regions.TABLE_COLUMNS), or None.
     regions_table_node: Any = None
     #: One line per input check that warns (ILDSegmentationLib.analysis.suitability), and the
@@ -366,6 +368,8 @@ def process(
     max_memory_mb: float = 1024.0,
     cpu_fallback: bool = True,
     pixel_spacing: str = "model",
+    crop_box: str = "mask",
+    decision: str = "auto",
 ) -> ProcessResult:
     """Segment the ILD patterns of ``ct_node`` into a segmentation node.
 
@@ -381,6 +385,10 @@ def process(
     (``cpu_fallback``) or raises DeviceError. pixel_spacing: "model" runs the network
     at a pixel size within the model's training range (resampling the CT in-plane
     when outside it), "native" at the CT's own (see :class:`~ILDSegmentationLib.engine.inference.Inferer`).
+    crop_box: where each lung's crop is cut, "mask" (the paper's) or "aerated"
+    (:data:`~ILDSegmentationLib.engine.cropping.CROP_BOX_CHOICES`, ``ildseg segment --crop-box``).
+    decision: "auto" (the model's rule for whole lungs), "paper" (the paper's argmax)
+    or "prior" (:mod:`ILDSegmentationLib.engine.decision`).
 
     Nothing in the scene changes until everything is computed; on cancel
     (:class:`Cancelled`) or any error the scene is left exactly as it was. Input
@@ -419,7 +427,8 @@ def process(
     # Out of GPU memory the engine halves its batches, then finishes on the CPU or,
     # without cpu_fallback, raises DeviceError so that the caller can ask the user.
     inferer = Inferer(loaded, device=device, max_memory_mb=max_memory_mb, cpu_fallback=cpu_fallback,
-                      pixel_spacing=pixel_spacing)
+                      pixel_spacing=pixel_spacing, crop_box=crop_box,
+                      decision=decision)
     result = segment_lungs(hu, geometry, mask, inferer, probabilities=probabilities,
                            mask_progress=_stage(progress, cancel, 0.02, 0.08),
                            progress=_stage(progress, cancel, 0.10, 0.85), cancel=cancel, timings=timings)
@@ -488,6 +497,7 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, case
     t_start = time.perf_counter() if t_start is None else t_start
     timings = dict(case.timings) if timings is None else timings
     labels, volumes, probabilities, panel = case.labels, case.volumes, case.probabilities, case.panel()
+    decision = str(case.decision_rule.get("description", ""))  # the rule that made the labels, in words
     # The panel stays usable during a run: the user may have deleted a node.
     for node, what in ((ct_node, "CT"), (output_segmentation_node, "output segmentation")):
         if node is not None and node.GetScene() is not scene:
@@ -571,7 +581,8 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, case
                            ("ModelTrained", str(bool(model.get("trained"))).lower()),
                            ("ModelSHA256", str(model.get("sha256") or "")), ("Device", case.device),
                            ("LungMask", lung_mask_source), ("InputVolume", ct_node.GetName()),
-                           ("NetworkPixelSpacingMm", " x ".join(f"{v:.4g}" for v in spacing) if spacing else "")):
+                           ("NetworkPixelSpacingMm", " x ".join(f"{v:.4g}" for v in spacing) if spacing else ""),
+                           ("DecisionRule", decision)):
             seg_node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
         _place_in_hierarchy(scene, ct_node, commit.created)
     except BaseException:
@@ -585,7 +596,7 @@ def commit_results(scene: Any, ct_node: Any, output_segmentation_node: Any, case
         lung_mask_source=lung_mask_source, model_name=str(model.get("name", "")),
         model_trained=bool(model.get("trained")), device=case.device, seconds=time.perf_counter() - t_start,
         created_node_ids=[n.GetID() for n in commit.created], timings=timings,
-        network_pixel_spacing_mm=case.network_pixel_spacing_mm, resampled=case.resampled,
+        network_pixel_spacing_mm=case.network_pixel_spacing_mm, resampled=case.resampled, decision=decision,
         regions_table_node=regions_node, warnings=list((panel or {}).get("warnings") or []),
         distribution=list((panel or {}).get("distribution") or []))
 

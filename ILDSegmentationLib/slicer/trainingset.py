@@ -75,6 +75,9 @@ def create_annotation_segmentation(scene: Any, ct_node: Any, name: Optional[str]
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", node_name)
     try:
         node.CreateDefaultDisplayNodes()
+        # Under the CT's transform: painted where the CT is shown, and exported onto the
+        # CT's grid in the CT's own frame (annotation_labels requires the same transform).
+        node.SetAndObserveTransformNodeID(ct_node.GetTransformNodeID())
         node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
         mrml.ensure_class_segments(node)
         node.SetAttribute(ANNOTATION_ATTRIBUTE, "true")
@@ -103,7 +106,13 @@ def annotation_labels(annotation_node: Any, ct_node: Any) -> np.ndarray:
     painted, 0 elsewhere (not annotated). Segments are matched to classes by ID, else
     by name or terminology (as ``ildseg train`` reads a .seg.nrrd); other segments
     are ignored. Where two class segments overlap, the later class wins. The node is
-    not modified."""
+    not modified.
+
+    The segmentation must be under the same transform as the CT (as a lung mask
+    segmentation, :func:`~.nodes.lung_mask_from_segmentation_node`): the segments are
+    exported in the node's own frame onto the CT's grid in the CT's own frame, which
+    only coincide then; otherwise the labels would be shifted against the CT that
+    :func:`add_case` writes in world geometry."""
     from . import mrml, nodes
     from ..training.annotations import class_of_segment
 
@@ -122,6 +131,9 @@ def annotation_labels(annotation_node: Any, ct_node: Any) -> np.ndarray:
     if not by_label:
         raise InputError(f"'{annotation_node.GetName()}' has no segment of the six classes: create the annotation "
                          "segmentation with the panel's button")
+    if annotation_node.GetTransformNodeID() != ct_node.GetTransformNodeID():
+        raise InputError(f"the annotation segmentation '{annotation_node.GetName()}' and the CT "
+                         f"'{ct_node.GetName()}' are under different transforms; harden the transforms first")
     labels = sorted(by_label)
     exported = nodes.segments_to_array(annotation_node, [by_label[v] for v in labels], ct_node)
     out = np.zeros(exported.shape, np.uint8)
@@ -181,7 +193,7 @@ def add_case(folder: PathLike, ct_node: Any, annotation_node: Any, lung_mask_nod
     and append it to its manifest.
 
     Written: ``cases/<case_id>/ct.nrrd`` (the CT's voxels in HU and its world
-    geometry), ``lung_mask.nrrd`` (0/1 on the CT's grid; without a lung mask node the
+    geometry; uncompressed, so that the GUI does not wait on gzip), ``lung_mask.nrrd`` (0/1 on the CT's grid; without a lung mask node the
     manifest says ``auto``) and ``annotation.nrrd`` (0 = not annotated, 1..6). The
     case id is ``case_id`` or the CT's name, made unique against the manifest and the
     folder. Refuses (InputError, nothing written) an annotation with nothing painted.
@@ -220,7 +232,11 @@ def add_case(folder: PathLike, ct_node: Any, annotation_node: Any, lung_mask_nod
     staging = Path(tempfile.mkdtemp(prefix=f".{chosen}.", suffix=".part", dir=str(root / CASES_FOLDER)))
     final = root / CASES_FOLDER / chosen
     try:
-        write_array(hu, geometry, staging / "ct.nrrd")
+        # Uncompressed: add_case runs on Slicer's GUI thread, and a 512x512x261 int16 CT
+        # took 4.1 s gzipped and 0.9 s uncompressed (137 MB), the uint8 mask and
+        # annotation 0.15 s and 0.08 s gzipped (1.3 and 0.1 MB) on a 2-CPU VM
+        # (bench/training_case_write.py, BENCHMARKS.md).
+        write_array(hu, geometry, staging / "ct.nrrd", compress=False)
         if mask is not None:
             write_array(mask.astype(np.uint8), geometry, staging / "lung_mask.nrrd")
         write_array(labels, geometry, staging / "annotation.nrrd")
@@ -274,11 +290,41 @@ class TrainingSetSummary:
         return text
 
 
-def summarize(folder: PathLike) -> TrainingSetSummary:
-    """Count the annotated pixels per class of every case in the folder's manifest
-    (read as ``ildseg train`` reads it)."""
+#: Annotated pixels per label of each annotation file read by :func:`summarize`, by
+#: path, with the file's (mtime_ns, size) when read: a file not changed since is not
+#: read again (the panel summarizes the set whenever the training folder changes).
+_ANNOTATION_COUNTS: Dict[str, Any] = {}
+
+
+def _annotation_counts(path: Path, where: str) -> np.ndarray:
     import SimpleITK as sitk
 
+    key = os.path.abspath(path)
+    try:
+        stat = os.stat(key)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        stamp = None
+    cached = _ANNOTATION_COUNTS.get(key)
+    if stamp is not None and cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # a copy: a view would outlive its image
+    except RuntimeError as e:
+        raise InputError(f"{where}: cannot read its annotation {path.name} "
+                         f"({str(e).strip().splitlines()[-1]})") from None
+    values = np.asarray(array).ravel()
+    values = values[(values > 0) & (values <= len(CLASSES))].astype(np.int64)
+    counts = np.bincount(values, minlength=len(CLASSES) + 1)
+    if stamp is not None:
+        _ANNOTATION_COUNTS[key] = (stamp, counts)
+    return counts
+
+
+def summarize(folder: PathLike) -> TrainingSetSummary:
+    """Count the annotated pixels per class of every case in the folder's manifest
+    (read as ``ildseg train`` reads it). An annotation file is read once and then
+    only when its modification time or size changes (cached by path)."""
     from ..training.manifest import read_manifest
 
     manifest = Path(folder) / MANIFEST_NAME
@@ -287,14 +333,7 @@ def summarize(folder: PathLike) -> TrainingSetSummary:
     cases = read_manifest(manifest)
     total = np.zeros(len(CLASSES) + 1, np.int64)
     for case in cases:
-        try:
-            array = sitk.GetArrayFromImage(sitk.ReadImage(str(case.annotation)))  # a copy: a view would outlive its image
-        except RuntimeError as e:
-            raise InputError(f"{case.where()}: cannot read its annotation {case.annotation.name} "
-                             f"({str(e).strip().splitlines()[-1]})") from None
-        values = np.asarray(array).ravel()
-        values = values[(values > 0) & (values <= len(CLASSES))].astype(np.int64)
-        total += np.bincount(values, minlength=len(CLASSES) + 1)
+        total += _annotation_counts(Path(case.annotation), case.where())
     return TrainingSetSummary(len(cases), {c.name: int(total[c.label]) for c in CLASSES})
 
 
@@ -337,7 +376,9 @@ def _is_bundled_folder(folder: Path) -> bool:
 def list_models(folder: PathLike) -> List[ModelEntry]:
     """Model files in ``folder`` (``*.safetensors``) and in its run folders
     (``*/model.safetensors``), newest first; checkpoints and files that are not model
-    files are left out. Metadata only: no torch, never unpickled."""
+    files are left out, and so is a run folder's model without its ``finetune.json``
+    (a fine-tuning run writes that report last: without it, the run was killed before
+    it finished). Metadata only: no torch, never unpickled."""
     import json
 
     from ..errors import ILDSegError
@@ -347,7 +388,8 @@ def list_models(folder: PathLike) -> List[ModelEntry]:
     if not str(folder).strip() or not root.is_dir():
         return []
     candidates = [p for p in root.glob("*.safetensors") if p.is_file()]
-    candidates += [p for p in root.glob("*/model.safetensors") if p.is_file()]
+    candidates += [p for p in root.glob("*/model.safetensors")
+                   if p.is_file() and (p.parent / "finetune.json").is_file()]
     entries: List[ModelEntry] = []
     for path in candidates:
         try:
@@ -356,11 +398,11 @@ def list_models(folder: PathLike) -> List[ModelEntry]:
             continue  # not a model file of this project (or a damaged one)
         report = None
         beside = path.parent / "finetune.json"
-        if path.name == "model.safetensors" and beside.is_file():
+        if path.parent != root:
             try:
                 report = json.loads(beside.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                report = None
+                continue  # a damaged report: not a finished run either
         entries.append(ModelEntry(path, info.name, bool(info.trained), dict(info.provenance or {}), report))
     entries.sort(key=lambda e: e.path.stat().st_mtime, reverse=True)
     return entries
@@ -368,17 +410,25 @@ def list_models(folder: PathLike) -> List[ModelEntry]:
 
 def describe_finetune(report: Dict[str, Any]) -> List[str]:
     """Lines for the panel from a fine-tuning report (finetune.json): the held-out
-    balanced accuracy before and after, then per class (n/a: no held-out pixel of
-    that class), then the classes the training set did not teach."""
+    balanced accuracy before and after (first: whether the start model was kept),
+    how the annotations were held out (with one scan: that the figure does not
+    estimate the next patient), then per class (n/a: no held-out pixel of that
+    class), then the classes the training set did not teach."""
     before, after = report.get("before") or {}, report.get("after") or {}
 
     def share(value: Optional[float]) -> str:
         return "n/a" if value is None else f"{100.0 * value:.1f} %"
 
     held = report.get("held_out") or {}
-    lines = [f"Held-out balanced accuracy: {share(before.get('balanced_accuracy'))} before, "
-             f"{share(after.get('balanced_accuracy'))} after"
-             + (f" (held out: {held.get('unit')} {', '.join(map(str, held.get('items') or []))})" if held else "")]
+    lines = []
+    if report.get("kept_start_model"):
+        lines.append(f"Not better than the start model on the held-out annotations (by at least "
+                     f"{share(report.get('min_gain'))}): the start model stays selected; no new model is offered.")
+    lines.append(f"Held-out balanced accuracy: {share(before.get('balanced_accuracy'))} before, "
+                 f"{share(after.get('balanced_accuracy'))} after"
+                 + (f" (held out: {held.get('unit')} {', '.join(map(str, held.get('items') or []))})" if held else ""))
+    if held.get("note"):
+        lines.append(("Warning: " if held.get("estimates_next_patient") is False else "") + held["note"])
     per_before = before.get("per_class_accuracy") or {}
     per_after = after.get("per_class_accuracy") or {}
     for c in CLASSES:

@@ -46,13 +46,13 @@ def class_of_segment(name: str, terminology: Optional[str]) -> Optional[TissueCl
         t = codes.get("type")
         if t:
             for c in CLASSES:
-                if t[1] == c.type_code[1] and (c.type_modifier is None or codes.get("type_modifier") == c.type_modifier
-                                               or c.label != 1):
-                    if c.label == 1 and codes.get("type_modifier") != c.type_modifier:
-                        continue  # "Lung" without "Normal" is not a class on its own
+                if (t[0], t[1]) == c.type_code[:2]:
                     return c
             if t[1] == "112121":
                 return CLASSES[3]
+            modifier = codes.get("type_modifier")
+            if t[1] == "39607008" and modifier and modifier[1] == "17621005":
+                return CLASSES[0]  # healthy as written before issue 29: type Lung, modifier Normal
     label = _ALIASES.get(_norm(name))
     return CLASSES[label - 1] if label else None
 

@@ -65,8 +65,19 @@ def add_parsers(sub, common) -> None:
                    help="run folder: model.safetensors, finetune.json (before/after), checkpoint, log, plots")
     f.add_argument("--model", help="the model to start from (default: the bundled one)")
     f.add_argument("--val-fraction", type=float, default=0.25,
-                   help="hold out ~this share of scans (with 4 scans or more) or else of annotated slices, "
-                        "to measure before/after and stop early (default 0.25)")
+                   help="hold out ~this share of the scans (two scans or more) or, with one scan, of its annotated "
+                        "slices as a slab at one end, to measure before/after and stop early (default 0.25)")
+    f.add_argument("--slab-gap", type=float, default=40.0, metavar="MM",
+                   help="one scan: least distance along the body axis between held-out and training slices; "
+                        "slices in between are used by neither side (default 40)")
+    f.add_argument("--distill-weight", type=float, default=1.0,
+                   help="weight of distillation toward the start model's predictions on the unpainted lung, "
+                        "so it keeps what it was not shown (1: as much as the painted pixels; 0: off; default 1)")
+    f.add_argument("--l2sp-weight", type=float, default=0.0,
+                   help="weight of the pull of the learning weights toward the start model's (L2-SP; default 0: off)")
+    f.add_argument("--min-gain", type=float, default=0.01,
+                   help="the fine-tuned model is offered only if its held-out balanced accuracy beats the start "
+                        "model's by this much; otherwise exit status 4 and the start model stays (default 0.01)")
     f.add_argument("--epochs", type=int, default=40, help="at most this many epochs (default 40)")
     f.add_argument("--patience", type=int, default=10, help="stop after this many epochs without improvement (default 10)")
     f.add_argument("--train-layers", default="last", choices=("last", "head", "all"),
@@ -278,14 +289,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .finetune import FinetuneSettings, finetune
+    from .finetune import KEPT_START_MODEL_EXIT, FinetuneSettings, finetune
     from .manifest import manifest_sha256, read_manifest
     from ..engine.modelfile import load_model
     settings = FinetuneSettings(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
                                 crops_per_epoch=args.crops_per_epoch, val_fraction=args.val_fraction,
                                 unsupervised_weight=args.unsupervised_weight,
                                 intensity_augmentation=args.intensity_augmentation, seed=args.seed,
-                                train_layers=args.train_layers)
+                                train_layers=args.train_layers, distill_weight=args.distill_weight,
+                                l2sp_weight=args.l2sp_weight, min_gain=args.min_gain, slab_gap_mm=args.slab_gap)
     settings.check()
     _check_time_limit(args.time_limit)
     out = Path(args.out)
@@ -299,9 +311,34 @@ def cmd_finetune(args) -> int:
     provenance = {"trained_on": f"manifest {Path(args.manifest).name}", "manifest_sha256": manifest_sha256(args.manifest),
                   "command": "ildseg " + " ".join(args.argv)}
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    finetune(cases, start, out, settings, device=args.device, time_limit_s=args.time_limit,
-             provenance=provenance, progress=say)
-    return 0
+    # A run that does not finish (an error, Ctrl-C, SIGTERM from the Slicer panel's
+    # Cancel or from Slicer quitting) leaves no run folder: a model.safetensors written
+    # just before the end is not a finished run (its finetune.json is missing), and a
+    # fine-tuning run cannot be resumed. What was there before the run stays.
+    existed = out.exists()
+    before = set(out.iterdir()) if existed else set()
+    try:
+        report = finetune(cases, start, out, settings, device=args.device, time_limit_s=args.time_limit,
+                          provenance=provenance, progress=say)
+    except BaseException:
+        _remove_run_outputs(out, existed, before)
+        raise
+    # 4: finished, but the fine-tuned model is no better than the start model (keep that one).
+    return KEPT_START_MODEL_EXIT if report["kept_start_model"] else 0
+
+
+def _remove_run_outputs(out: Path, existed: bool, before) -> None:
+    """Remove what an unfinished run wrote: the whole run folder when the run made it,
+    else only the entries that were not there before."""
+    import shutil
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in (set(out.iterdir()) if out.is_dir() else set()) - set(before):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def cmd_evaluate(args) -> int:

@@ -38,6 +38,9 @@ class Crop:
     target: np.ndarray
     lung: np.ndarray
     pixel_spacing_mm: Optional[Tuple[float, float]] = None  # (row, column) of the slice
+    #: Distance (mm) between neighbouring slices of the scan (canonical z): with
+    #: ``slice_index`` it places the slice along the body axis (finetune's slab hold-out).
+    slice_spacing_mm: Optional[float] = None
 
 
 def crops_from_arrays(case_id: str, hu: np.ndarray, lung_mask: np.ndarray, annotation: np.ndarray, geometry,
@@ -48,6 +51,7 @@ def crops_from_arrays(case_id: str, hu: np.ndarray, lung_mask: np.ndarray, annot
     ann_c = view.to_canonical(annotation)
     sides = split_left_right(view.to_canonical(lung_mask))
     spacing = tuple(view.canonical_spacing(geometry)[1:])
+    slice_spacing = float(view.canonical_spacing(geometry)[0])
     crops: List[Crop] = []
     annotated = np.flatnonzero(ann_c.reshape(ann_c.shape[0], -1).any(axis=1))
     for z in annotated:
@@ -58,7 +62,8 @@ def crops_from_arrays(case_id: str, hu: np.ndarray, lung_mask: np.ndarray, annot
             if not (ann[lung] > 0).any():
                 continue  # this lung has no annotation on this slice
             target = np.where(lung & (ann > 0), ann.astype(np.int64) - 1, -1)
-            crops.append(Crop(case_id, int(z), b.side, intensity.apply(hu_c[window]), target, lung, spacing))
+            crops.append(Crop(case_id, int(z), b.side, intensity.apply(hu_c[window]), target, lung, spacing,
+                              slice_spacing))
     return crops
 
 

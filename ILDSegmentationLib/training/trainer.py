@@ -135,6 +135,25 @@ class EpochRecord:
     best: bool
 
 
+@dataclass
+class RegularizerBatch:
+    """What an extra loss term (:class:`Trainer`'s ``regularizer``) sees of one step.
+
+    inputs: what the network read, (N, 1, H, W) images or, when only the head learns,
+    the cached (N, C, H, W) input of head block ``head_start`` (None: the whole
+    network learns); valid: (N, 1, H, W) 0/1 real pixels of a padded batch, or None;
+    logits: (N, 6, H, W); target: (N, H, W) class index or -1; lung: (N, H, W) bool.
+    """
+
+    network: DilatedFCN
+    inputs: torch.Tensor
+    valid: Optional[torch.Tensor]
+    logits: torch.Tensor
+    target: torch.Tensor
+    lung: torch.Tensor
+    head_start: Optional[int]
+
+
 def _distributed() -> Tuple[int, int]:
     """(rank, world size); initializes the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -168,7 +187,8 @@ def _pad_features(features: Sequence[torch.Tensor], crops: Sequence[Crop]):
 class Trainer:
     def __init__(self, config: TrainConfig, train: Sequence[Crop], val: Sequence[Crop], out_dir: Path,
                  provenance: Optional[Dict[str, Any]] = None,
-                 progress: Optional[Callable[[str], None]] = None) -> None:
+                 progress: Optional[Callable[[str], None]] = None,
+                 regularizer: Optional[Callable[[RegularizerBatch], torch.Tensor]] = None) -> None:
         if not train or not val:
             raise InputError("training needs at least one annotated crop in the training and validation sets")
         self.config = config
@@ -182,6 +202,9 @@ class Trainer:
         self.out = Path(out_dir)
         self.provenance = provenance or {}
         self.progress = progress or (lambda msg: None)
+        #: An extra loss term added to the paper's at every step (fine-tuning's pull
+        #: toward the start model, training/finetune.py); None: the paper's loss alone.
+        self.regularizer = regularizer
         self.rank, self.world = _distributed()
         self.device = select_device(config.device)
         if self.world > 1 and self.device.type == "cuda":
@@ -361,6 +384,12 @@ class Trainer:
                     logits = self.model(b.x, b.valid) if b.valid is not None else self.model(b.x)
                 loss = ild_loss(logits, b.target, b.lung, self.weights, cfg.unsupervised_weight, self.alpha,
                                 None if b.valid is None else b.valid[:, 0] > 0)
+                if self.regularizer is not None:
+                    # Added per pass, like the paper's loss: the shares of a step sum to 1, so
+                    # a per-crop mean (distillation) is the step's mean and a term of the
+                    # weights alone (L2-SP) counts once per step, as in one padded pass.
+                    loss = loss + self.regularizer(RegularizerBatch(self.network, b.x, b.valid, logits, b.target,
+                                                                    b.lung, None))
                 (loss * b.share).backward()
                 total += loss.detach() * b.share
             self.optimizer.step()
@@ -387,6 +416,9 @@ class Trainer:
             logits = self.network.classify(x, valid, self._head_start)
             loss = ild_loss(logits, t, lung, self.weights, cfg.unsupervised_weight, self.alpha,
                             None if valid is None else valid[:, 0] > 0)
+            if self.regularizer is not None:  # on the cached head input: the head alone learns
+                loss = loss + self.regularizer(RegularizerBatch(self.network, x, valid, logits, t, lung,
+                                                                self._head_start))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -217,6 +217,67 @@ def test_right_left_split_of_real_lungs_and_of_each_lung_alone(which, request):
         assert (alone[mask != side] == 0).all()
 
 
+def _thin_wall_and_blanket(hu: np.ndarray, geometry: Geometry, mask: np.ndarray, wall_mm: float = 3.0):
+    """A real CT made into a thin patient under a blanket (canonical view, a copy):
+    on the lower half of the right lung's slices, everything lateral to the right
+    lung further than ``wall_mm`` from it becomes air (a chest wall of ``wall_mm``,
+    thinner than the body's erosion), and a 3 mm blanket of -200 HU runs round the
+    whole patient 6 mm off its former skin. Returns the CT, the right lung's slices changed,
+    the air made lateral to the wall and the air under the blanket."""
+    view = canonical_view(geometry)
+    spacing = view.canonical_spacing(geometry)
+    out = view.to_canonical(hu).copy()
+    lung = view.to_canonical(mask)
+    zs = np.flatnonzero((lung == 1).any(axis=(1, 2)))
+    lower = zs[len(zs) // 2:]
+    carved = np.zeros(out.shape, bool)
+    gap = np.zeros(out.shape, bool)
+    for z in lower:
+        # The wall keeps its thickness from the lung of the slices above and below as
+        # well: closed in 3D, as a real chest wall is.
+        right = (lung[max(z - 1, 0):z + 2] == 1).any(axis=0)
+        distance = ndimage.distance_transform_edt(~right, sampling=spacing[1:])
+        lateral = np.zeros(right.shape, bool)
+        for r in np.flatnonzero(right.any(axis=1)):
+            lateral[r, :np.flatnonzero(right[r])[0]] = True  # right lung: small columns
+        # The blanket follows the skin of the CT as it was (an opening would cut
+        # the thinned wall off and run the blanket through the lung).
+        patient = _independent_body(out[z:z + 1], spacing)[0]
+        carved[z] = lateral & (distance > wall_mm)
+        out[z][carved[z]] = -1000
+        off_skin = ndimage.distance_transform_edt(~patient, sampling=spacing[1:])
+        blanket = (off_skin > 6.0) & (off_skin <= 9.0)
+        out[z][blanket] = -200
+        carved[z] &= ~blanket
+        gap[z] = (off_skin > 0.5) & (off_skin < 5.5) & (out[z] < -900)  # air, not the table
+    assert (out[carved] == -1000).all() and gap.sum() > 0.5 * carved.sum()
+    return out, lower, carved, gap
+
+
+@needs_dicom
+def test_lung_behind_a_thin_chest_wall_under_a_blanket_stays_in(dicom_ct, dicom_mask):
+    """Issue 24 item 5: a chest wall thinner than the body's per-slice erosion at the
+    base opened the body, and the whole right lung on those slices was left out. The
+    lung behind it is in the mask; the air outside the thin wall and under the
+    blanket is not."""
+    hu, geometry = dicom_ct
+    view = canonical_view(geometry)
+    thin, lower, carved, gap = _thin_wall_and_blanket(hu, geometry, dicom_mask)
+    # Back to the CT's own order, as a reader gives it.
+    thin_kji = np.ascontiguousarray(view.from_canonical(thin))
+    got = view.to_canonical(compute_lung_mask(thin_kji, geometry))
+    before = view.to_canonical(dicom_mask)
+    aerated = (before == 1) & (view.to_canonical(hu) < -500)
+    aerated_lower = aerated[lower]
+    assert aerated_lower.sum() * geometry.voxel_volume_ml > 100, "the test needs basal right lung to lose"
+    kept = np.mean(got[lower][aerated_lower] == 1)
+    assert kept >= 0.99, f"{100 * (1 - kept):.1f} % of the basal right lung behind the thin wall is left out"
+    assert not got[carved].any(), "air outside the thinned chest wall is in the mask"
+    assert not got[gap].any(), "air between the patient and the blanket is in the mask"
+    # The left lung, whose wall is untouched, is as it was.
+    assert np.mean(got[lower][before[lower] == 2] == 2) > 0.99
+
+
 @needs_dicom
 def test_input_is_not_modified_and_read_only_input_works(dicom_ct):
     hu, geometry = dicom_ct

@@ -157,7 +157,8 @@ def export_labels(env, segmentation_node, reference_node) -> np.ndarray:
 
 def expected_labels(model, ct_node, mask: np.ndarray) -> np.ndarray:
     hu, geometry = nodes.volume_array_and_geometry(ct_node)
-    return Inferer(model, device="cpu").segment(hu, mask, geometry).labels
+    # process() runs the model's whole-lung decision rule by default, as the panel does.
+    return Inferer(model, device="cpu", decision="auto").segment(hu, mask, geometry).labels
 
 
 # ----------------------------------------------------------------------------------
@@ -555,7 +556,7 @@ def test_out_of_gpu_memory_error_changes_nothing(env, model, monkeypatch):
 
     class OutOfMemoryInferer(inference.Inferer):
         def __init__(self, loaded, device="auto", max_memory_mb=1024, mixed_precision=True, cpu_fallback=True,
-                     pixel_spacing="model"):
+                     pixel_spacing="model", crop_box="mask", decision="paper"):
             seen.update(device=device, max_memory_mb=max_memory_mb, cpu_fallback=cpu_fallback)
             super().__init__(loaded, device="cpu", max_memory_mb=max_memory_mb)
 

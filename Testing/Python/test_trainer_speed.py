@@ -189,3 +189,32 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 6)
     faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("plain", "tuned")}
     assert faults["tuned"] * 3 < faults["plain"], faults
+
+
+def test_fast_and_reference_epochs_add_the_fine_tuning_pull_alike(tmp_path):
+    """The fine-tuning pull (distillation + L2-SP, training/finetune.py) hooked into both
+    loops: the fast trainer's per-shape passes end with the reference trainer's weights,
+    and the pull changes the weights (the hook runs)."""
+    from ILDSegmentationLib.training.finetune import StartModelPull
+    rng = np.random.default_rng(7)
+    crops = [_crop(rng, 30 + 3 * (i % 3), 40, f"t{i}") for i in range(6)]
+    weights = {}
+    for fast, pulled in ((False, True), (True, True), (True, False)):
+        cfg = TrainConfig(preset="proposed", device="cpu", batch_size=3, precision="fp32", fast=fast,
+                          intensity="hu1000")
+        trainer = Trainer(cfg, crops, crops[:2], tmp_path / f"{fast}-{pulled}")
+        trainer.network.dropout.p = 0.0
+        with torch.no_grad():  # a teacher unlike the student, so that distillation pulls
+            teacher = DilatedFCN(trainer.network.config)
+            torch.manual_seed(11)
+            for p in teacher.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        if pulled:
+            pull = StartModelPull(teacher, distill_weight=5.0, l2sp_weight=1.0, alpha=trainer.alpha)
+            pull.start = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+            trainer.regularizer = pull
+        loss = trainer._epoch(0)
+        weights[fast, pulled] = (loss, torch.cat([p.detach().reshape(-1) for p in trainer.network.parameters()]))
+    assert weights[True, True][0] == pytest.approx(weights[False, True][0], rel=1e-5)
+    torch.testing.assert_close(weights[True, True][1], weights[False, True][1], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(weights[True, True][1], weights[True, False][1], rtol=1e-4, atol=1e-6)

@@ -15,6 +15,7 @@ import pytest
 
 from ILDSegmentationLib.slicer import background, trainingset
 from ILDSegmentationLib.slicer.background import CANCELLED, FAILED, SUCCEEDED, FinetuneJob
+from ILDSegmentationLib.training.finetune import ONE_SCAN_NOTE
 
 
 # ----------------------------------------------------------------------------------
@@ -278,8 +279,10 @@ def test_finetune_in_the_background_gives_a_selectable_model(training_folder, tm
     bundled = _bundled_sha()
     models = tmp_path / "models"
     run = trainingset.new_run_folder(models)
+    # The case's four painted slices lie closer than the default slab gap; --min-gain -1:
+    # the model is offered whatever two epochs make of it (kept-start: the next test).
     job = FinetuneJob(str(training_folder / "manifest.csv"), str(run), epochs=2, device="cpu",
-                      temp_root=str(tmp_path)).start()
+                      extra_args=["--slab-gap", "0", "--min-gain", "-1"], temp_root=str(tmp_path)).start()
     assert job.wait(600) == SUCCEEDED, job.error
     assert job.max_epochs == 2 and [n for n, _ in job.epoch_results] in ([1], [1, 2])
     assert job.remaining_s is not None
@@ -290,6 +293,7 @@ def test_finetune_in_the_background_gives_a_selectable_model(training_folder, tm
         assert set(report[key]["per_class_accuracy"]) == {c.name for c in CLASSES}
     lines = trainingset.describe_finetune(report)
     assert lines[0].startswith("Held-out balanced accuracy: ") and " before, " in lines[0]
+    assert f"Warning: {ONE_SCAN_NOTE}" in lines  # one scan: its figure is no next-patient estimate
     assert any(line.startswith("Healthy: ") and " -> " in line for line in lines)
     assert lines[-1] == f"Model: {run / 'model.safetensors'}"
     (entry,) = trainingset.list_models(models)
@@ -299,12 +303,29 @@ def test_finetune_in_the_background_gives_a_selectable_model(training_folder, tm
     assert [p for p in tmp_path.iterdir() if p.name.startswith("ildseg-")] == []
 
 
+def test_finetune_that_does_not_beat_the_start_model_offers_no_model(training_folder, tmp_path):
+    """Exit status 4 is a finished run whose model is no better than the start: the job
+    succeeds, its report says the start model stays, and no model is listed."""
+    models = tmp_path / "models"
+    run = trainingset.new_run_folder(models)
+    job = FinetuneJob(str(training_folder / "manifest.csv"), str(run), epochs=1, device="cpu",
+                      extra_args=["--slab-gap", "0", "--lr", "1e-12"], temp_root=str(tmp_path)).start()
+    assert job.wait(600) == SUCCEEDED, job.error
+    assert job.child.returncode == 4
+    report = job.finish()
+    assert report["kept_start_model"] is True and report["model"] is None
+    lines = trainingset.describe_finetune(report)
+    assert lines[0].startswith("Not better than the start model") and "start model stays selected" in lines[0]
+    assert not any(line.startswith("Model: ") for line in lines)
+    assert trainingset.list_models(models) == []
+
+
 @pytest.mark.skipif(os.name == "nt", reason="signals are POSIX here")
 def test_cancelled_finetune_leaves_no_model_behind(training_folder, tmp_path):
     models = tmp_path / "models"
     run = trainingset.new_run_folder(models)
     job = FinetuneJob(str(training_folder / "manifest.csv"), str(run), epochs=40, device="cpu",
-                      temp_root=str(tmp_path)).start()
+                      extra_args=["--slab-gap", "0"], temp_root=str(tmp_path)).start()
     import time
     deadline = time.monotonic() + 300
     while job.poll() not in (SUCCEEDED, FAILED, CANCELLED) and job.max_epochs is None:
@@ -337,3 +358,112 @@ def test_finetune_refuses_missing_inputs_before_starting(tmp_path):
     run.mkdir()
     with pytest.raises(InputError, match="exists already"):
         FinetuneJob(str(tmp_path / "manifest.csv"), str(run)).start()
+
+
+# ----------------------------------------------------------------------------------
+# Issue 29, item 4: no unfinished fine-tuning run among the user's models
+# ----------------------------------------------------------------------------------
+def test_a_run_folder_model_without_its_report_is_not_offered(tmp_path):
+    """A run killed outright (SIGKILL, power loss) after the trainer wrote
+    model.safetensors but before finetune.json: not a finished run."""
+    from ILDSegmentationLib.engine.modelfile import load_model, save_model
+
+    bundled = load_model()
+    killed, finished = tmp_path / "finetune-killed", tmp_path / "finetune-done"
+    for run in (killed, finished):
+        run.mkdir()
+        save_model(run / "model.safetensors", bundled.network, bundled.info)
+    (finished / "finetune.json").write_text(json.dumps({"before": {}, "after": {}}))
+    damaged = tmp_path / "finetune-damaged"
+    damaged.mkdir()
+    save_model(damaged / "model.safetensors", bundled.network, bundled.info)
+    (damaged / "finetune.json").write_text("{ half written")
+    assert [e.path for e in trainingset.list_models(tmp_path)] == [finished / "model.safetensors"]
+
+
+def _finetune_until_first_epoch(training_folder, run, tmp_path):
+    import time
+    # The case's painted slices lie closer than the default slab gap (issue 25's one-scan hold-out).
+    job = FinetuneJob(str(training_folder / "manifest.csv"), str(run), epochs=40, device="cpu",
+                      extra_args=["--slab-gap", "0"], temp_root=str(tmp_path)).start()
+    deadline = time.monotonic() + 300
+    while job.poll() not in (SUCCEEDED, FAILED, CANCELLED) and not job.epoch_results:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert job.epoch_results, (job.state, job.error)
+    assert (run / "checkpoint.safetensors").is_file()  # the run has written into its folder
+    return job
+
+
+@pytest.mark.skipif(os.name == "nt", reason="signals are POSIX here")
+def test_finetune_command_removes_its_run_folder_on_sigterm(training_folder, tmp_path):
+    """The command's own clean-up (the panel removes the folder too, but a run
+    started from a terminal or a script must not leave a half run either)."""
+    import sys
+    run = tmp_path / "models" / "run"
+    child = background.ChildProcess(
+        [sys.executable, "-m", "ILDSegmentationLib", "finetune", "--manifest", str(training_folder / "manifest.csv"),
+         "--out", str(run), "--epochs", "40", "--device", "cpu", "--slab-gap", "0"],
+        env_updates=background.child_environment(), kill_after_s=120.0).start()  # SIGKILL would prove nothing
+    import time
+    deadline = time.monotonic() + 300
+    while not any(line.startswith("epoch 1:") for line in child.lines):
+        child.poll()
+        assert child.state == background.RUNNING and time.monotonic() < deadline, list(child.lines)[-5:]
+        time.sleep(0.05)
+    assert (run / "checkpoint.safetensors").is_file()
+    child.cancel()  # SIGTERM
+    assert child.wait(120) == CANCELLED
+    assert any("the unfinished run's outputs were removed" in line for line in child.lines), list(child.lines)[-3:]
+    assert not run.exists() and (tmp_path / "models").is_dir()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups are POSIX here")
+def test_cleanup_on_quit_or_reload_stops_finetuning_and_removes_its_run_folder(training_folder, tmp_path):
+    """Slicer quitting or reloading the module calls the job's cleanup(), and no poll
+    follows: the child is stopped and the run folder removed before it returns."""
+    models = tmp_path / "models"
+    run = trainingset.new_run_folder(models)
+    job = _finetune_until_first_epoch(training_folder, run, tmp_path)
+    pid = job.child.pid
+    job.cleanup()
+    assert not background.group_alive(pid)
+    assert not run.exists() and trainingset.list_models(models) == []
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("ildseg-")] == []
+
+
+# ----------------------------------------------------------------------------------
+# Issue 29, item 8: the summary does not read every annotation again on each call
+# ----------------------------------------------------------------------------------
+def test_summary_reads_an_annotation_again_only_when_it_changed(training_folder, tmp_path, monkeypatch):
+    import shutil
+
+    import SimpleITK as sitk
+
+    folder = tmp_path / "set"
+    shutil.copytree(training_folder, folder)
+    reads = []
+    real_read = sitk.ReadImage
+
+    def counting_read(path, *args, **kwargs):
+        reads.append(Path(str(path)).name)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(sitk, "ReadImage", counting_read)
+    first = trainingset.summarize(folder)
+    assert reads == ["annotation.nrrd"]
+    again = trainingset.summarize(folder)
+    assert reads == ["annotation.nrrd"] and again.pixels == first.pixels  # not read again
+    (case_folder,) = (folder / "cases").iterdir()
+    path = case_folder / "annotation.nrrd"
+    image = real_read(str(path))
+    array = sitk.GetArrayFromImage(image)
+    array[array == 1] = 2  # the healthy examples relabelled ground glass
+    changed = sitk.GetImageFromArray(array)
+    changed.CopyInformation(image)
+    sitk.WriteImage(changed, str(path), True)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10 ** 9))
+    after = trainingset.summarize(folder)
+    assert reads == ["annotation.nrrd", "annotation.nrrd"]
+    assert after.pixels["Healthy"] == 0
+    assert after.pixels["Ground glass opacity"] == first.pixels["Healthy"] + first.pixels["Ground glass opacity"]
