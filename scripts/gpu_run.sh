@@ -17,7 +17,8 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
-cp -r training_runs "$OUT/training_runs" 2>/dev/null || mkdir -p "$OUT/training_runs"
+# STATE: the runs' committed state to go on from (default: the repository's training_runs/)
+cp -r "${STATE:-training_runs}" "$OUT/training_runs" 2>/dev/null || mkdir -p "$OUT/training_runs"
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 nvidia-smi 2>/dev/null --query-gpu=name,memory.total,driver_version --format=csv,noheader
 

@@ -63,16 +63,15 @@ def segment_file(
     :class:`~ILDSegmentationLib.engine.inference.Inferer`. ``output`` named ``.dcm``, or
     ``dicom_seg``, writes a DICOM Segmentation referencing the CT's DICOM series
     (:mod:`ILDSegmentationLib.imaging.dicomseg`; refused before any work for a CT that is not DICOM). ``model``:
-    a model file, None for the bundled one, or a model already loaded. ``crop_box``: "mask" (the paper's)
-    or "aerated" (a box the mask's exact border does not move), see the same.
+    a model file, None for the bundled one, or a model already loaded. ``crop_box``: "mask" (the paper's) or
+    "aerated" (a box the mask's exact border does not move), see the same.
     ``decision``: "auto" (the model's rule for whole lungs), "paper" or "prior"
     (:mod:`ILDSegmentationLib.engine.decision`); the report says which ran. Returns
     the report (also written to ``report``).
 
-    ``table``: CSV of the volumes per region and class; ``visual_report``: one-page PNG
-    or PDF (needs matplotlib); ``subpleural_band_mm``: width of the subpleural band
-    (:mod:`.regions`). The report holds the regional volumes, the distribution
-    descriptors and the input checks (:mod:`.suitability`).
+    ``table``: CSV of the volumes per region and class; ``visual_report``: one-page PNG or PDF
+    (needs matplotlib); ``subpleural_band_mm``: width of the subpleural band (:mod:`.regions`). The
+    report holds the regional volumes, the distribution descriptors and the input checks (:mod:`.suitability`).
     """
     t0 = time.perf_counter()
     # ``output`` named .dcm, or ``dicom_seg``: a DICOM Segmentation over the CT's series.

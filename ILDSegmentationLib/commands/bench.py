@@ -243,11 +243,12 @@ def _worker_product(spec: Dict[str, Any]) -> Dict[str, Any]:
     """The product path: pipeline.segment_file, with the automatic lung mask. At the
     CT's own pixel size, as the baselines: the figures compare the same computation
     (by default the product resamples CTs outside the model's range of pixel sizes,
-    which changes the work itself)."""
+    which changes the work itself), and with the paper's argmax, the baselines' rule
+    (a model's whole-lung rule changes labels, not the work)."""
     torch = _worker_setup(spec)
     from ..analysis.pipeline import segment_file
     summary = segment_file(spec["ct"], spec["out"], model=spec.get("model"), device=spec["device"],
-                           max_memory_mb=spec["max_memory_mb"], pixel_spacing="native")
+                           max_memory_mb=spec["max_memory_mb"], pixel_spacing="native", decision="paper")
     timings = dict(summary["timings_s"])
     return {"timings": timings, "device": summary["device"],
             "slices_with_lung": summary["slices"]["with_lung"], "lung_crops": summary["slices"]["lung_crops"],

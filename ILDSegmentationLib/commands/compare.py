@@ -140,7 +140,7 @@ def compare_files(
     max_memory_mb: float = 1024,
     pixel_spacing: str = "model",
     crop_box: str = "mask",
-    decision: str = "auto",
+    decision: str = "paper",
     subpleural_band_mm: float = DEFAULT_BAND_MM,
     visual_report: bool = True,
     deformable: bool = True,
@@ -337,6 +337,9 @@ def add_parser(sub: Any, add_run_options: Any, add_common: Any) -> None:
     p.add_argument("--progress-lines", action="store_true",
                    help="print progress as lines 'ildseg-progress FRACTION MESSAGE' (for the Slicer module)")
     add_run_options(p)
+    # The minimum detectable change (MDC_* in analysis/change.py) was measured with the
+    # paper's argmax: significance is only meaningful under the rule it was measured with.
+    p.set_defaults(decision="paper")
     add_common(p)
 
 

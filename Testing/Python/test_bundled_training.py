@@ -108,7 +108,9 @@ def test_gpu_script_runs_its_three_steps_on_a_machine_without_simpleitk(banks, t
         "            raise ImportError('no SimpleITK on this machine (as on the lent GPU)')\n"
         "sys.meta_path.insert(0, _NoSimpleITK())\n")
     out = tmp_path / "out"
+    # A run state of its own: the repository's training_runs/ belongs to the real crop banks.
     env = dict(os.environ, DEVICE="cpu", RUNS="all", SLICES="2", PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               STATE=str(tmp_path / "no-state-yet"),
                PYTHONPATH=os.pathsep.join([str(hook), str(REPO)]))
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_run.sh"), str(banks), str(out), "1"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
