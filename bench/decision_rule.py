@@ -38,17 +38,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-#: CC BY training backgrounds (scripts/train_bundled_model.py BACKGROUNDS): name -> path in --data.
-BACKGROUNDS = {
-    "lung-pet-ct-dx-A0002": "lung-pet-ct-dx-A0002",
-    "lidc-idri-0001": "lidc-idri-0001/lidc-idri-0001.nrrd",
-    "lidc-idri-0002": "lidc-idri-0002/lidc-idri-0002.nrrd",
-    "cptac-lscc-c3n-00247": "cptac-lscc-c3n-00247/cptac-lscc-c3n-00247.nrrd",
-    "tcga-luad-tcga-17-z013": "tcga-luad-tcga-17-z013/tcga-luad-tcga-17-z013.nrrd",
-    "tcga-luad-tcga-17-z015": "tcga-luad-tcga-17-z015/tcga-luad-tcga-17-z015.nrrd",
-}
-#: The leave-one-CT-out held-out CTs: nothing is chosen on them.
-HELDOUT_CTS = ("cptac-lscc-c3n-00247", "lidc-idri-0001")
+# The training recipe's own lists: its CC BY backgrounds (name -> path in --data) and
+# the leave-one-CT-out held-out CTs, on which nothing is chosen.
+from scripts.train_bundled_model import BACKGROUNDS, HELDOUT as HELDOUT_CTS  # noqa: E402
+
 SELECTION_CTS = tuple(n for n in BACKGROUNDS if n not in HELDOUT_CTS)
 TAUS = tuple(round(t, 2) for t in np.arange(0.0, 2.01, 0.1))
 #: The rule may cost at most this much validation balanced accuracy against the paper's argmax.

@@ -32,14 +32,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CTS = {
-    "lung-pet-ct-dx-A0002": "lung-pet-ct-dx-A0002",
-    "lidc-idri-0001": "lidc-idri-0001/lidc-idri-0001.nrrd",
-    "lidc-idri-0002": "lidc-idri-0002/lidc-idri-0002.nrrd",
-    "cptac-lscc-c3n-00247": "cptac-lscc-c3n-00247/cptac-lscc-c3n-00247.nrrd",
-    "tcga-luad-tcga-17-z013": "tcga-luad-tcga-17-z013/tcga-luad-tcga-17-z013.nrrd",
-    "tcga-luad-tcga-17-z015": "tcga-luad-tcga-17-z015/tcga-luad-tcga-17-z015.nrrd",
-}
+# The CC BY chest CTs of the training recipe: name -> path in --data.
+from scripts.train_bundled_model import BACKGROUNDS as CTS  # noqa: E402
 TARGET_MM = 1.0
 
 
