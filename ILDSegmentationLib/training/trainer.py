@@ -33,7 +33,7 @@ from ..imaging.atomicfile import atomic_path
 from ..classes import NUM_CLASSES
 from ..engine.device import select_device
 from ..errors import InputError
-from ..engine.modelfile import LoadedModel, ModelInfo, save_model
+from ..engine.modelfile import LoadedModel, ModelInfo, save_model, weights_checksum
 from ..engine.network import PRESETS, DilatedFCN
 from ..engine.preprocessing import INTENSITY_PRESETS
 from .augment import INTENSITY_AUGMENTATIONS, scanner_variation
@@ -69,8 +69,10 @@ class TrainConfig:
     intensity: str = "hu"
     seed: int = 0
     device: str = "auto"
-    #: SHA-256 of the model file whose weights start the run ("" = He-normal init, as
-    #: in the paper); part of the config so a resumed fine-tuning run must name it again.
+    #: Checksum of the weights that start the run (``weights_checksum``: names, shapes
+    #: and float32 bytes; "" = He-normal init, as in the paper); part of the config so
+    #: a resumed fine-tuning run must name them again. The weights, not the file: a
+    #: model whose metadata changed (its decision rule, say) starts the same run.
     init_sha256: str = ""
     #: Which weights learn: "all" (the paper); "head" (the 1x1 head and classifier, on
     #: texture features computed once per crop); "last" (the last 1x1 block and the
@@ -248,7 +250,9 @@ class Trainer:
             raise InputError(f"--init model {model.path.name} uses intensity '{model.info.intensity.name}', "
                              f"this run '{self.config.intensity}' (pass --intensity {model.info.intensity.name})")
         self.network.load_state_dict(model.network.state_dict())
-        self.config.init_sha256 = model.sha256
+        self.config.init_sha256 = weights_checksum(model.network.state_dict())
+        # Checkpoints written before the weights' checksum named the file instead.
+        self._init_file_sha256 = model.sha256
         # Fine-tuned weights still know the pixel sizes they first learned at.
         self.inherited_pixel_spacing = model.info.pixel_spacing_mm
 
@@ -278,8 +282,10 @@ class Trainer:
             save_file(tensors, tmp, metadata={"ildseg_checkpoint": json.dumps(meta)})
 
     def _data_identity(self) -> Dict[str, Any]:
-        """What the run trains on, besides its settings: a resumed run must match it."""
-        keys = ("manifest_sha256", "validation_cases", "folds", "fold", "val_fraction", "initialized_from")
+        """What the run trains on, besides its settings: a resumed run must match it.
+        The start weights are a setting (``init_sha256``, their checksum); the model
+        file's own hash in the provenance would change with its metadata."""
+        keys = ("manifest_sha256", "validation_cases", "folds", "fold", "val_fraction")
         return {k: self.provenance.get(k) for k in keys}
 
     def _remove_stale_temporaries(self) -> None:
@@ -313,6 +319,8 @@ class Trainer:
                                if k not in ("epochs", "device", "precision", "fast")}
         # Settings added since the checkpoint was written take their defaults.
         saved = {**asdict(TrainConfig()), **meta["config"]}
+        if saved["init_sha256"] and saved["init_sha256"] == getattr(self, "_init_file_sha256", None):
+            saved["init_sha256"] = self.config.init_sha256
         if resumable(saved) != resumable(asdict(self.config)):
             raise InputError("the checkpoint in the run folder was made with other settings; "
                              "use a new --out folder or the same options")

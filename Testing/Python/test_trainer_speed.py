@@ -218,3 +218,37 @@ def test_fast_and_reference_epochs_add_the_fine_tuning_pull_alike(tmp_path):
     assert weights[True, True][0] == pytest.approx(weights[False, True][0], rel=1e-5)
     torch.testing.assert_close(weights[True, True][1], weights[False, True][1], rtol=1e-4, atol=1e-6)
     assert not torch.allclose(weights[True, True][1], weights[True, False][1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_from_a_model_resumes_after_the_model_file_metadata_changes_but_not_its_weights(tmp_path):
+    """The start weights are named by their checksum, not the file's: writing the
+    model's decision rule into its file (bench/decision_rule.py --write-model) must not
+    orphan the runs that started from it; other weights still must."""
+    import dataclasses
+
+    from ILDSegmentationLib.engine.modelfile import load_model, save_model
+    from ILDSegmentationLib.errors import InputError
+
+    start = load_model(None)
+    first = save_model(tmp_path / "start.safetensors", start.network, start.info)
+    rng = np.random.default_rng(8)
+    crops = [_crop(rng, 30, 40, f"m{i}") for i in range(2)]
+    cfg = dict(preset="proposed", device="cpu", intensity=start.info.intensity.name, precision="fp32")
+    run = Trainer(TrainConfig(epochs=1, **cfg), crops, crops, tmp_path / "run")
+    run.initialize_from(load_model(first))
+    run.fit()
+
+    relabelled = save_model(tmp_path / "relabelled.safetensors", start.network,
+                            dataclasses.replace(start.info, decision={"default": "paper"}))
+    assert relabelled.read_bytes() != first.read_bytes()
+    again = Trainer(TrainConfig(epochs=2, **cfg), crops, crops, tmp_path / "run")
+    again.initialize_from(load_model(relabelled))
+    assert again.resume() and again.start_epoch == 1
+
+    with torch.no_grad():
+        next(start.network.parameters()).add_(0.01)
+    other = save_model(tmp_path / "other.safetensors", start.network, start.info)
+    refused = Trainer(TrainConfig(epochs=2, **cfg), crops, crops, tmp_path / "run")
+    refused.initialize_from(load_model(other))
+    with pytest.raises(InputError, match="other settings"):
+        refused.resume()
