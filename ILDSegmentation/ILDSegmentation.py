@@ -135,6 +135,7 @@ PANEL_WORDING = (
     ("--lung-mask", "the Lung mask"),
     ("--model", "the Model file"),
     ("--probabilities", "'Also create per-class probability maps'"),
+    ("(--force compares anyway)", "(check 'Compare even if the lungs do not match' to compare anyway)"),
 )
 
 
@@ -321,6 +322,10 @@ class ILDSegmentationParameterNode:
     modelFolder: where fine-tuned models go. finetuneEpochs: at most this many epochs.
     cropBox: where each lung's crop box is cut (Advanced): "mask" as in the paper, or
     "aerated" (the aerated lung the mask outlines; ildseg segment --crop-box).
+    compareBaselineVolume / compareFollowupVolume: the two CTs of "Compare with an
+    earlier scan"; compareBaselineSegmentation / compareFollowupSegmentation: their
+    earlier ILD segmentations to reuse (None: segmented by the comparison);
+    compareForce: compare even when the lungs do not match after registration.
 
     Every number a spin box shows has a WithinRange equal to the .ui's range: Slicer's
     connector sets the widget's range from it (a test compares the two).
@@ -345,6 +350,12 @@ class ILDSegmentationParameterNode:
     modelFolder: str = ""
     finetuneEpochs: Annotated[int, WithinRange(*FINETUNE_EPOCHS_RANGE)] = 40
     cropBox: Annotated[str, Choice(CROP_BOX_CHOICES)] = "mask"
+    # Compare with an earlier scan (issue 27).
+    compareBaselineVolume: vtkMRMLScalarVolumeNode
+    compareBaselineSegmentation: vtkMRMLSegmentationNode
+    compareFollowupVolume: vtkMRMLScalarVolumeNode
+    compareFollowupSegmentation: vtkMRMLSegmentationNode
+    compareForce: bool = False
 
 
 #
@@ -378,6 +389,10 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Fine-tuning in a separate process (ILDSegmentationLib.slicer.background.FinetuneJob).
         self._finetuneJob = None
         self._finetuneTimer = None
+        # "Compare with an earlier scan" in a separate process (ILDSegmentationLib.slicer.compare.CompareJob).
+        self._compareJob = None
+        self._discardCompareResult = False
+        self._compareTimer = None
         # What the parameter node held when last seen, to act when the user changes it.
         self._seenLungMask = _NOT_SEEN
         self._seenInputVolume = _NOT_SEEN
@@ -403,6 +418,11 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._finetuneTimer.setInterval(4 * POLL_INTERVAL_MS)
         self._finetuneTimer.connect("timeout()", self._onFinetuneTimer)
         self.ui.finetuneProgressBar.setVisible(False)
+        self._compareTimer = qt.QTimer()
+        self._compareTimer.setInterval(POLL_INTERVAL_MS)
+        self._compareTimer.connect("timeout()", self._onCompareTimer)
+        self.ui.compareProgressBar.setVisible(False)
+        self.ui.compareTableView.setVisible(False)
         self.ui.resultsCollapsibleButton.collapsed = True
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -424,6 +444,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelFolderLineEdit.connect("currentPathChanged(QString)", self.onModelFolderChanged)
         self.ui.userModelComboBox.connect("activated(int)", self.onUserModelChosen)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
 
         self.initializeParameterNode()
         self.updateModelInfo()
@@ -443,6 +464,12 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._finetuneJob = None
         if self._finetuneTimer is not None:
             self._finetuneTimer.stop()
+        if self._compareJob is not None:
+            self._compareJob.cancel()
+            self._compareJob.cleanup()
+            self._compareJob = None
+        if self._compareTimer is not None:
+            self._compareTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -458,6 +485,9 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._discardJobResult = True
             self._job.cancel()
+        if self._compareJob is not None:
+            self._discardCompareResult = True
+            self._compareJob.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -553,9 +583,11 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editSegmentationButton.enabled = (
             not self._running and p is not None and mrml.has_segments(p.outputSegmentation))
         self._updateTeachButtons()
-        if self._finetuneJob is not None and not self._running:
+        self._updateCompareButton()
+        if (self._finetuneJob is not None or self._compareJob is not None) and not self._running:
             self.ui.applyButton.text = _("Segment ILD")
-            self.ui.applyButton.toolTip = _("Fine-tuning is running (see below)")
+            self.ui.applyButton.toolTip = (_("Fine-tuning is running (see below)") if self._finetuneJob is not None
+                                           else _("A comparison is running (see below)"))
             self.ui.applyButton.enabled = False
             return
         if self._running:
@@ -783,7 +815,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- teaching it your site's disease (issue 16) ---------------------------------------
     def _updateTeachButtons(self) -> None:
         p = self._parameterNode
-        busy = self._running or self._finetuneJob is not None
+        busy = self._running or self._finetuneJob is not None or self._compareJob is not None
         haveCT = p is not None and p.inputVolume is not None
         self.ui.createAnnotationButton.enabled = haveCT and not busy
         self.ui.addToTrainingSetButton.enabled = (haveCT and not busy and p.annotationSegmentation is not None
@@ -793,7 +825,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.finetuneButton.enabled = True
         else:
             self.ui.finetuneButton.text = _("Fine-tune")
-            self.ui.finetuneButton.enabled = (not self._running and p is not None and bool(p.trainingFolder.strip())
+            self.ui.finetuneButton.enabled = (not busy and p is not None and bool(p.trainingFolder.strip())
                                               and bool(p.modelFolder.strip()))
         for widget in (self.ui.trainingFolderLineEdit, self.ui.modelFolderLineEdit, self.ui.finetuneEpochsSpinBox,
                        self.ui.annotationSelector):
@@ -950,6 +982,110 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(message, windowTitle=_("Fine-tuning failed"),
                                      detailedText="\n".join(job.child.lines))
         self._updateApplyButton()
+
+    # -- compare with an earlier scan (issue 27) -------------------------------------------
+    def _updateCompareButton(self) -> None:
+        p = self._parameterNode
+        busy = self._running or self._finetuneJob is not None
+        for widget in (self.ui.baselineVolumeSelector, self.ui.baselineSegmentationSelector,
+                       self.ui.followupVolumeSelector, self.ui.followupSegmentationSelector,
+                       self.ui.compareForceCheckBox):
+            widget.enabled = self._compareJob is None
+        if self._compareJob is not None:
+            self.ui.compareButton.text = _("Cancel comparison")
+            self.ui.compareButton.toolTip = _("Stop; nothing is added to the scene")
+            self.ui.compareButton.enabled = True
+            return
+        self.ui.compareButton.text = _("Compare")
+        ready = p is not None and p.compareBaselineVolume is not None and p.compareFollowupVolume is not None
+        self.ui.compareButton.enabled = ready and not busy
+        self.ui.compareButton.toolTip = (_("Choose the baseline and the follow-up CT") if not ready else
+                                         _("Another run is going on") if busy else
+                                         _("Compare the two CTs in a separate process"))
+
+    def onCompareButton(self) -> None:
+        from ILDSegmentationLib.errors import ILDSegError
+
+        if self._compareJob is not None:
+            self._compareJob.cancel()
+            self.ui.compareStatusLabel.text = _("Cancelling...")
+            self.ui.compareButton.enabled = False
+            return
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            with slicer.util.WaitCursor():
+                job = self.logic.startCompare(
+                    p.compareBaselineVolume, p.compareFollowupVolume,
+                    baselineSegmentation=p.compareBaselineSegmentation,
+                    followupSegmentation=p.compareFollowupSegmentation,
+                    modelPath=self.logic.resolveModelPath(p.useBundledModel, p.modelPath), device=p.device,
+                    force=p.compareForce)
+        except ILDSegError as e:
+            self.ui.compareStatusLabel.text = _errorHtml(forPanel(str(e)))
+            slicer.util.errorDisplay(forPanel(str(e)))
+            return
+        self._compareJob = job
+        self._discardCompareResult = False
+        self.ui.compareProgressBar.value = 0
+        self.ui.compareProgressBar.setVisible(True)
+        self.ui.compareStatusLabel.text = job.message
+        self._updateApplyButton()
+        self._compareTimer.start()
+
+    def _onCompareTimer(self) -> None:
+        """A few times a second: the comparison's progress; at its end, its results."""
+        from ILDSegmentationLib.slicer.background import CANCELLED, FINISHED_STATES, SUCCEEDED
+        from ILDSegmentationLib.errors import ILDSegError
+
+        job = self._compareJob
+        if job is None:
+            self._compareTimer.stop()
+            return
+        state = job.poll()
+        for line in job.new_lines:
+            if not line.startswith(PROGRESS_LINE_PREFIX):
+                logging.info(f"ILD Segmentation comparison: {line}")
+        self.ui.compareProgressBar.value = int(round(100 * job.fraction))
+        if state not in FINISHED_STATES:
+            if state != "cancelling":
+                self.ui.compareStatusLabel.text = f"{job.message}  ({job.elapsed_s:.0f} s)"
+            return
+        self._compareTimer.stop()
+        self._compareJob = None
+        self.ui.compareProgressBar.setVisible(False)
+        if self._discardCompareResult:  # the scene closed during the run
+            job.cleanup()
+            self.ui.compareStatusLabel.text = _("Stopped: the scene was closed.")
+        elif state == SUCCEEDED:
+            try:
+                result = self.logic.finishCompare(job)
+            except ILDSegError as e:
+                self.ui.compareStatusLabel.text = _errorHtml(forPanel(str(e)))
+                slicer.util.errorDisplay(forPanel(str(e)))
+            else:
+                self._showComparison(result)
+        elif state == CANCELLED:
+            self.ui.compareStatusLabel.text = _("Comparison cancelled. Nothing was changed.")
+        else:
+            message = forPanel(job.error or _("the comparison failed"))
+            self.ui.compareStatusLabel.text = _errorHtml(message)
+            slicer.util.errorDisplay(message, windowTitle=_("Comparison failed"),
+                                     detailedText="\n".join(job.child.lines))
+        self._updateApplyButton()
+
+    def _showComparison(self, result) -> None:
+        """The change table, the summary lines, and the two scans side by side in
+        linked views with the change map over them."""
+        from ILDSegmentationLib.slicer.compare import describe_change
+
+        self.logic.showComparison(result, self._parameterNode.compareBaselineVolume)
+        slicer.util.resetSliceViews()
+        self.ui.compareTableView.setMRMLTableNode(result.table_node)
+        self.ui.compareTableView.setVisible(True)
+        self.ui.compareStatusLabel.text = "<br>".join(
+            forPanel(line).replace("&", "&amp;").replace("<", "&lt;") for line in describe_change(result.summary))
 
     def _openInSegmentEditor(self, segmentationNode, volumeNode) -> None:
         slicer.util.selectModule("SegmentEditor")
@@ -1242,6 +1378,38 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         logging.info(f"ILD Segmentation fine-tuning finished in {job.elapsed_s:.0f} s")
         return job.finish()
 
+    # -- compare with an earlier scan (issue 27) -------------------------------------------
+    def startCompare(self, baselineVolume, followupVolume, baselineSegmentation=None, followupSegmentation=None,
+                     modelPath: Optional[str] = None, device: str = "Auto", force: bool = False):
+        """Compare two CTs of one patient (ildseg compare) in a separate process and
+        return the running ILDSegmentationLib.slicer.compare.CompareJob: poll() it,
+        cancel() it, and after SUCCEEDED pass it to finishCompare(). The segmentations,
+        when given, are earlier Segment ILD results reused instead of segmenting again.
+        Bad inputs raise ILDSegError here, before anything starts."""
+        from ILDSegmentationLib.slicer.compare import CompareJob
+
+        job = CompareJob(
+            slicer.mrmlScene, baselineVolume, followupVolume, baseline_segmentation=baselineSegmentation,
+            followup_segmentation=followupSegmentation, model=modelPath,
+            device=self.backgroundDevice(device) if device in DEVICE_CHOICES else device, force=force,
+            python=self.pythonExecutable(), env=slicer.util.startupEnvironment(), temp_root=slicer.app.temporaryPath)
+        return job.start()
+
+    @staticmethod
+    def finishCompare(job):
+        """Load a finished comparison: the change map (a segmentation node on the
+        baseline), the change table, the follow-up registered onto the baseline grid;
+        returns ILDSegmentationLib.slicer.compare.CompareResult (and its summary)."""
+        logging.info(f"ILD comparison finished in a separate process in {job.elapsed_s:.1f} s")
+        return job.finish()
+
+    @staticmethod
+    def showComparison(result, baselineVolume) -> None:
+        """Baseline and registered follow-up side by side, linked, the change map over both."""
+        from ILDSegmentationLib.slicer.compare import link_views
+
+        link_views(slicer.mrmlScene, result, baselineVolume)
+
     # -- the job in this process (scripts, the self-test) ---------------------------------
     def releaseDeviceMemory(self) -> None:
         """After a run in this process on a GPU: the kept model goes back to the CPU and
@@ -1324,6 +1492,8 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         self.test_SegmentSyntheticChest()
         self.setUp()
         self.test_TeachItYourSite()
+        self.setUp()
+        self.test_CompareWithEarlierScan()
 
     # -- helpers ---------------------------------------------------------------------
     @staticmethod
@@ -1509,3 +1679,64 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
             self.assertTrue(os.path.isfile(os.path.join(folder, "manifest.csv")))
             self.assertEqual(logic.userModels(folder), [])
         self.delayDisplay("Training folder OK")
+
+    def test_CompareWithEarlierScan(self) -> None:
+        """The panel's comparison: a separate process, the change map, the registered
+        follow-up and the table added, the two scans linked side by side. The scans are
+        the synthetic chest and the same chest moved 5 mm, with earlier segmentations
+        reused (all lung healthy): nothing changed. (The comparison itself is tested
+        outside Slicer on real CT: Testing/Python/test_compare.py, test_slicer_compare.py.)"""
+        import numpy as np
+        from ILDSegmentationLib.slicer import mrml, nodes
+        from ILDSegmentationLib.slicer.background import FINISHED_STATES, SUCCEEDED
+
+        logic = ILDSegmentationLogic()
+        if not logic.torchAvailable() or logic.missingPipPackages():
+            message = "PyTorch (or safetensors/scipy) is not installed: comparison test SKIPPED."
+            logging.warning(message)
+            self.delayDisplay(message)
+            return
+        self.delayDisplay("Comparing the synthetic chest with itself moved")
+        ct, mask, ctGeometry, shape = self._syntheticChest()
+        # The same voxels (K, J, I) on a grid moved 5 mm: the same chest, moved.
+        moved = self._geometry(np.reshape(ctGeometry.direction, (3, 3)), ctGeometry.spacing, shape,
+                               centre=(5.0, -5.0, 0.0))
+        followup = self._addVolume(slicer.util.arrayFromVolume(ct).copy(), moved, "Synthetic chest CT, follow-up")
+        lungs = nodes.lung_mask_from_node(mask, ct)  # on the CT's voxels: the follow-up's too
+        segmentations = []
+        for volume in (ct, followup):
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", volume.GetName() + " ILD")
+            mrml.write_labels_to_segmentation((lungs > 0).astype(np.uint8), volume, segmentation)
+            segmentations.append(segmentation)
+        before = slicer.util.arrayFromVolume(followup).copy()
+        job = logic.startCompare(ct, followup, segmentations[0], segmentations[1], device="CPU")
+        deadline = time.monotonic() + SELF_TEST_RUN_TIMEOUT_S
+        while job.poll() not in FINISHED_STATES:
+            if time.monotonic() > deadline:
+                job.cancel()
+                job.cleanup()
+                self.fail(f"the comparison did not finish within {SELF_TEST_RUN_TIMEOUT_S} s")
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertEqual(job.state, SUCCEEDED, job.error)
+        result = logic.finishCompare(job)
+        self.assertEqual(result.summary["fibrotic_extent"]["change"], 0.0)
+        self.assertFalse(result.summary["fibrotic_extent"]["significant"])
+        self.assertIsNotNone(result.segmentation_node.GetSegmentation().GetSegment("change_1"))
+        self.assertEqual(result.registered_followup_node.GetImageData().GetDimensions(),
+                         ct.GetImageData().GetDimensions())
+        self.assertGreater(result.table_node.GetTable().GetNumberOfRows(), 7)
+        logic.showComparison(result, ct)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:  # --no-main-window: there are no views to link
+            self.delayDisplay("No main window: the linked views are not checked")
+        else:
+            slicer.app.processEvents()  # the layout manager makes the side-by-side views
+            self.assertEqual(layoutManager.layout, slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+            red = layoutManager.sliceWidget("Red").mrmlSliceCompositeNode()
+            yellow = layoutManager.sliceWidget("Yellow").mrmlSliceCompositeNode()
+            self.assertEqual(red.GetBackgroundVolumeID(), ct.GetID())
+            self.assertEqual(yellow.GetBackgroundVolumeID(), result.registered_followup_node.GetID())
+            self.assertTrue(red.GetLinkedControl() and yellow.GetLinkedControl())
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(followup), before))
+        self.delayDisplay("Test passed")

@@ -15,7 +15,10 @@ unless ``force``. The change (:mod:`ILDSegmentationLib.analysis.change`) is writ
 * ``DIR/change_map.seg.nrrd``: the change map on the baseline grid (label values in
   :mod:`ILDSegmentationLib.analysis.change`);
 * ``DIR/change_report.png``: one page, matched slices side by side and the fibrotic
-  extent per zone (needs matplotlib; skipped with a warning without it).
+  extent per zone (needs matplotlib; skipped with a warning without it);
+* with ``registered_followup``, ``DIR/followup_on_baseline.nrrd``: the follow-up CT
+  (HU) resampled through the registration onto the baseline grid, so that a viewer
+  shows the same anatomy at the same position in both (Slicer's linked views).
 
 Every file is written under a temporary name and renamed; when a step fails, the files
 this run wrote are removed again.
@@ -143,6 +146,7 @@ def compare_files(
     decision: str = "paper",
     subpleural_band_mm: float = DEFAULT_BAND_MM,
     visual_report: bool = True,
+    registered_followup: bool = False,
     deformable: bool = True,
     force: bool = False,
     progress: Any = None,
@@ -179,6 +183,8 @@ def compare_files(
             visual_report = False
     if not visual_report:
         names.pop("png")
+    if registered_followup:
+        names["registered"] = out / "followup_on_baseline.nrrd"
     created = not out.exists()
     if created:
         out.mkdir()
@@ -296,9 +302,15 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
         Path(tmp).write_text(change_table_csv(summary), encoding="utf-8")
     written.append(names["csv"])
     summary["outputs"] = {"json": str(names["json"]), "csv": str(names["csv"]), "change_map": str(names["map"])}
+    f_on_b = warp_ct(f_img, b_img, reg.transform) if visual_report or "registered" in names else None
+    if "registered" in names:
+        # Rounded back to whole HU in int16, as CTs are stored (half the float's size).
+        write_image(sitk.Cast(sitk.Round(f_on_b), sitk.sitkInt16), names["registered"])
+        written.append(names["registered"])
+        summary["outputs"]["followup_on_baseline"] = str(names["registered"])
     if visual_report:
         from ..analysis.change_report import render_change_report
-        f_ct = sitk.GetArrayFromImage(warp_ct(f_img, b_img, reg.transform))
+        f_ct = sitk.GetArrayFromImage(f_on_b)
         render_change_report(np.asarray(cts["baseline"].array), labels["baseline"], f_ct, warped, cmap,
                              cts["baseline"].geometry, summary, names["png"])
         written.append(names["png"])
@@ -329,6 +341,9 @@ def add_parser(sub: Any, add_run_options: Any, add_common: Any) -> None:
     p.add_argument("--subpleural-band", type=float, default=DEFAULT_BAND_MM, metavar="MM",
                    help="width of the subpleural band in mm (default: 10)")
     p.add_argument("--no-visual-report", action="store_true", help="do not write change_report.png")
+    p.add_argument("--registered-followup", action="store_true",
+                   help="also write followup_on_baseline.nrrd: the follow-up CT moved onto the baseline grid "
+                        "through the registration (to view both side by side at the same anatomy)")
     p.add_argument("--affine-only", action="store_true",
                    help="register with the affine stage only (no deformable step within the lung)")
     p.add_argument("--force", action="store_true",
@@ -358,7 +373,8 @@ def cmd_compare(args: Any) -> int:
                                 followup_labels=args.followup_labels, model=args.model, device=args.device,
                                 max_memory_mb=args.max_memory, pixel_spacing=args.pixel_spacing,
                                 crop_box=args.crop_box, decision=args.decision, subpleural_band_mm=args.subpleural_band,
-                                visual_report=not args.no_visual_report, deformable=not args.affine_only,
+                                visual_report=not args.no_visual_report,
+                                registered_followup=args.registered_followup, deformable=not args.affine_only,
                                 force=args.force, progress=bar)
     finally:
         bar.close()

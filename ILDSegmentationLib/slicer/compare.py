@@ -9,7 +9,9 @@ geometry) and, when given, their ILD segmentations (the six class segments, as a
 map on each CT's grid, to reuse instead of segmenting again) into a temporary folder
 and starts the child. ``poll()`` follows its progress lines; ``finish()``, after
 SUCCEEDED, adds the nodes and returns a :class:`CompareResult`. Nodes given are never
-modified.
+modified: the follow-up is shown registered as a new volume node (the follow-up CT
+moved onto the baseline grid by the child), not by moving the user's node.
+:func:`link_views` shows both side by side with the change map, scrolling together.
 """
 from __future__ import annotations
 
@@ -29,11 +31,13 @@ TABLE_COLUMNS = ("Region", "Class", "Baseline [%]", "Follow-up [%]", "Change [pp
 @dataclass
 class CompareResult:
     """What :meth:`CompareJob.finish` added: the change map segmentation node, the
-    change table node, and the summary (``change.json``)."""
+    change table node, the follow-up CT on the baseline grid (a scalar volume node),
+    and the summary (``change.json``)."""
 
     segmentation_node: Any
     table_node: Any
     summary: Dict[str, Any]
+    registered_followup_node: Any = None
 
 
 class CompareJob(BackgroundJob):
@@ -101,8 +105,8 @@ class CompareJob(BackgroundJob):
                 elif mask is not None:
                     write_array(mask, geometry, folder / f"{k}_mask.nrrd", compress=False)
                     options += [f"--{k}-mask", str(folder / f"{k}_mask.nrrd")]
-            args += ["--out", str(folder / "out"), "--progress-lines", "--no-visual-report", "--device", self.device,
-                     *options]
+            args += ["--out", str(folder / "out"), "--progress-lines", "--no-visual-report", "--registered-followup",
+                     "--device", self.device, *options]
             if self.model is not None:
                 args += ["--model", os.path.abspath(self.model)]
             if self.force:
@@ -116,16 +120,25 @@ class CompareJob(BackgroundJob):
 
     def finish(self) -> CompareResult:
         """After SUCCEEDED: the change map as a segmentation node referencing the
-        baseline CT, the change table as a table node; the temporary folder removed."""
+        baseline CT, the change table as a table node, the follow-up CT on the
+        baseline grid as a volume node; the temporary folder removed. Nothing is added
+        when one of them cannot be read."""
         from ..errors import ILDSegError
         if self.state != SUCCEEDED or self.folder is None:
             raise ILDSegError(f"{self.what} has not succeeded ({self.state}); nothing to load")
+        out = self.folder / "out"
+        added: List[Any] = []
         try:
-            summary = json.loads((self.folder / "out" / "change.json").read_text(encoding="utf-8"))
-            seg = load_change_map(self.scene, str(self.folder / "out" / "change_map.seg.nrrd"),
-                                  self.nodes["baseline"][0])
-            table = change_table_node(self.scene, summary)
-            return CompareResult(seg, table, summary)
+            summary = json.loads((out / "change.json").read_text(encoding="utf-8"))
+            base, follow = self.nodes["baseline"][0], self.nodes["followup"][0]
+            added.append(load_change_map(self.scene, str(out / "change_map.seg.nrrd"), base))
+            added.append(load_registered_followup(self.scene, str(out / "followup_on_baseline.nrrd"), follow, base))
+            added.append(change_table_node(self.scene, summary))
+            return CompareResult(added[0], added[2], summary, added[1])
+        except BaseException:
+            for node in added:
+                self.scene.RemoveNode(node)
+            raise
         finally:
             self.cleanup()
 
@@ -150,6 +163,86 @@ def load_change_map(scene: Any, path: str, baseline_node: Any) -> Any:
     node.SetAndObserveStorageNodeID(None)
     scene.RemoveNode(storage)
     return node
+
+
+def load_registered_followup(scene: Any, path: str, followup_node: Any, baseline_node: Any) -> Any:
+    """Read the follow-up CT moved onto the baseline grid (``followup_on_baseline.nrrd``)
+    into a new scalar volume node named after the follow-up, displayed with the
+    follow-up's window and level. Its geometry is the baseline's world grid (the
+    file's), so it needs no transform."""
+    import slicer
+    from ..errors import InputError
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                   _unique(scene, f"{followup_node.GetName()} on {baseline_node.GetName()}"))
+    scene.AddNode(storage)
+    storage.SetFileName(path)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise InputError(f"Slicer could not read the registered follow-up {path}")
+    node.SetAndObserveStorageNodeID(None)
+    scene.RemoveNode(storage)
+    node.CreateDefaultDisplayNodes()
+    shown, display = followup_node.GetDisplayNode(), node.GetDisplayNode()
+    if shown is not None and display is not None:
+        display.SetAndObserveColorNodeID(shown.GetColorNodeID())
+        display.SetAutoWindowLevel(shown.GetAutoWindowLevel())
+        if not shown.GetAutoWindowLevel():
+            display.SetWindowLevel(shown.GetWindow(), shown.GetLevel())
+    return node
+
+
+#: The two slice views of Slicer's side-by-side layout (vtkMRMLLayoutLogic: "Red" and
+#: "Yellow", both axial).
+SIDE_BY_SIDE_VIEWS = ("Red", "Yellow")
+
+
+def link_views(scene: Any, result: CompareResult, baseline_node: Any) -> None:
+    """Baseline left, follow-up (registered) right, the change map over both, the two
+    views linked so they scroll and zoom together: the same anatomy at the same place,
+    since both are on the baseline grid. Sets the side-by-side layout when the scene
+    has a layout node (in the application), and the views' composite nodes it has."""
+    import slicer
+    layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    if layout is not None:
+        layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+    follow = result.registered_followup_node
+    shown = {SIDE_BY_SIDE_VIEWS[0]: baseline_node, SIDE_BY_SIDE_VIEWS[1]: follow}
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        volume = shown.get(composite.GetLayoutName())
+        if volume is None:
+            continue
+        composite.SetBackgroundVolumeID(volume.GetID())
+        composite.SetForegroundVolumeID(None)
+        composite.SetLabelVolumeID(None)
+        composite.SetLinkedControl(True)
+    display = result.segmentation_node.GetDisplayNode()
+    if display is not None:
+        display.SetVisibility(True)
+
+
+def describe_change(summary: Dict[str, Any]) -> List[str]:
+    """The panel's lines: the fibrotic extent at both scans and its change (against
+    the minimum detectable change), every significant class change, the registration's
+    quality, and the warnings."""
+    fe = summary["fibrotic_extent"]
+    lines = [f"Fibrotic extent (reticulation + honeycombing): {fe['baseline']:.1f} % -> {fe['followup']:.1f} % of "
+             f"the lung, {fe['change']:+.1f} percentage points: "
+             + ("beyond" if fe["significant"] else "within")
+             + f" what the tool measures when nothing changed ({fe['mdc_percent_points']:g} pp)."]
+    changed = [c for c in summary["classes"] if c["significant"]]
+    lines += [f"{c['name']}: {c['baseline_percent']:.1f} % -> {c['followup_percent']:.1f} % "
+              f"({c['change_percent_points']:+.1f} pp, {c['change_ml']:+.0f} mL), significant" for c in changed]
+    if not changed:
+        lines.append("No class changed beyond its minimum detectable change.")
+    reg = summary["registration"]
+    lines.append(f"Registration: lung overlap (Dice) {reg['lung_dice']:.3f}; lung {summary['lung']['baseline_ml']:.0f} "
+                 f"-> {summary['lung']['followup_ml']:.0f} mL.")
+    lines += [f"Warning: {w}" for w in summary.get("warnings", [])]
+    return lines
 
 
 def _unique(scene: Any, name: str) -> str:
@@ -188,4 +281,5 @@ def change_table_node(scene: Any, summary: Dict[str, Any]) -> Any:
     return node
 
 
-__all__ = ["CompareJob", "CompareResult", "load_change_map", "change_table_node", "TABLE_COLUMNS"]
+__all__ = ["CompareJob", "CompareResult", "load_change_map", "load_registered_followup", "change_table_node",
+           "link_views", "describe_change", "TABLE_COLUMNS", "SIDE_BY_SIDE_VIEWS"]

@@ -17,7 +17,7 @@ from ILDSegmentationLib.slicer import nodes as slicer_nodes  # noqa: E402
 from ILDSegmentationLib.slicer.background import SUCCEEDED  # noqa: E402
 from ILDSegmentationLib.errors import InputError  # noqa: E402
 from ILDSegmentationLib.imaging.geometry import Geometry  # noqa: E402
-from ILDSegmentationLib.slicer.compare import TABLE_COLUMNS, CompareJob  # noqa: E402
+from ILDSegmentationLib.slicer.compare import TABLE_COLUMNS, CompareJob, describe_change, link_views  # noqa: E402
 from test_mrml import add_volume, assert_unchanged, snapshot  # noqa: E402
 
 Z015 = DATA / "tcga-luad-tcga-17-z015" / "tcga-luad-tcga-17-z015.nrrd"
@@ -71,9 +71,63 @@ def test_compare_job_loads_the_change_map_and_table(scans, tmp_path):
     # Whole lung, 2 lungs, 6 side x zone regions, 2 depths; 6 classes + the fibrotic extent each.
     assert table.GetValueByName(0, "Region").ToString() == "lung" and table.GetNumberOfRows() == 11 * 7
     assert scene.GetNumberOfNodes() > count
+
+    # The follow-up, registered: on the baseline's grid, and the same anatomy there (the
+    # follow-up is the baseline's slab moved, so the two agree within the lung).
+    follow = result.registered_followup_node
+    assert follow is not None and follow.GetName() == "follow-up CT on baseline CT"
+    on_base, g = slicer_nodes.volume_array_and_geometry(follow)
+    base_hu, base_g, base_lung = scans[0]
+    assert on_base.shape == base_hu.shape
+    np.testing.assert_allclose(g.origin, base_g.origin, atol=1e-3)
+    np.testing.assert_allclose(g.spacing, base_g.spacing, atol=1e-4)
+    inner = (base_lung != 0)
+    inner[:2] = inner[-2:] = False  # the slab's first and last slices are partly outside the moved slab
+    moved_hu = slicer_nodes.volume_array_and_geometry(nodes[1][0])[0]
+    registered = np.corrcoef(on_base[inner], base_hu[inner])[0, 1]
+    unregistered = np.corrcoef(moved_hu[inner], base_hu[inner])[0, 1]
+    print(f"HU correlation with the baseline in its lung: registered {registered:.3f}, unregistered {unregistered:.3f}")
+    # Twice-interpolated noise keeps it below 1; a wrong grid or an unregistered scan falls far below.
+    assert registered > 0.7 and registered > unregistered + 0.3
+
+    # Side by side, linked: baseline left, registered follow-up right.
+    layout = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
+    composites = {}
+    for name in ("Red", "Yellow", "Green"):
+        composites[name] = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composites[name].SetLayoutName(name)
+    link_views(scene, result, nodes[0][0])
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    assert composites["Red"].GetBackgroundVolumeID() == nodes[0][0].GetID()
+    assert composites["Yellow"].GetBackgroundVolumeID() == follow.GetID()
+    assert composites["Red"].GetLinkedControl() and composites["Yellow"].GetLinkedControl()
+    assert composites["Green"].GetBackgroundVolumeID() is None and not composites["Green"].GetLinkedControl()
+
+    lines = describe_change(result.summary)
+    assert lines[0].startswith("Fibrotic extent (reticulation + honeycombing): 0.0 % -> 0.0 %")
+    assert "within what the tool measures when nothing changed" in lines[0]
+    assert "No class changed beyond its minimum detectable change." in lines
+
     for b, (ct, _) in zip(before, nodes):
         assert_unchanged(b, ct)
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone
+
+
+def test_describe_change_names_a_significant_change_and_the_warnings():
+    summary = {"fibrotic_extent": {"baseline": 2.0, "followup": 5.5, "change": 3.5, "significant": True,
+                                   "mdc_percent_points": 0.6},
+               "classes": [{"name": "Reticulation", "baseline_percent": 1.5, "followup_percent": 4.0,
+                            "change_percent_points": 2.5, "change_ml": 80.0, "significant": True},
+                           {"name": "Healthy", "baseline_percent": 90.0, "followup_percent": 88.0,
+                            "change_percent_points": -2.0, "change_ml": -50.0, "significant": False}],
+               "registration": {"lung_dice": 0.97}, "lung": {"baseline_ml": 4000.0, "followup_ml": 3800.0},
+               "warnings": ["pair: slice_thickness: baseline 1 mm, follow-up 5 mm"]}
+    lines = describe_change(summary)
+    assert "+3.5 percentage points: beyond" in lines[0]
+    assert lines[1] == "Reticulation: 1.5 % -> 4.0 % (+2.5 pp, +80 mL), significant"
+    assert not any(line.startswith("Healthy") for line in lines)
+    assert lines[-2] == "Registration: lung overlap (Dice) 0.970; lung 4000 -> 3800 mL."
+    assert lines[-1] == "Warning: pair: slice_thickness: baseline 1 mm, follow-up 5 mm"
 
 
 def test_compare_job_refuses_bad_nodes_before_starting(scans, tmp_path):
