@@ -136,32 +136,41 @@ class CompareJob(BackgroundJob):
             added.append(change_table_node(self.scene, summary))
             return CompareResult(added[0], added[2], summary, added[1])
         except BaseException:
+            from .mrml import remove_node
             for node in added:
-                self.scene.RemoveNode(node)
+                remove_node(self.scene, node)  # with its display node
             raise
         finally:
             self.cleanup()
+
+
+def _read_new_node(scene: Any, class_name: str, name: str, storage: Any, path: str, what: str) -> Any:
+    """A new node of ``class_name`` read from ``path`` by ``storage``, left without a
+    storage node: the file lives in a temporary folder that goes away, so the node is
+    unsaved data now. Nothing stays in the scene when Slicer cannot read the file."""
+    from ..errors import InputError
+    from .mrml import remove_node
+    node = scene.AddNewNodeByClass(class_name, _unique(scene, name))
+    scene.AddNode(storage)
+    storage.SetFileName(path)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    read = storage.ReadData(node)
+    node.SetAndObserveStorageNodeID(None)
+    scene.RemoveNode(storage)
+    if not read:
+        remove_node(scene, node)  # with any display node the reader made
+        raise InputError(f"Slicer could not read the {what} {path}")
+    return node
 
 
 def load_change_map(scene: Any, path: str, baseline_node: Any) -> Any:
     """Read a ``change_map.seg.nrrd`` into a new segmentation node (its segments named
     and coloured by the file) referencing ``baseline_node``."""
     import slicer
-    from ..errors import InputError
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", _unique(scene, f"{baseline_node.GetName()} change"))
-    scene.AddNode(storage)
-    storage.SetFileName(path)
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(node):
-        scene.RemoveNode(node)
-        scene.RemoveNode(storage)
-        raise InputError(f"Slicer could not read the change map {path}")
+    node = _read_new_node(scene, "vtkMRMLSegmentationNode", f"{baseline_node.GetName()} change",
+                          slicer.vtkMRMLSegmentationStorageNode(), path, "change map")
     node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), baseline_node.GetID())
     node.CreateDefaultDisplayNodes()
-    # The file lives in a temporary folder that goes away: the node is unsaved data now.
-    node.SetAndObserveStorageNodeID(None)
-    scene.RemoveNode(storage)
     return node
 
 
@@ -171,19 +180,8 @@ def load_registered_followup(scene: Any, path: str, followup_node: Any, baseline
     follow-up's window and level. Its geometry is the baseline's world grid (the
     file's), so it needs no transform."""
     import slicer
-    from ..errors import InputError
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
-                                   _unique(scene, f"{followup_node.GetName()} on {baseline_node.GetName()}"))
-    scene.AddNode(storage)
-    storage.SetFileName(path)
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(node):
-        scene.RemoveNode(node)
-        scene.RemoveNode(storage)
-        raise InputError(f"Slicer could not read the registered follow-up {path}")
-    node.SetAndObserveStorageNodeID(None)
-    scene.RemoveNode(storage)
+    node = _read_new_node(scene, "vtkMRMLScalarVolumeNode", f"{followup_node.GetName()} on {baseline_node.GetName()}",
+                          slicer.vtkMRMLVolumeArchetypeStorageNode(), path, "registered follow-up")
     node.CreateDefaultDisplayNodes()
     shown, display = followup_node.GetDisplayNode(), node.GetDisplayNode()
     if shown is not None and display is not None:

@@ -141,3 +141,25 @@ def test_compare_job_refuses_bad_nodes_before_starting(scans, tmp_path):
         CompareJob(env.scene, ct, add_volume(env.scene, hu, g, "CT2"), baseline_segmentation=other,
                    temp_root=str(tmp_path)).start()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_result_slicer_cannot_read_adds_nothing(scans, tmp_path):
+    """finish() loads three nodes; when one file cannot be read, the ones already added
+    are removed again and the temporary folder is gone: the scene is as before."""
+    env = mrml.HeadlessMRML()
+    scene = env.scene
+    cts = []
+    for name, (hu, g, lung) in zip(("baseline", "follow-up"), scans):
+        ct = add_volume(scene, hu, g, f"{name} CT")
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} ILD")
+        mrml.write_labels_to_segmentation((lung != 0).astype(np.uint8), ct, seg)
+        cts.append((ct, seg))
+    job = CompareJob(scene, cts[0][0], cts[1][0], baseline_segmentation=cts[0][1],
+                     followup_segmentation=cts[1][1], device="cpu", temp_root=str(tmp_path)).start()
+    assert job.wait(600) == SUCCEEDED, job.error
+    (job.folder / "out" / "followup_on_baseline.nrrd").write_bytes(b"NRRD0004\nnot an image\n")
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="could not read the registered follow-up"):
+        job.finish()
+    assert scene.GetNumberOfNodes() == count
+    assert list(tmp_path.iterdir()) == []
