@@ -737,6 +737,17 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = job.message
         self._pollTimer.start()
 
+    @staticmethod
+    def _pollJob(job, progressBar, logPrefix: str) -> str:
+        """A background job's state; its own messages go to the Python console (not its
+        progress lines: they move the progress bar)."""
+        state = job.poll()
+        for line in job.new_lines:
+            if not line.startswith(PROGRESS_LINE_PREFIX):
+                logging.info(f"{logPrefix}: {line}")
+        progressBar.value = int(round(100 * job.fraction))
+        return state
+
     def _onPollTimer(self) -> None:
         """A few times a second: the run's progress; at its end, its results. Never
         blocks (the run's output is read by a thread that only fills a queue)."""
@@ -747,11 +758,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             self._pollTimer.stop()
             return
-        state = job.poll()
-        for line in job.new_lines:  # the run's own messages, for the Python console
-            if not line.startswith(PROGRESS_LINE_PREFIX):
-                logging.info(f"ILD Segmentation: {line}")
-        self.ui.progressBar.value = int(round(100 * job.fraction))
+        state = self._pollJob(job, self.ui.progressBar, "ILD Segmentation")
         if state not in FINISHED_STATES:
             if not self._cancelRequested:
                 self.ui.statusLabel.text = f"{job.message}  ({job.elapsed_s:.0f} s)"
@@ -936,10 +943,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             self._finetuneTimer.stop()
             return
-        state = job.poll()
-        for line in job.new_lines:
-            logging.info(f"ILD Segmentation fine-tuning: {line}")
-        self.ui.finetuneProgressBar.value = int(round(100 * job.fraction))
+        state = self._pollJob(job, self.ui.finetuneProgressBar, "ILD Segmentation fine-tuning")
         if state not in FINISHED_STATES:
             if state != "cancelling":
                 elapsed = int(job.elapsed_s)
@@ -1043,11 +1047,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             self._compareTimer.stop()
             return
-        state = job.poll()
-        for line in job.new_lines:
-            if not line.startswith(PROGRESS_LINE_PREFIX):
-                logging.info(f"ILD Segmentation comparison: {line}")
-        self.ui.compareProgressBar.value = int(round(100 * job.fraction))
+        state = self._pollJob(job, self.ui.compareProgressBar, "ILD Segmentation comparison")
         if state not in FINISHED_STATES:
             if state != "cancelling":
                 self.ui.compareStatusLabel.text = f"{job.message}  ({job.elapsed_s:.0f} s)"

@@ -725,7 +725,8 @@ def test_the_panel_runs_in_a_separate_process_and_polls_it(tree, source):
     assert _calls(widget["_startJob"], "logic.startProcess")
     assert _calls(widget["setup"], "QTimer") and "_onPollTimer" in ast.unparse(widget["setup"])
     poll = ast.unparse(widget["_onPollTimer"])
-    assert "job.poll()" in poll and "logic.finishProcess(job)" in poll and "CANCELLED" in poll
+    assert "self._pollJob(job" in poll and "logic.finishProcess(job)" in poll and "CANCELLED" in poll
+    assert "job.poll()" in ast.unparse(widget["_pollJob"])
     apply = ast.unparse(widget["onApplyButton"])
     assert "self._job.cancel()" in apply
     close = ast.unparse(widget["onSceneStartClose"])
@@ -874,7 +875,7 @@ def test_teach_section_only_wires_the_logic(ui, tree):
         ast.unparse(widget["onFinetuneButton"])
     assert "_onFinetuneTimer" in ast.unparse(widget["setup"])
     poll = ast.unparse(widget["_onFinetuneTimer"])
-    assert "job.poll()" in poll and "job.remaining_s" in poll and "describe_finetune(report)" in poll
+    assert "self._pollJob(job" in poll and "job.remaining_s" in poll and "describe_finetune(report)" in poll
     # A run no better than its start model leaves the selected model as it was.
     assert "report.get('kept_start_model')" in poll
     assert "p.modelPath = report['model']" in poll and "p.useBundledModel = False" in poll
@@ -1222,3 +1223,34 @@ def test_healthy_segments_coded_as_before_are_still_read_as_healthy():
     assert class_of_segment("anything", lung_alone) is None  # the lung itself is no class
     for c in CLASSES:
         assert class_of_segment("anything", terminology_entry(c)) is c
+
+
+def test_the_compare_section_is_wired_to_the_logic(ui, tree):
+    """Issue 27: "Compare with an earlier scan" picks two CTs (and their earlier ILD
+    segmentations), runs the logic's CompareJob in a separate process polled by a
+    QTimer, loads the result through the logic and links the views; Cancel and
+    closing the scene stop it. (The logic itself: Testing/Python/test_slicer_compare.py.)"""
+    names = {w.get("name"): w.get("class") for w in ui.iter("widget")}
+    for widget, cls in (("compareCollapsibleButton", "ctkCollapsibleButton"),
+                        ("baselineVolumeSelector", "qMRMLNodeComboBox"),
+                        ("baselineSegmentationSelector", "qMRMLNodeComboBox"),
+                        ("followupVolumeSelector", "qMRMLNodeComboBox"),
+                        ("followupSegmentationSelector", "qMRMLNodeComboBox"),
+                        ("compareForceCheckBox", "QCheckBox"), ("compareButton", "QPushButton"),
+                        ("compareProgressBar", "QProgressBar"), ("compareStatusLabel", "QLabel"),
+                        ("compareTableView", "qMRMLTableView")):
+        assert names.get(widget) == cls, widget
+    widget = _class_methods(tree, "ILDSegmentationWidget")
+    logic = _class_methods(tree, "ILDSegmentationLogic")
+    assert "_onCompareTimer" in ast.unparse(widget["setup"]) and "onCompareButton" in ast.unparse(widget["setup"])
+    button = ast.unparse(widget["onCompareButton"])
+    assert _calls(widget["onCompareButton"], "logic.startCompare") and "self._compareJob.cancel()" in button
+    poll = ast.unparse(widget["_onCompareTimer"])
+    assert "self._pollJob(job" in poll and "logic.finishCompare(job)" in poll and "CANCELLED" in poll
+    assert "_showComparison(result)" in poll
+    shown = ast.unparse(widget["_showComparison"])
+    assert "logic.showComparison(" in shown and "describe_change(" in shown and "setMRMLTableNode" in shown
+    close = ast.unparse(widget["onSceneStartClose"])
+    assert "self._compareJob.cancel()" in close and "_discardCompareResult = True" in close
+    assert "CompareJob(" in ast.unparse(logic["startCompare"])
+    assert "link_views(" in ast.unparse(logic["showComparison"])
