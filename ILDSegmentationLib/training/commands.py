@@ -141,8 +141,9 @@ def add_parsers(sub, common) -> None:
                    help="instead of a training case, a baseline and a follow-up with a known answer per CT, to "
                         "check 'ildseg compare': moved (the same simulated disease, the lung moved, breathed and "
                         "cut differently: no change) or progressed (fibrosis added, then moved). Writes "
-                        f"{', '.join(FOLLOWUP_FILES)} (a subfolder per case when several) and prints the "
-                        "'ildseg compare' command to run on the pair")
+                        f"{', '.join(FOLLOWUP_FILES[:-1])} and truth.json (the true fibrotic extent and percent "
+                        "of each class at both scans, their change, and the motion; README), a subfolder per case "
+                        "when several, and prints the 'ildseg compare' command to run on the pair")
     m.add_argument("--motion-degrees", nargs=3, type=float, metavar=("X", "Y", "Z"),
                    help="--followup: rotations about the LPS x, y, z axes through the CT's centre, in degrees "
                         f"(default {' '.join(f'{v:g}' for v in DEFAULT_DEGREES)}; each at most {MAX_DEGREES:g})")
