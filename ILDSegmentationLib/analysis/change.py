@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..classes import CLASSES, by_label
+from ..classes import ANATOMIC_REGION, CLASSES, Code, by_label
+from ..imaging.dicomseg import SegmentSpec
 from ..imaging.geometry import Geometry
 from .regions import DEFAULT_BAND_MM, FIBROTIC_LABELS, regional_volumes
 from .report import class_volumes
@@ -215,6 +216,65 @@ def change_map_image(change: np.ndarray, reference: Any) -> Any:
         image.SetMetaData(key + "Layer", "0")
         image.SetMetaData(key + "Extent", _extent(np.asarray(change) == value))
     return image
+
+
+#: Category of the segment "not covered by the follow-up" (baseline lung, no finding):
+#: DICOM CID 7150 Segmentation Property Category; its type is the lung itself.
+ANATOMICAL_STRUCTURE: Code = ("SCT", "91723000", "Anatomical Structure")
+#: The change map's values in the order of their DICOM SEG segments: segment number n
+#: (1..17; DICOM numbers segments from 1 without gaps) holds change map value
+#: ``CHANGE_SEGMENT_VALUES[n - 1]``.
+CHANGE_SEGMENT_VALUES: Tuple[int, ...] = tuple(sorted(CHANGE_LABELS))
+
+
+def _change_description(value: int) -> str:
+    """The segment's free text (at most 64 characters): its change map value and meaning."""
+    if value == UNCOVERED:
+        return f"value {value}: baseline lung the registered follow-up does not cover"
+    name = by_label(value % 10).name.lower()
+    if value < NEW_OFFSET:
+        return f"value {value}: {name} at both scans"
+    if value < RESOLVED_OFFSET:
+        return f"value {value}: new {name} (other class at baseline)"
+    return f"value {value}: resolved {name} (healthy at follow-up)"
+
+
+def change_segments() -> List[SegmentSpec]:
+    """The change map's values as DICOM SEG segments (numbered as
+    :data:`CHANGE_SEGMENT_VALUES`): each labelled as in :data:`CHANGE_LABELS` (the class,
+    then unchanged, new or resolved) and described by its class's DICOM codes (the
+    property type of the pattern that is new, resolved or unchanged; "Normal" for healthy
+    lung) with its change map color; baseline lung not covered by the follow-up is the
+    lung as an anatomical structure."""
+    out = []
+    for number, value in enumerate(CHANGE_SEGMENT_VALUES, start=1):
+        if value == UNCOVERED:
+            out.append(SegmentSpec(number, CHANGE_LABELS[value], ANATOMIC_REGION, _segment_color(value),
+                                   category=ANATOMICAL_STRUCTURE, description=_change_description(value)))
+        else:
+            out.append(SegmentSpec.of_class(by_label(value % 10), number, CHANGE_LABELS[value],
+                                            tuple(_segment_color(value)), _change_description(value)))
+    return out
+
+
+def write_change_dicom_seg(change: np.ndarray, ct: Any, path: Any, parameters: Dict[str, str],
+                           model_name: str = "", model_sha256: str = "") -> Any:
+    """The change map (K, J, I on the baseline grid, values as in the module docstring)
+    as a DICOM Segmentation over the baseline's DICOM series (``ct``: its
+    :class:`~ILDSegmentationLib.imaging.io.Volume`), written to ``path`` through a
+    temporary name. ``parameters``: the algorithm parameters it records."""
+    from .. import __version__
+    from ..imaging.dicomseg import ALGORITHM_NAME, SegmentationContent, write_segmentation_file
+    lookup = np.zeros(256, np.uint8)
+    lookup[list(CHANGE_SEGMENT_VALUES)] = np.arange(1, len(CHANGE_SEGMENT_VALUES) + 1)
+    values = np.asarray(change, np.uint8)
+    unknown = np.setdiff1d(np.unique(values), (0,) + CHANGE_SEGMENT_VALUES)
+    if unknown.size:
+        raise ValueError(f"values {unknown.tolist()} are not change map values")
+    content = SegmentationContent("ILD_CHANGE", "ILD change since the baseline (research use, not clinical)",
+                                  f"ILD change ({ALGORITHM_NAME} {__version__})", parameters, model_name,
+                                  model_sha256)
+    return write_segmentation_file(lookup[values], ct, path, change_segments(), content)
 
 
 TABLE_COLUMNS = ("region", "side", "zone", "depth", "label", "class", "baseline_ml", "followup_ml", "change_ml",

@@ -19,6 +19,10 @@ unless ``force``. The change (:mod:`ILDSegmentationLib.analysis.change`) is writ
 * with ``registered_followup``, ``DIR/followup_on_baseline.nrrd``: the follow-up CT
   (HU) resampled through the registration onto the baseline grid, so that a viewer
   shows the same anatomy at the same position in both (Slicer's linked views).
+* with ``dicom_seg`` (a ``.dcm`` path), the change map as a DICOM Segmentation over the
+  baseline's DICOM series (one segment per change map value, numbered as
+  :data:`~ILDSegmentationLib.analysis.change.CHANGE_SEGMENT_VALUES`; needs highdicom). A
+  baseline that is not a DICOM series is refused before any work.
 
 Every file is written under a temporary name and renamed; when a step fails, the files
 this run wrote are removed again.
@@ -38,7 +42,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..analysis.change import (change_map, change_map_image, change_summary, change_table_csv, scan_measures,
-                               voxel_changes)
+                               voxel_changes, write_change_dicom_seg)
 from ..imaging.atomicfile import atomic_path, check_writable
 from ..errors import InputError
 from ..imaging.geometry import Geometry, as_volume, same_grid
@@ -149,14 +153,16 @@ def compare_files(
     registered_followup: bool = False,
     deformable: bool = True,
     force: bool = False,
+    dicom_seg: Optional[PathLike] = None,
     progress: Any = None,
 ) -> Dict[str, Any]:
     """Compare two scans (module docstring). ``baseline``/``followup``: CT paths as
     ``ildseg segment`` takes them; ``*_mask``: lung masks (None: computed);
     ``*_labels``: an earlier segmentation to reuse (file or ``segment`` output folder);
     the other options are ``segment``'s. ``force``: go on, with a loud warning, when the
-    lungs do not overlap after the affine registration. Returns the change summary
-    (what ``change.json`` holds)."""
+    lungs do not overlap after the affine registration. ``dicom_seg``: also write the
+    change map there as a DICOM SEG (a ``.dcm`` name; the baseline must be a DICOM
+    series). Returns the change summary (what ``change.json`` holds)."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -169,6 +175,8 @@ def compare_files(
             raise InputError(f"give the {k} lung mask or earlier labels, not both (the labels are the lung)")
     if Path(baseline).resolve() == Path(followup).resolve():
         raise InputError("the baseline and the follow-up are the same file")
+    if dicom_seg is not None:
+        _check_dicom_seg(dicom_seg, inputs)
     names = {"json": out / "change.json", "csv": out / "change.csv", "map": out / "change_map.seg.nrrd",
              "png": out / "change_report.png"}
     for k in SCANS:
@@ -185,6 +193,8 @@ def compare_files(
         names.pop("png")
     if registered_followup:
         names["registered"] = out / "followup_on_baseline.nrrd"
+    if dicom_seg is not None:
+        names["dicom_seg"] = Path(dicom_seg)
     created = not out.exists()
     if created:
         out.mkdir()
@@ -211,6 +221,39 @@ def compare_files(
     return summary
 
 
+def _check_dicom_seg(path: PathLike, inputs: Dict[str, Tuple[Any, Any, Any]]) -> None:
+    """Before any work: the change map's DICOM SEG ``path`` is a ``.dcm`` name, outside
+    every input (a DICOM series folder included), over a baseline read from DICOM."""
+    from ..imaging.dicomseg import check_dicom_source, is_dicom_seg_path
+    p = Path(path)
+    if not is_dicom_seg_path(p):
+        raise InputError(f"the DICOM SEG output is a DICOM file: name it .dcm, not {p.name}")
+    for k, given in inputs.items():
+        for q in (Path(v) for v in given if v is not None):
+            if p.resolve() == q.resolve() or (q.is_dir() and q.resolve() in p.resolve().parents):
+                raise InputError(f"--dicom-seg {p} would be written into the {k} input {q}: choose another place")
+    check_dicom_source(inputs["baseline"][0], p, what="the baseline CT",
+                       instead="the change map is DICOM only over a DICOM baseline (change_map.seg.nrrd is "
+                               "written either way)")
+
+
+def _algorithm_parameters(inputs: Dict[str, Tuple[Any, Any, Any]], models: Dict[str, Dict[str, Any]],
+                          deformable: bool) -> Dict[str, str]:
+    """What the change map's DICOM SEG records of how it was made: each scan's model
+    (name and sha256) or that its labels were reused, the follow-up's file name, and
+    the registration."""
+    out = {}
+    for k in SCANS:
+        m = models.get(k) or {}
+        if m.get("name"):
+            out.update({f"{k}_model": str(m["name"]), f"{k}_model_sha256": str(m.get("sha256", ""))})
+        else:
+            out[f"{k}_labels"] = "reused"
+    out["followup"] = Path(str(inputs["followup"][0]).rstrip("/")).name
+    out["registration"] = "affine + B-spline" if deformable else "affine"
+    return out
+
+
 def _stage(progress: Any, start: float, span: float) -> Any:
     return None if progress is None else (lambda f, msg: progress(start + span * f, msg))
 
@@ -225,6 +268,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
     checks: Dict[str, List[Dict[str, str]]] = {}
     sources: Dict[str, str] = {}
     measures: Dict[str, Dict[str, Any]] = {}
+    models: Dict[str, Dict[str, Any]] = {}  # the model that made each scan's labels, when known
     loaded = None
     for n, k in enumerate(SCANS):
         ct_path, mask, given = inputs[k]
@@ -239,6 +283,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
             checks[k] = (report or {}).get("input_checks") or input_checks(cts[k].array, labels[k], cts[k].geometry,
                                                                           dicom_files=cts[k].dicom_files)
             sources[k] = f"reused: {path}"
+            models[k] = dict((report or {}).get("model") or {})
         else:
             loaded = loaded or (model if model is not None and not isinstance(model, (str, os.PathLike))
                                 else load_model(model))
@@ -251,6 +296,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
             labels[k] = read_labels(names[f"{k}_labels"], cts[k], k)
             checks[k] = report["input_checks"]
             measures[k] = report  # its class volumes and regions, as scan_measures computes them
+            models[k] = dict(report["model"])
             sources[k] = f"segmented: {names[f'{k}_labels']} (model {report['model']['name']})"
         timings[f"{k}_segment"] = round(time.perf_counter() - t, 2)
 
@@ -308,6 +354,13 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
         write_image(sitk.Cast(sitk.Round(f_on_b), sitk.sitkInt16), names["registered"])
         written.append(names["registered"])
         summary["outputs"]["followup_on_baseline"] = str(names["registered"])
+    if "dicom_seg" in names:
+        b_model = models.get("baseline") or {}
+        write_change_dicom_seg(cmap, cts["baseline"], names["dicom_seg"],
+                               _algorithm_parameters(inputs, models, deformable), b_model.get("name", ""),
+                               b_model.get("sha256", ""))
+        written.append(names["dicom_seg"])
+        summary["outputs"]["dicom_seg"] = str(names["dicom_seg"])
     if visual_report:
         from ..analysis.change_report import render_change_report
         f_ct = sitk.GetArrayFromImage(f_on_b)
@@ -349,6 +402,11 @@ def add_parser(sub: Any, add_run_options: Any, add_common: Any) -> None:
     p.add_argument("--force", action="store_true",
                    help="compare even when the lungs do not match after registration (different patients?), "
                         "with a warning in change.json")
+    p.add_argument("--dicom-seg", metavar="OUT.dcm",
+                   help="also write the change map as a DICOM Segmentation over the baseline's DICOM series: one "
+                        "segment per change (each class unchanged, new or resolved, and lung not covered by the "
+                        "follow-up), with the class's DICOM codes (needs highdicom: pip install "
+                        "'ildsegmentation[dicom]'; the baseline must be a DICOM series)")
     p.add_argument("--progress-lines", action="store_true",
                    help="print progress as lines 'ildseg-progress FRACTION MESSAGE' (for the Slicer module)")
     add_run_options(p)
@@ -375,7 +433,7 @@ def cmd_compare(args: Any) -> int:
                                 crop_box=args.crop_box, decision=args.decision, subpleural_band_mm=args.subpleural_band,
                                 visual_report=not args.no_visual_report,
                                 registered_followup=args.registered_followup, deformable=not args.affine_only,
-                                force=args.force, progress=bar)
+                                force=args.force, dicom_seg=args.dicom_seg, progress=bar)
     finally:
         bar.close()
     for w in summary["warnings"]:

@@ -15,6 +15,10 @@ most archives did not read as of 2025, while BINARY "Segmentation Storage" is re
 all of them; empty frames are left out (a segment absent from a slice costs nothing),
 and a class absent from the whole CT is still described, with no frames.
 
+Other label maps over the same series (``ildseg compare``'s change map) are written
+with :func:`build_segmentation` from their own :class:`SegmentSpec` list, described by
+the same codes, colors and algorithm identification.
+
 highdicom and pydicom are an optional extra (``pip install ildsegmentation[dicom]``):
 they are imported only when a DICOM SEG is written or checked for.
 """
@@ -22,14 +26,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .. import __version__
 from .atomicfile import atomic_path
-from ..classes import ANATOMIC_REGION, CATEGORY, CLASSES, Code
+from ..classes import ANATOMIC_REGION, CATEGORY, CLASSES, Code, TissueClass
 from ..errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -60,14 +65,16 @@ def require_highdicom() -> Tuple[Any, Any]:
     return highdicom, pydicom
 
 
-def check_dicom_source(ct_path: PathLike, output: PathLike) -> None:
-    """Before any work: ``output`` (a DICOM SEG) can be made from ``ct_path``, which must
-    be a DICOM series folder (or one DICOM file); highdicom must be installed."""
+def check_dicom_source(ct_path: PathLike, output: PathLike, what: str = "the CT",
+                       instead: str = "write .seg.nrrd, .nrrd, .nii.gz or .mha instead") -> None:
+    """Before any work: ``output`` (a DICOM SEG) can be made from ``ct_path`` (``what``,
+    in the message), which must be a DICOM series folder (or one DICOM file); highdicom
+    must be installed. ``instead``: what the refusal suggests."""
     from .io import _looks_like_dicom
     p = Path(ct_path)
     if not (p.is_dir() or (p.is_file() and _looks_like_dicom(p))):
-        raise InputError(f"DICOM SEG output {Path(output).name} needs a DICOM series as input, but the CT "
-                         f"{p.name} is not DICOM: write .seg.nrrd, .nrrd, .nii.gz or .mha instead")
+        raise InputError(f"DICOM SEG output {Path(output).name} needs a DICOM series as input, but {what} "
+                         f"{p.name} is not DICOM: {instead}")
     require_highdicom()
 
 
@@ -127,38 +134,95 @@ def _coded(hd: Any, code: Code) -> Any:
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
 
 
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What one segment of a DICOM SEG says: its number (1..N without gaps, the value
+    of its voxels in the volume given to :func:`build_segmentation`), its label (at
+    most 64 characters), its segmented property category, type and type modifier
+    codes, its display color (sRGB 0..1) and an optional free-text description."""
+
+    number: int
+    label: str
+    type_code: Code
+    color: Tuple[float, float, float]
+    category: Code = CATEGORY
+    type_modifier: Optional[Code] = None
+    description: Optional[str] = None
+
+    @classmethod
+    def of_class(cls, c: TissueClass, number: Optional[int] = None, label: Optional[str] = None,
+                 color: Optional[Tuple[float, float, float]] = None,
+                 description: Optional[str] = None) -> "SegmentSpec":
+        """A segment described by the codes of class ``c`` (:mod:`ILDSegmentationLib.classes`);
+        by default numbered, named and colored as the class."""
+        return cls(c.label if number is None else number, c.name if label is None else label, c.type_code,
+                   c.color if color is None else color, CATEGORY, c.type_modifier, description)
+
+
+#: The six classes' segments, numbered by their label values.
+CLASS_SEGMENTS: Tuple[SegmentSpec, ...] = tuple(SegmentSpec.of_class(c) for c in CLASSES)
+
+
+def algorithm_identification(hd: Any, parameters: Dict[str, str]) -> Any:
+    """The algorithm every segment names: ILDSegmentation, the package version, the
+    artificial-intelligence family, and ``parameters`` (e.g. the model's name and sha256)."""
+    from pydicom.sr.codedict import codes
+    return hd.AlgorithmIdentificationSequence(
+        name=ALGORITHM_NAME, version=__version__, family=codes.cid7162.ArtificialIntelligence,
+        parameters=dict(parameters) or None)
+
+
+def segment_description(hd: Any, spec: SegmentSpec, algorithm: Any) -> Any:
+    """The highdicom SegmentDescription of ``spec``: its codes, the lung as its
+    anatomic region, its color as DICOM CIELab, made automatically by ``algorithm``."""
+    d = hd.seg.SegmentDescription(
+        segment_number=spec.number, segment_label=spec.label,
+        segmented_property_category=_coded(hd, spec.category), segmented_property_type=_coded(hd, spec.type_code),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+        anatomic_regions=[_coded(hd, ANATOMIC_REGION)])
+    if spec.type_modifier is not None:
+        # "Lung, Normal": the modifier sits inside the property type's code item (PS3.3 C.8.20.2).
+        d.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _coded(hd, spec.type_modifier)]
+    if spec.description:
+        d.SegmentDescription = spec.description[:64]  # (0062,0006), LO
+    d.RecommendedDisplayCIELabValue = _rgb_to_dicom_lab(spec.color)
+    return d
+
+
 def segment_descriptions(hd: Any, model_name: str, model_sha256: str) -> List[Any]:
     """One highdicom SegmentDescription per class, numbered by the label value."""
-    from pydicom.sr.codedict import codes
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=ALGORITHM_NAME, version=__version__, family=codes.cid7162.ArtificialIntelligence,
-        parameters={"model": model_name, "model_sha256": model_sha256})
-    out = []
-    for c in CLASSES:
-        d = hd.seg.SegmentDescription(
-            segment_number=c.label, segment_label=c.name,
-            segmented_property_category=_coded(hd, CATEGORY), segmented_property_type=_coded(hd, c.type_code),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            anatomic_regions=[_coded(hd, ANATOMIC_REGION)])
-        if c.type_modifier is not None:
-            # "Lung, Normal": the modifier sits inside the property type's code item (PS3.3 C.8.20.2).
-            d.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-                _coded(hd, c.type_modifier)]
-        d.RecommendedDisplayCIELabValue = _rgb_to_dicom_lab(c.color)
-        out.append(d)
-    return out
+    algorithm = algorithm_identification(hd, {"model": model_name, "model_sha256": model_sha256})
+    return [segment_description(hd, spec, algorithm) for spec in CLASS_SEGMENTS]
 
 
-def build_dicom_seg(labels: np.ndarray, ct: Any, *, model_name: str, model_sha256: str) -> Any:
-    """The DICOM Segmentation (a pydicom Dataset) of ``labels`` (uint8 0..6, K,J,I on
-    the CT's grid, as the engine returns them) over the DICOM series ``ct`` was read
-    from (:attr:`~.io.Volume.dicom_files`)."""
+@dataclass(frozen=True)
+class SegmentationContent:
+    """What a DICOM SEG says of itself: its content label (CS, capitals, at most 16
+    characters), content and series descriptions, and the algorithm's parameters."""
+
+    label: str
+    description: str
+    series_description: str
+    parameters: Dict[str, str]
+    model_name: str = ""
+    model_sha256: str = ""
+
+
+def build_segmentation(volume: np.ndarray, ct: Any, segments: Sequence[SegmentSpec],
+                       content: SegmentationContent) -> Any:
+    """A DICOM Segmentation (a pydicom Dataset) over the DICOM series ``ct`` was read
+    from (:attr:`~.io.Volume.dicom_files`): ``volume`` holds, per voxel (K, J, I on the
+    CT's grid), the number of its segment in ``segments`` (0: none)."""
     hd, pydicom = require_highdicom()
     if not ct.dicom_files:
         raise InputError("a DICOM SEG needs a DICOM series as input; this CT was not read from DICOM")
-    volume = labels.reshape((-1,) + labels.shape[-2:]).astype(np.uint8, copy=False)
-    if volume.max(initial=0) > len(CLASSES):
-        raise ValueError(f"labels above {len(CLASSES)} in the label map")
+    volume = volume.reshape((-1,) + volume.shape[-2:]).astype(np.uint8, copy=False)
+    numbers = [s.number for s in segments]
+    if numbers != list(range(1, len(segments) + 1)):
+        raise ValueError(f"segment numbers must run 1..{len(segments)}, not {numbers}")
+    if volume.max(initial=0) > len(segments):
+        raise ValueError(f"values above {len(segments)} in the segment volume")
     sources = _read_sources(ct.dicom_files, pydicom)
     _check_slice_order(sources, ct.image, volume.shape)
     with warnings.catch_warnings():
@@ -166,32 +230,57 @@ def build_dicom_seg(labels: np.ndarray, ct: Any, *, model_name: str, model_sha25
         # (common after de-identification): nothing the user of ildseg can change.
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name",
                                 category=UserWarning)
-        return _segmentation(hd, volume, sources, model_name, model_sha256)
+        algorithm = algorithm_identification(hd, content.parameters)
+        return _segmentation(hd, volume, sources, [segment_description(hd, s, algorithm) for s in segments], content)
 
 
-def _segmentation(hd: Any, volume: np.ndarray, sources: List[Any], model_name: str, model_sha256: str) -> Any:
+def build_dicom_seg(labels: np.ndarray, ct: Any, *, model_name: str, model_sha256: str) -> Any:
+    """The DICOM Segmentation (a pydicom Dataset) of ``labels`` (uint8 0..6, K,J,I on
+    the CT's grid, as the engine returns them) over the DICOM series ``ct`` was read
+    from (:attr:`~.io.Volume.dicom_files`)."""
+    if np.asarray(labels).max(initial=0) > len(CLASSES):
+        raise ValueError(f"labels above {len(CLASSES)} in the label map")
+    content = SegmentationContent(
+        "ILD_PATTERNS", "ILD patterns (research use, not for clinical use)",
+        f"ILD patterns ({ALGORITHM_NAME} {__version__})", {"model": model_name, "model_sha256": model_sha256},
+        model_name, model_sha256)
+    return build_segmentation(np.asarray(labels), ct, CLASS_SEGMENTS, content)
+
+
+def _segmentation(hd: Any, volume: np.ndarray, sources: List[Any], descriptions: List[Any],
+                  content: SegmentationContent) -> Any:
     first = sources[0]
     try:
         series_number = int(first.get("SeriesNumber") or 0) + SERIES_NUMBER_OFFSET
     except (TypeError, ValueError):
         series_number = SERIES_NUMBER_OFFSET
+    model = f"{ALGORITHM_NAME} {content.model_name}".strip()
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=volume,  # a label map: value v is segment v, 0 is no segment
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(hd, model_name, model_sha256),
+        segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=series_number,
         sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer=ALGORITHM_NAME, manufacturer_model_name=f"{ALGORITHM_NAME} {model_name}"[:64],
-        software_versions=__version__, device_serial_number=model_sha256[:16],
-        content_label="ILD_PATTERNS", content_description="ILD patterns (research use, not for clinical use)",
-        series_description=f"ILD patterns ({ALGORITHM_NAME} {__version__})"[:64],
+        manufacturer=ALGORITHM_NAME, manufacturer_model_name=model[:64],
+        software_versions=__version__, device_serial_number=content.model_sha256[:16] or "none",
+        content_label=content.label, content_description=content.description[:64],
+        series_description=content.series_description[:64],
         omit_empty_frames=True)
+
+
+def write_segmentation_file(volume: np.ndarray, ct: Any, path: PathLike, segments: Sequence[SegmentSpec],
+                            content: SegmentationContent) -> Path:
+    """Write :func:`build_segmentation` to ``path`` through a temporary name."""
+    return _save(build_segmentation(volume, ct, segments, content), path)
 
 
 def write_dicom_seg(labels: np.ndarray, ct: Any, path: PathLike, *, model_name: str, model_sha256: str) -> Path:
     """Write :func:`build_dicom_seg` to ``path`` through a temporary name."""
-    seg = build_dicom_seg(labels, ct, model_name=model_name, model_sha256=model_sha256)
+    return _save(build_dicom_seg(labels, ct, model_name=model_name, model_sha256=model_sha256), path)
+
+
+def _save(dataset: Any, path: PathLike) -> Path:
     with atomic_path(path) as tmp:
-        seg.save_as(tmp)
+        dataset.save_as(tmp)
     return Path(path)

@@ -17,6 +17,19 @@ HONEYCOMBING = 6
 #: The five patterns, in the order of every per-pattern tuple of the config.
 PATTERNS: Tuple[int, ...] = (GGO, MICRONODULES, CONSOLIDATION, RETICULATION, HONEYCOMBING)
 
+#: What ``ildseg simulate --followup`` makes (:func:`~.followup.followup_pair`): the
+#: same disease moved, or fibrosis added and then moved.
+FOLLOWUP_KINDS = ("moved", "progressed")
+#: The follow-up's motion by default (``ildseg simulate --followup``, and
+#: :func:`~.followup.motion`'s): rotations about the LPS x, y, z axes (degrees) and a
+#: shift along them (mm) of the size a repositioned patient shows; a slightly shallower
+#: breath (the lung 3 % smaller along each axis, about 9 % in volume); the slices cut
+#: half a slice apart.
+DEFAULT_DEGREES: Tuple[float, float, float] = (2.0, 1.0, 3.0)
+DEFAULT_SHIFT_MM: Tuple[float, float, float] = (3.0, -2.0, 4.0)
+DEFAULT_INSPIRATION = 0.97
+DEFAULT_SLICE_PHASE = 0.5
+
 
 @dataclass(frozen=True)
 class SimulationConfig:

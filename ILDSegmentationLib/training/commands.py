@@ -19,6 +19,21 @@ from ..engine.preprocessing import INTENSITY_PRESETS
 from ..engine.resolution import PIXEL_SPACING_CHOICES
 from .augment import INTENSITY_AUGMENTATIONS
 from .loss import ENTROPY_SCALINGS
+from ..simulation.config import (DEFAULT_DEGREES, DEFAULT_INSPIRATION, DEFAULT_SHIFT_MM, DEFAULT_SLICE_PHASE,
+                                 FOLLOWUP_KINDS)
+
+#: ``ildseg simulate --followup``'s files, per case: the two CTs (simulated ILD, HU),
+#: the truth label maps (0 outside the lung, 1..6) on each scan's grid and the
+#: follow-up's truth before the motion on the baseline grid, the lung masks (1 right,
+#: 2 left), and truth.json (simulation/followup.py, truth_record).
+FOLLOWUP_FILES = ("baseline.nrrd", "followup.nrrd", "baseline_truth.nrrd", "followup_truth.nrrd",
+                  "followup_truth_on_baseline.nrrd", "baseline_lung_mask.nrrd", "followup_lung_mask.nrrd",
+                  "truth.json")
+#: Limits of the follow-up's motion: a repositioned patient, which registration is
+#: meant to undo, not another scan altogether.
+MAX_DEGREES = 15.0
+MAX_SHIFT_MM = 50.0
+INSPIRATION_RANGE = (0.8, 1.25)
 
 
 def add_parsers(sub, common) -> None:
@@ -121,6 +136,27 @@ def add_parsers(sub, common) -> None:
     m.add_argument("--out", required=True, metavar="CASE_DIR")
     m.add_argument("--cases-per-ct", type=int, default=1, help="cases (different seeds) per CT")
     m.add_argument("--seed", type=int, default=0)
+    # dest: "followup" is compare's follow-up CT, which cli.py checks as an input path.
+    m.add_argument("--followup", choices=FOLLOWUP_KINDS, dest="followup_kind",
+                   help="instead of a training case, a baseline and a follow-up with a known answer per CT, to "
+                        "check 'ildseg compare': moved (the same simulated disease, the lung moved, breathed and "
+                        "cut differently: no change) or progressed (fibrosis added, then moved). Writes "
+                        f"{', '.join(FOLLOWUP_FILES[:-1])} and truth.json (the true fibrotic extent and percent "
+                        "of each class at both scans, their change, and the motion; README), a subfolder per case "
+                        "when several, and prints the 'ildseg compare' command to run on the pair")
+    m.add_argument("--motion-degrees", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="--followup: rotations about the LPS x, y, z axes through the CT's centre, in degrees "
+                        f"(default {' '.join(f'{v:g}' for v in DEFAULT_DEGREES)}; each at most {MAX_DEGREES:g})")
+    m.add_argument("--motion-shift", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="--followup: shift along the LPS x, y, z axes, in mm "
+                        f"(default {' '.join(f'{v:g}' for v in DEFAULT_SHIFT_MM)}; each at most {MAX_SHIFT_MM:g})")
+    m.add_argument("--inspiration", type=float, metavar="SCALE",
+                   help="--followup: the lung's size at the follow-up relative to the baseline, along each axis "
+                        f"(below 1: a shallower breath; default {DEFAULT_INSPIRATION:g}, "
+                        f"{INSPIRATION_RANGE[0]:g} to {INSPIRATION_RANGE[1]:g})")
+    m.add_argument("--slice-phase", type=float, metavar="FRACTION",
+                   help="--followup: the follow-up's slices cut this fraction of a slice further along the body "
+                        f"axis (default {DEFAULT_SLICE_PHASE:g}; 0 to below 1)")
     common(m)
 
 
@@ -386,6 +422,70 @@ def cmd_evaluate(args) -> int:
 SIMULATED_FILES = ("ct.nrrd", "lung_mask.nrrd", "annotation.nrrd", "truth.nrrd")
 
 
+def _followup_motion(args) -> Dict:
+    """The follow-up's motion from the command line (defaults from simulation/config.py),
+    checked; InputError in one line when out of range or given without --followup."""
+    given = [f"--{name.replace('_', '-')}" for name in ("motion_degrees", "motion_shift", "inspiration", "slice_phase")
+             if getattr(args, name, None) is not None]
+    if not args.followup_kind:
+        if given:
+            raise InputError(f"{given[0]} describes the follow-up's motion: add --followup moved|progressed")
+        return {}
+    degrees = args.motion_degrees if args.motion_degrees is not None else list(DEFAULT_DEGREES)
+    shift = args.motion_shift if args.motion_shift is not None else list(DEFAULT_SHIFT_MM)
+    inspiration = DEFAULT_INSPIRATION if args.inspiration is None else args.inspiration
+    phase = DEFAULT_SLICE_PHASE if args.slice_phase is None else args.slice_phase
+    for option, values, limit, unit in (("--motion-degrees", degrees, MAX_DEGREES, "degrees"),
+                                        ("--motion-shift", shift, MAX_SHIFT_MM, "mm")):
+        bad = [v for v in values if not (math.isfinite(v) and abs(v) <= limit)]
+        if bad:
+            raise InputError(f"{option} {bad[0]:g} is out of range: each at most {limit:g} {unit} either way "
+                             "(a repositioned patient)")
+    lo, hi = INSPIRATION_RANGE
+    if not (math.isfinite(inspiration) and lo <= inspiration <= hi):
+        raise InputError(f"--inspiration must be a scale from {lo:g} to {hi:g}, not {inspiration:g}")
+    if not (math.isfinite(phase) and 0 <= phase < 1):
+        raise InputError(f"--slice-phase must be a fraction of a slice from 0 to below 1, not {phase:g} "
+                         "(a larger move along the body axis is --motion-shift)")
+    return {"degrees": [float(v) for v in degrees], "shift_mm": [float(v) for v in shift],
+            "inspiration": float(inspiration), "slice_phase": float(phase)}
+
+
+def _stage_followup(kind: str, ct_path: str, ct, mask, seed: int, folder: Path, motion: Dict, staged: List) -> str:
+    """Make one ``kind`` baseline/follow-up pair of ``ct`` (read from ``ct_path``) and
+    write its files under staging names in ``folder``, each added to ``staged`` as
+    (staged, final) as soon as it is begun (the caller removes them on failure).
+    Returns the ``ildseg compare`` command for the pair. InputError when the CT is a
+    single slice or, for ``progressed``, no fibrosis fitted into its lung."""
+    import shlex
+    from ..imaging.images import image_like, write_image
+    from ..simulation.followup import followup_pair, truth_record
+    if np.ndim(ct.array) != 3 or np.shape(ct.array)[0] < 2:
+        raise InputError(f"{Path(ct_path).name}: --followup needs a CT volume (several slices), not a single slice")
+    image = image_like(np.asarray(ct.array), ct.image)  # HU (the DICOM rescale applied), the CT's grid
+    pair = followup_pair(image, kind, mask, seed=seed, **motion)
+    truth = truth_record(pair)
+    if kind == "progressed" and truth["fibrotic_extent"]["change"] <= 0:
+        raise InputError(f"no fibrosis could be added to the lung of {Path(ct_path).name} (seed {seed}): "
+                         "too little lung? try another --seed")
+    files = dict(zip(FOLLOWUP_FILES, (
+        pair.baseline_ct, pair.followup_ct, image_like(pair.baseline_truth, pair.baseline_ct),
+        image_like(pair.followup_truth, pair.followup_ct),
+        image_like(pair.followup_truth_on_baseline, pair.baseline_ct),
+        image_like(pair.baseline_lung, pair.baseline_ct), image_like(pair.followup_lung, pair.followup_ct))))
+    for name, img in files.items():
+        staged.append((folder / f".staged-{name}", folder / name))
+        write_image(img, staged[-1][0])
+    command = ["ildseg", "compare", str(folder / "baseline.nrrd"), str(folder / "followup.nrrd"),
+               "--out", str(folder / "compare")]
+    command_line = " ".join(shlex.quote(c) for c in command)
+    record = {"kind": kind, "source_ct": str(ct_path), "seed": seed, **truth, "files": list(FOLLOWUP_FILES),
+              "compare_command": command_line}
+    staged.append((folder / ".staged-truth.json", folder / "truth.json"))  # removed on failure, written or not
+    staged[-1][0].write_text(json.dumps(record, indent=2, allow_nan=False))
+    return command_line
+
+
 def cmd_simulate(args) -> int:
     from .manifest import write_manifest
     from ..imaging.atomicfile import check_writable
@@ -396,6 +496,7 @@ def cmd_simulate(args) -> int:
         raise InputError("give one --lung-mask per --ct (or none)")
     if args.cases_per_ct < 1:
         raise InputError(f"--cases-per-ct must be at least 1, not {args.cases_per_ct}")
+    motion = _followup_motion(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a folder, and {out} is a file")
@@ -414,7 +515,8 @@ def cmd_simulate(args) -> int:
     # Nothing an input is read from may be written over (simulating into the CT's own
     # folder used to replace its ct.nrrd).
     inputs = {Path(p).resolve() for p in list(args.ct) + list(args.lung_mask or [])}
-    for target in [folder / name for *_, folder in plan for name in SIMULATED_FILES] + [out / "manifest.csv"]:
+    names, index = (FOLLOWUP_FILES, None) if args.followup_kind else (SIMULATED_FILES, "manifest.csv")
+    for target in [folder / name for *_, folder in plan for name in names] + ([out / index] if index else []):
         if target.resolve() in inputs:
             raise InputError(f"an output would overwrite the input {target}: choose another --out")
     created = [] if out.is_dir() else [out]
@@ -422,11 +524,12 @@ def cmd_simulate(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create the output folder {out}: {e.strerror or e}") from None
-    check_writable(out / "manifest.csv")
+    check_writable(out / (index or names[0]))
     # Every file is first written under a staging name beside its place and renamed
     # only when all cases and the manifest are ready: a failure or Ctrl-C removes the
     # staged files, and the cases of an earlier run in the same folder stay as they were.
     staged: list = []
+    commands: List[str] = []
     try:
         rows = []
         ct = mask = None
@@ -436,10 +539,15 @@ def cmd_simulate(args) -> int:
                 ct_index, ct = n, read_ct(args.ct[n])
                 check_ct_plausible(ct, args.ct[n])  # patterns inserted into a label map would train nonsense
                 mask = read_lung_mask(args.lung_mask[n], ct) if args.lung_mask else None
-            sim = simulate_case(np.asarray(ct.array), ct.geometry, lung_mask=mask, seed=seed)
             if not folder.is_dir():
                 folder.mkdir(parents=True)
                 created.append(folder)
+            if args.followup_kind:
+                commands.append(_stage_followup(args.followup_kind, args.ct[n], ct, mask, seed, folder, motion, staged))
+                if not args.quiet:
+                    print(f"{case_id}: {args.followup_kind} follow-up -> {folder}")
+                continue
+            sim = simulate_case(np.asarray(ct.array), ct.geometry, lung_mask=mask, seed=seed)
             for name, arr in zip(SIMULATED_FILES, (sim.hu, sim.lung_mask, sim.annotation, sim.truth)):
                 staged.append((write_image(image_like(arr.reshape(np.shape(ct.array)), ct.image),
                                            folder / f".staged-{name}"), folder / name))
@@ -448,8 +556,9 @@ def cmd_simulate(args) -> int:
                          scans[n]])
             if not args.quiet:
                 print(f"{case_id}: {len(sim.regions)} pattern regions -> {folder}")
-        write_manifest(out / ".staged-manifest.csv", rows)
-        staged.append((out / ".staged-manifest.csv", out / "manifest.csv"))
+        if not args.followup_kind:
+            write_manifest(out / ".staged-manifest.csv", rows)
+            staged.append((out / ".staged-manifest.csv", out / "manifest.csv"))
         for temporary, final in staged:
             os.replace(temporary, final)
     except BaseException:
@@ -460,7 +569,11 @@ def cmd_simulate(args) -> int:
                 folder.rmdir()
         raise
     if not args.quiet:
-        print(f"manifest: {out / 'manifest.csv'}")
+        if args.followup_kind:
+            print("compare the pair (the truth is in truth.json beside it):")
+            print("\n".join(commands))
+        else:
+            print(f"manifest: {out / 'manifest.csv'}")
     return 0
 
 
