@@ -41,6 +41,10 @@ def _change_rgb(hu: np.ndarray, change: np.ndarray) -> np.ndarray:
     return rgb
 
 
+#: Lines of text the page has room for under the chart (6.5 pt monospace).
+REPORT_TEXT_LINES = 12
+
+
 def render_change_report(baseline_hu: np.ndarray, baseline_labels: np.ndarray, followup_hu: np.ndarray,
                          followup_labels: np.ndarray, change: np.ndarray, geometry: Geometry,
                          summary: Dict[str, Any], path: PathLike) -> Path:
@@ -58,17 +62,19 @@ def render_change_report(baseline_hu: np.ndarray, baseline_labels: np.ndarray, f
     fig.suptitle(textwrap.fill(f"ILD change: {Path(summary['baseline']['ct']).name} -> "
                                f"{Path(summary['followup']['ct']).name}", 100), fontsize=9, y=0.993, va="top")
     fig.text(0.5, 0.965, "Research software, not for clinical use", ha="center", fontsize=7, color="darkred")
-    grid = fig.add_gridspec(len(slices) + 2, 3, height_ratios=[1.0] * len(slices) + [1.1, 0.6],
-                            left=0.04, right=0.97, top=0.95, bottom=0.03, hspace=0.3, wspace=0.05)
+    grid = fig.add_gridspec(len(slices) + 2, 3, height_ratios=[1.0] * len(slices) + [1.1, 0.8],
+                            left=0.07, right=0.97, top=0.925, bottom=0.02, hspace=0.35, wspace=0.05)
     extent = (0, c[0].shape[2] * col_mm, c[0].shape[1] * row_mm, 0)
     for r, z in enumerate(slices):
         for col, (img, title) in enumerate(((blend(c[0][z], c[1][z]), "baseline"),
                                             (blend(c[2][z], c[3][z]), "follow-up, registered"),
-                                            (_change_rgb(c[0][z], c[4][z]), "change (red new, green resolved, yellow same pattern)"))):
+                                            (_change_rgb(c[0][z], c[4][z]),
+                                             "change: red new, green resolved,\nyellow same pattern"))):
             ax = fig.add_subplot(grid[r, col])
             ax.imshow(img, extent=extent, interpolation="nearest")
             ax.set_axis_off()
-            ax.set_title(f"{title}, axial {z + 1}/{c[0].shape[0]}", fontsize=7)
+            # Two short lines: one long title ran into its neighbour's.
+            ax.set_title(f"axial {z + 1}/{c[0].shape[0]}: {title}", fontsize=7)
             ax.text(3, 12, "R", color="white", fontsize=7)
 
     ax = fig.add_subplot(grid[len(slices), :])
@@ -94,9 +100,13 @@ def render_change_report(baseline_hu: np.ndarray, baseline_labels: np.ndarray, f
              f"lung Dice {reg['lung_dice_affine']:.3f} affine, {reg['lung_dice']:.3f} deformable"]
     lines += [f"{k['name']}: {k['baseline_percent']:.2f} -> {k['followup_percent']:.2f} % ({k['change_percent_points']:+.2f}"
               f" pp{', significant' if k['significant'] else ''})" for k in summary["classes"]]
-    lines += [f"WARNING {w}" for w in summary.get("warnings", [])]
-    ax.text(0, 1, "\n".join(textwrap.fill(s, 140) for s in lines), va="top", fontsize=6.5, family="monospace",
-            transform=ax.transAxes)
+    text = [t for line in lines for t in textwrap.wrap(line, 128)]
+    warnings = [t for w in summary.get("warnings", []) for t in textwrap.wrap(f"WARNING {w}", 128)]
+    # What fits under the chart at this size; the rest is in change.json, and said so.
+    room = REPORT_TEXT_LINES - len(text)
+    if len(warnings) > room:
+        warnings = warnings[:room - 1] + ["... more warnings in change.json"]
+    ax.text(0, 1, "\n".join(text + warnings), va="top", fontsize=6.5, family="monospace", transform=ax.transAxes)
     fmt = "pdf" if str(path).lower().endswith(".pdf") else "png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt)
