@@ -124,6 +124,26 @@ def pair_checks(cts: Dict[str, Volume]) -> List[Dict[str, str]]:
     return out
 
 
+def labelling_warnings(models: Dict[str, Dict[str, Any]], rules: Dict[str, Optional[str]]) -> List[str]:
+    """What makes the change partly the labelling's, not the disease's: the two scans
+    labelled by different models or decision rules, or a rule other than the paper's
+    argmax, the one the minimum detectable change was measured with (unknown for
+    labels reused without their report: nothing said)."""
+    out = []
+    sha = {k: m.get("sha256") for k, m in models.items()}
+    if sha.get("baseline") and sha.get("followup") and sha["baseline"] != sha["followup"]:
+        out.append("pair: the two scans were labelled by different models: the change is partly the models'")
+    known = {k: r for k, r in rules.items() if r}
+    if len(known) == 2 and known["baseline"] != known["followup"]:
+        out.append(f"pair: the two scans were labelled with different decision rules ({known['baseline']}, "
+                   f"{known['followup']}): the change is partly the rules'")
+    other = sorted({r for r in known.values() if r != "paper"})
+    if other:
+        out.append(f"pair: labels made with the '{other[0]}' decision rule; the minimum detectable change behind "
+                   "'significant' was measured with the paper's argmax (--decision paper)")
+    return out
+
+
 def _position_check(checks: Dict[str, List[Dict[str, str]]]) -> Dict[str, str]:
     prone = {k: any(c["check"] == "patient_position" and "prone" in c["detail"] for c in v) for k, v in checks.items()}
     differ = prone["baseline"] != prone["followup"]
@@ -269,6 +289,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
     sources: Dict[str, str] = {}
     measures: Dict[str, Dict[str, Any]] = {}
     models: Dict[str, Dict[str, Any]] = {}  # the model that made each scan's labels, when known
+    rules: Dict[str, Optional[str]] = {}  # the decision rule that made them, when known
     loaded = None
     for n, k in enumerate(SCANS):
         ct_path, mask, given = inputs[k]
@@ -284,6 +305,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
                                                                           dicom_files=cts[k].dicom_files)
             sources[k] = f"reused: {path}"
             models[k] = dict((report or {}).get("model") or {})
+            rules[k] = ((report or {}).get("decision_rule") or {}).get("name")
         else:
             loaded = loaded or (model if model is not None and not isinstance(model, (str, os.PathLike))
                                 else load_model(model))
@@ -297,6 +319,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
             checks[k] = report["input_checks"]
             measures[k] = report  # its class volumes and regions, as scan_measures computes them
             models[k] = dict(report["model"])
+            rules[k] = report["decision_rule"]["name"]
             sources[k] = f"segmented: {names[f'{k}_labels']} (model {report['model']['name']})"
         timings[f"{k}_segment"] = round(time.perf_counter() - t, 2)
 
@@ -325,7 +348,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
     summary: Dict[str, Any] = {"ildseg_version": __version__, "baseline": {"ct": str(inputs["baseline"][0])},
                                "followup": {"ct": str(inputs["followup"][0])}}
     for k in SCANS:
-        summary[k].update({"labels": sources[k], "lung_ml": measures[k]["lung_volume_ml"],
+        summary[k].update({"labels": sources[k], "decision_rule": rules[k], "lung_ml": measures[k]["lung_volume_ml"],
                            "size_ijk": list(cts[k].image.GetSize()), "spacing_mm": list(cts[k].image.GetSpacing())})
     summary.update(change_summary(measures["baseline"], measures["followup"]))
     summary["registration"] = reg.summary()
@@ -336,6 +359,7 @@ def _compare(inputs, names, written, *, model, device, max_memory_mb, pixel_spac
         for line in warning_lines({"input_checks": checks[k]}):
             warnings.append(f"{k}: {line}")
     warnings += [f"pair: {line}" for line in warning_lines({"input_checks": pair})]
+    warnings += labelling_warnings(models, rules)
     summary["warnings"] = warnings
     summary["change_map_labels"] = "see ILDSegmentationLib/analysis/change.py; segment names in the .seg.nrrd"
     timings["measures"] = round(time.perf_counter() - t, 2)

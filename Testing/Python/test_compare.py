@@ -217,3 +217,21 @@ def test_an_earlier_segment_output_folder_is_found(tmp_path):
     (case / "other.seg.nrrd").write_bytes(b"")
     with pytest.raises(InputError, match="no labels found"):
         _labels_path(case)
+
+
+def test_labelling_differences_are_warned_about():
+    """Different models or decision rules at the two scans make part of the change the
+    labelling's; a rule other than the paper's is not what the minimum detectable
+    change was measured with. Unknown (labels reused without a report): nothing said."""
+    from ILDSegmentationLib.commands.compare import labelling_warnings
+    same = {"baseline": {"sha256": "a"}, "followup": {"sha256": "a"}}
+    assert labelling_warnings(same, {"baseline": "paper", "followup": "paper"}) == []
+    assert labelling_warnings({"baseline": {}, "followup": {}}, {"baseline": None, "followup": None}) == []
+    other_model = labelling_warnings({"baseline": {"sha256": "a"}, "followup": {"sha256": "b"}},
+                                     {"baseline": "paper", "followup": "paper"})
+    assert other_model == ["pair: the two scans were labelled by different models: the change is partly the models'"]
+    mixed = labelling_warnings(same, {"baseline": "paper", "followup": "prior"})
+    assert len(mixed) == 2 and "different decision rules (paper, prior)" in mixed[0]
+    assert "'prior' decision rule" in mixed[1] and "--decision paper" in mixed[1]
+    assert len(labelling_warnings(same, {"baseline": "prior", "followup": "prior"})) == 1
+    assert labelling_warnings(same, {"baseline": None, "followup": "paper"}) == []
