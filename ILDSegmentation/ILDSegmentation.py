@@ -1001,9 +1001,12 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.compareButton.enabled = True
             return
         self.ui.compareButton.text = _("Compare")
-        ready = p is not None and p.compareBaselineVolume is not None and p.compareFollowupVolume is not None
-        self.ui.compareButton.enabled = ready and not busy
-        self.ui.compareButton.toolTip = (_("Choose the baseline and the follow-up CT") if not ready else
+        chosen = p is not None and p.compareBaselineVolume is not None and p.compareFollowupVolume is not None
+        same = chosen and p.compareBaselineVolume is p.compareFollowupVolume
+        self.ui.compareButton.enabled = chosen and not same and not busy
+        self.ui.compareButton.toolTip = (_("Choose the baseline and the follow-up CT") if not chosen else
+                                         _("The baseline and the follow-up are the same volume: choose the "
+                                           "other scan") if same else
                                          _("Another run is going on") if busy else
                                          _("Compare the two CTs in a separate process"))
 
@@ -1060,12 +1063,15 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.compareStatusLabel.text = _("Stopped: the scene was closed.")
         elif state == SUCCEEDED:
             try:
-                result = self.logic.finishCompare(job)
+                self._showComparison(self.logic.finishCompare(job))
             except ILDSegError as e:
                 self.ui.compareStatusLabel.text = _errorHtml(forPanel(str(e)))
                 slicer.util.errorDisplay(forPanel(str(e)))
-            else:
-                self._showComparison(result)
+            except Exception as e:  # the panel must come back to "Compare" whatever went wrong
+                logging.error(traceback.format_exc())
+                self.ui.compareStatusLabel.text = _errorHtml(_("Failed: {error}").format(error=e))
+                slicer.util.errorDisplay(_("Unexpected error: {error}").format(error=e),
+                                         detailedText=traceback.format_exc())
         elif state == CANCELLED:
             self.ui.compareStatusLabel.text = _("Comparison cancelled. Nothing was changed.")
         else:
@@ -1080,7 +1086,7 @@ class ILDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         linked views with the change map over them."""
         from ILDSegmentationLib.slicer.compare import describe_change
 
-        self.logic.showComparison(result, self._parameterNode.compareBaselineVolume)
+        self.logic.showComparison(result)  # on the baseline the comparison ran on, whatever the panel shows now
         slicer.util.resetSliceViews()
         self.ui.compareTableView.setMRMLTableNode(result.table_node)
         self.ui.compareTableView.setVisible(True)
@@ -1404,11 +1410,11 @@ class ILDSegmentationLogic(ScriptedLoadableModuleLogic):
         return job.finish()
 
     @staticmethod
-    def showComparison(result, baselineVolume) -> None:
-        """Baseline and registered follow-up side by side, linked, the change map over both."""
+    def showComparison(result) -> None:
+        """Baseline and registered follow-up side by side (axial), linked, the change map over both."""
         from ILDSegmentationLib.slicer.compare import link_views
 
-        link_views(slicer.mrmlScene, result, baselineVolume)
+        link_views(slicer.mrmlScene, result)
 
     # -- the job in this process (scripts, the self-test) ---------------------------------
     def releaseDeviceMemory(self) -> None:
@@ -1726,7 +1732,7 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
         self.assertEqual(result.registered_followup_node.GetImageData().GetDimensions(),
                          ct.GetImageData().GetDimensions())
         self.assertGreater(result.table_node.GetTable().GetNumberOfRows(), 7)
-        logic.showComparison(result, ct)
+        logic.showComparison(result)
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:  # --no-main-window: there are no views to link
             self.delayDisplay("No main window: the linked views are not checked")
@@ -1738,5 +1744,6 @@ class ILDSegmentationTest(ScriptedLoadableModuleTest):
             self.assertEqual(red.GetBackgroundVolumeID(), ct.GetID())
             self.assertEqual(yellow.GetBackgroundVolumeID(), result.registered_followup_node.GetID())
             self.assertTrue(red.GetLinkedControl() and yellow.GetLinkedControl())
+            self.assertEqual(layoutManager.sliceWidget("Yellow").mrmlSliceNode().GetOrientation(), "Axial")
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(followup), before))
         self.delayDisplay("Test passed")

@@ -32,12 +32,13 @@ TABLE_COLUMNS = ("Region", "Class", "Baseline [%]", "Follow-up [%]", "Change [pp
 class CompareResult:
     """What :meth:`CompareJob.finish` added: the change map segmentation node, the
     change table node, the follow-up CT on the baseline grid (a scalar volume node),
-    and the summary (``change.json``)."""
+    and the summary (``change.json``); ``baseline_node``: the CT they lie on."""
 
     segmentation_node: Any
     table_node: Any
     summary: Dict[str, Any]
     registered_followup_node: Any = None
+    baseline_node: Any = None
 
 
 class CompareJob(BackgroundJob):
@@ -134,7 +135,7 @@ class CompareJob(BackgroundJob):
             added.append(load_change_map(self.scene, str(out / "change_map.seg.nrrd"), base))
             added.append(load_registered_followup(self.scene, str(out / "followup_on_baseline.nrrd"), follow, base))
             added.append(change_table_node(self.scene, summary))
-            return CompareResult(added[0], added[2], summary, added[1])
+            return CompareResult(added[0], added[2], summary, added[1], base)
         except BaseException:
             from .mrml import remove_node
             for node in added:
@@ -197,7 +198,7 @@ def load_registered_followup(scene: Any, path: str, followup_node: Any, baseline
 SIDE_BY_SIDE_VIEWS = ("Red", "Yellow")
 
 
-def link_views(scene: Any, result: CompareResult, baseline_node: Any) -> None:
+def link_views(scene: Any, result: CompareResult) -> None:
     """Baseline left, follow-up (registered) right, the change map over both, the two
     views linked so they scroll and zoom together: the same anatomy at the same place,
     since both are on the baseline grid. Sets the side-by-side layout when the scene
@@ -206,8 +207,15 @@ def link_views(scene: Any, result: CompareResult, baseline_node: Any) -> None:
     layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
     if layout is not None:
         layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+    # The layout asks for two axial views only when it creates them; Yellow already
+    # exists (sagittal in the conventional layout), and linked views follow each other
+    # only when their orientations match.
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+        view = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+        if view.GetLayoutName() in SIDE_BY_SIDE_VIEWS:
+            view.SetOrientationToAxial()
     follow = result.registered_followup_node
-    shown = {SIDE_BY_SIDE_VIEWS[0]: baseline_node, SIDE_BY_SIDE_VIEWS[1]: follow}
+    shown = {SIDE_BY_SIDE_VIEWS[0]: result.baseline_node, SIDE_BY_SIDE_VIEWS[1]: follow}
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
         volume = shown.get(composite.GetLayoutName())

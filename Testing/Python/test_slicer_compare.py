@@ -92,16 +92,24 @@ def test_compare_job_loads_the_change_map_and_table(scans, tmp_path):
 
     # Side by side, linked: baseline left, registered follow-up right.
     layout = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
-    composites = {}
+    composites, views = {}, {}
     for name in ("Red", "Yellow", "Green"):
         composites[name] = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
         composites[name].SetLayoutName(name)
-    link_views(scene, result, nodes[0][0])
+        views[name] = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        views[name].SetLayoutName(name)
+    # As in Slicer's conventional layout: the side-by-side one does not reorient
+    # existing views, and linked views follow each other only in the same orientation.
+    views["Yellow"].SetOrientationToSagittal()
+    views["Green"].SetOrientationToCoronal()
+    assert result.baseline_node is nodes[0][0]
+    link_views(scene, result)
     assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
     assert composites["Red"].GetBackgroundVolumeID() == nodes[0][0].GetID()
     assert composites["Yellow"].GetBackgroundVolumeID() == follow.GetID()
     assert composites["Red"].GetLinkedControl() and composites["Yellow"].GetLinkedControl()
     assert composites["Green"].GetBackgroundVolumeID() is None and not composites["Green"].GetLinkedControl()
+    assert [views[n].GetOrientation() for n in ("Red", "Yellow", "Green")] == ["Axial", "Axial", "Coronal"]
 
     lines = describe_change(result.summary)
     assert lines[0].startswith("Fibrotic extent (reticulation + honeycombing): 0.0 % -> 0.0 %")

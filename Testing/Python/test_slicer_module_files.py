@@ -1246,8 +1246,8 @@ def test_the_compare_section_is_wired_to_the_logic(ui, tree):
     button = ast.unparse(widget["onCompareButton"])
     assert _calls(widget["onCompareButton"], "logic.startCompare") and "self._compareJob.cancel()" in button
     poll = ast.unparse(widget["_onCompareTimer"])
-    assert "self._pollJob(job" in poll and "logic.finishCompare(job)" in poll and "CANCELLED" in poll
-    assert "_showComparison(result)" in poll
+    assert "self._pollJob(job" in poll and "CANCELLED" in poll
+    assert "_showComparison(self.logic.finishCompare(job))" in poll
     shown = ast.unparse(widget["_showComparison"])
     assert "logic.showComparison(" in shown and "describe_change(" in shown and "setMRMLTableNode" in shown
     close = ast.unparse(widget["onSceneStartClose"])
