@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .batch import (SUMMARY_NAME, BatchCase, BatchResult, CaseOutcome, OutputNames, _one_line, process_case,
                      write_summary)
@@ -43,6 +43,12 @@ RAY_INSTALL = "pip install 'ildsegmentation[ray]'"
 SUMMARY_INTERVAL_S = 1.0
 #: A worker that died this many times in a row (each time failing its case) is let go.
 MAX_DEATHS_IN_A_ROW = 3
+#: How long a worker killed on a case may take to come back (Ray restarts its process,
+#: which imports torch and loads the model again): seconds, not a count of retries,
+#: since a restart on a busy machine is slow, not failed. Its check is asked again every
+#: RECHECK_INTERVAL_S until then.
+WORKER_RESTART_TIMEOUT_S = 300.0
+RECHECK_INTERVAL_S = 2.0
 
 
 def import_ray() -> Any:
@@ -317,24 +323,41 @@ def run_ray_batch(cases: Sequence[BatchCase], out_dir: Path, *, names: OutputNam
         idle = list(actors)
         deaths = {id(a): 0 for a in actors}
         running: Dict[Any, Any] = {}  # object ref -> (actor, case index, or None for a restarted worker's check)
+        back_by: Dict[int, float] = {}  # a restarting worker -> when it must be back (monotonic s)
+        rechecks: List[Tuple[float, Any]] = []  # (when, actor): checks to ask again
         out = str(out_dir)
-        while todo or running:
+
+        def check(actor: Any) -> None:
+            running[actor.ready.options(max_task_retries=MAX_DEATHS_IN_A_ROW).remote(shipment)] = (actor, None)
+
+        while todo or running or rechecks:
             while idle and todo:
                 actor, index = idle.pop(), todo.popleft()
                 running[actor.run.remote(cases[index], out, shipment)] = (actor, index)
+            now = time.monotonic()
+            for when, actor in [r for r in rechecks if r[0] <= now]:
+                rechecks.remove((when, actor))
+                check(actor)
+            if not running and not rechecks:
+                raise ILDSegError(f"every Ray worker died {MAX_DEATHS_IN_A_ROW} times in a row or did not come back "
+                                  f"within {WORKER_RESTART_TIMEOUT_S:g} s; {len(todo)} cases were not run (rerun "
+                                  "the same command to go on)")
             if not running:
-                raise ILDSegError(f"every Ray worker died {MAX_DEATHS_IN_A_ROW} times in a row; "
-                                  f"{len(todo)} cases were not run (rerun the same command to go on)")
+                time.sleep(0.2)
+                continue
             # A timeout, so that Ctrl-C and SIGTERM reach this loop while cases run.
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
                 actor, index = running.pop(ref)
-                if index is None:  # a restarted worker's check: back with its model, or let go
+                if index is None:  # a restarted worker's check: back with its model, asked again, or let go
                     try:
                         ray.get(ref)
                         idle.append(actor)
                     except RayError:
-                        deaths[id(actor)] = MAX_DEATHS_IN_A_ROW
+                        if time.monotonic() < back_by[id(actor)]:
+                            rechecks.append((time.monotonic() + RECHECK_INTERVAL_S, actor))
+                        else:
+                            deaths[id(actor)] = MAX_DEATHS_IN_A_ROW
                     continue
                 case = cases[index]
                 try:
@@ -352,8 +375,8 @@ def run_ray_batch(cases: Sequence[BatchCase], out_dir: Path, *, names: OutputNam
                                                                 "says which)")
                     deaths[id(actor)] += 1
                     if deaths[id(actor)] < MAX_DEATHS_IN_A_ROW:
-                        check = actor.ready.options(max_task_retries=MAX_DEATHS_IN_A_ROW).remote(shipment)
-                        running[check] = (actor, None)
+                        back_by[id(actor)] = time.monotonic() + WORKER_RESTART_TIMEOUT_S
+                        check(actor)
                 except RayError as e:
                     outcome = CaseOutcome(case, "failed", error=_one_line(f"Ray: {_worker_error(e)}", 300))
                     idle.append(actor)
