@@ -23,6 +23,7 @@ from ILDSegmentationLib.analysis.change import (CHANGE_LABELS, CHANGE_SEGMENT_VA
                                                 RESOLVED_OFFSET, UNCOVERED)
 from ILDSegmentationLib.classes import by_label  # noqa: E402
 from ILDSegmentationLib.imaging.io import read_ct  # noqa: E402
+from test_compare import _write  # noqa: E402
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -30,13 +31,6 @@ SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 def ildseg(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "ILDSegmentationLib", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=str(REPO))
-
-
-def _write(array, reference, path):
-    img = sitk.GetImageFromArray(np.asarray(array, np.uint8))
-    img.CopyInformation(reference)
-    sitk.WriteImage(img, str(path), True)
-    return path
 
 
 @pytest.fixture(scope="module")

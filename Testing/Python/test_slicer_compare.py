@@ -40,16 +40,21 @@ def scans():
     return out
 
 
-def test_compare_job_loads_the_change_map_and_table(scans, tmp_path):
-    env = mrml.HeadlessMRML()
-    scene = env.scene
+def _scene_with_segmented_scans(scans):
+    """A scene with both CTs and an earlier "Segment ILD" result of each, to reuse: all
+    lung healthy (no network needed here). Returns the scene and [(CT, segmentation)]."""
+    scene = mrml.HeadlessMRML().scene
     nodes = []
     for name, (hu, g, lung) in zip(("baseline", "follow-up"), scans):
         ct = add_volume(scene, hu, g, f"{name} CT")
         seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} ILD")
-        # An earlier "Segment ILD" result, reused: all lung healthy (no network needed here).
         mrml.write_labels_to_segmentation((lung != 0).astype(np.uint8), ct, seg)
         nodes.append((ct, seg))
+    return scene, nodes
+
+
+def test_compare_job_loads_the_change_map_and_table(scans, tmp_path):
+    scene, nodes = _scene_with_segmented_scans(scans)
     before = [snapshot(ct) for ct, _ in nodes]
     count = scene.GetNumberOfNodes()
     job = CompareJob(scene, nodes[0][0], nodes[1][0], baseline_segmentation=nodes[0][1],
@@ -154,14 +159,7 @@ def test_compare_job_refuses_bad_nodes_before_starting(scans, tmp_path):
 def test_a_result_slicer_cannot_read_adds_nothing(scans, tmp_path):
     """finish() loads three nodes; when one file cannot be read, the ones already added
     are removed again and the temporary folder is gone: the scene is as before."""
-    env = mrml.HeadlessMRML()
-    scene = env.scene
-    cts = []
-    for name, (hu, g, lung) in zip(("baseline", "follow-up"), scans):
-        ct = add_volume(scene, hu, g, f"{name} CT")
-        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} ILD")
-        mrml.write_labels_to_segmentation((lung != 0).astype(np.uint8), ct, seg)
-        cts.append((ct, seg))
+    scene, cts = _scene_with_segmented_scans(scans)
     job = CompareJob(scene, cts[0][0], cts[1][0], baseline_segmentation=cts[0][1],
                      followup_segmentation=cts[1][1], device="cpu", temp_root=str(tmp_path)).start()
     assert job.wait(600) == SUCCEEDED, job.error
