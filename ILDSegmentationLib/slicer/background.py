@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from ..commands.progress import parse_progress_line
 
@@ -347,6 +347,35 @@ class BackgroundJob:
         self.folder = Path(tempfile.mkdtemp(prefix="ildseg-", dir=self.temp_root))
         return self.folder
 
+    @staticmethod
+    def _check_model(path: Optional[str]) -> None:
+        """A model file given must exist (one-line InputError, before anything starts)."""
+        from ..errors import InputError
+        if path is not None and not os.path.isfile(path):
+            raise InputError(f"the model file does not exist: {path}")
+
+    def _start_child(self, write_inputs: Callable[[Path], List[str]], model: Optional[str], message: str) -> None:
+        """Make the temporary folder, let ``write_inputs`` write the child's inputs
+        into it and return its ``ildseg`` arguments, add the model, and start it;
+        the folder is removed again when any of it fails."""
+        folder = self._make_folder()
+        try:
+            args = write_inputs(folder)
+            if model is not None:
+                args += ["--model", os.path.abspath(model)]
+            self.message = message
+            self._launch(args)
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _require_success(self) -> Path:
+        """The temporary folder of a run that SUCCEEDED; ILDSegError otherwise."""
+        from ..errors import ILDSegError
+        if self.state != SUCCEEDED or self.folder is None:
+            raise ILDSegError(f"{self.what} has not succeeded ({self.state}); nothing to load")
+        return self.folder
+
     def _launch(self, args: Sequence[str]) -> None:
         argv = [self.python, "-m", "ILDSegmentationLib", *args]
         child = ChildProcess(argv, env=self.base_env, env_updates=child_environment(self.base_env, self.library),
@@ -439,8 +468,7 @@ class SegmentationJob(BackgroundJob):
         from ..imaging.images import write_array
 
         mrml.check_process_nodes(self.scene, self.ct_node, self.lung_mask_node, self.output_segmentation_node)
-        if self.model is not None and not os.path.isfile(self.model):
-            raise InputError(f"the model file does not exist: {self.model}")
+        self._check_model(self.model)
         from ..engine.cropping import CROP_BOX_CHOICES
 
         if self.crop_box not in CROP_BOX_CHOICES:
@@ -451,8 +479,8 @@ class SegmentationJob(BackgroundJob):
             mask = nodes.lung_mask_from_node(self.lung_mask_node, self.ct_node, self.segment_ids)
         self._geometry = geometry
         self._lung_mask_source = mrml.lung_mask_description(self.lung_mask_node, self.segment_ids)
-        folder = self._make_folder()
-        try:
+
+        def write_inputs(folder: Path) -> List[str]:
             # Uncompressed (speed over size): the files live only as long as the run.
             write_array(hu, geometry, folder / "ct.nrrd", compress=False)
             if mask is not None:
@@ -462,15 +490,11 @@ class SegmentationJob(BackgroundJob):
                     "--lung-mask", str(folder / "lung_mask.nrrd") if mask is not None else "auto",
                     "--device", self.device, "--pixel-spacing", self.pixel_spacing, "--decision", self.decision,
                     "--max-memory", f"{self.max_memory_mb:g}", "--crop-box", self.crop_box]
-            if self.model is not None:
-                args += ["--model", os.path.abspath(self.model)]
             if self.probabilities:
                 args += ["--probabilities", str(folder / "probabilities.nrrd")]
-            self.message = "Starting PyTorch and loading the model"
-            self._launch(args)
-        except BaseException:
-            self.cleanup()
-            raise
+            return args
+
+        self._start_child(write_inputs, self.model, "Starting PyTorch and loading the model")
         return self
 
     def finish(self) -> Any:
@@ -478,14 +502,11 @@ class SegmentationJob(BackgroundJob):
         returns :class:`~.mrml.ProcessResult`. The temporary folder is removed."""
         from . import mrml
         from ..analysis.case import CaseResult
-        from ..errors import ILDSegError
 
-        if self.state != SUCCEEDED or self.folder is None:
-            raise ILDSegError(f"{self.what} has not succeeded ({self.state}); nothing to load")
+        folder = self._require_success()
         try:
             import SimpleITK as sitk
 
-            folder = self.folder
             labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labels.nrrd")))
             probabilities = None
             if self.probabilities:
@@ -546,8 +567,7 @@ class FinetuneJob(BackgroundJob):
             raise InputError(f"the training set has no manifest yet ({self.manifest}): add an annotated case first")
         if self.run_folder.exists():
             raise InputError(f"the run folder exists already: {self.run_folder}")
-        if self.start_model is not None and not os.path.isfile(self.start_model):
-            raise InputError(f"the model file does not exist: {self.start_model}")
+        self._check_model(self.start_model)
         self._make_folder()
         args = ["finetune", "--manifest", os.path.abspath(self.manifest), "--out", os.path.abspath(self.run_folder),
                 "--epochs", str(self.epochs), "--val-fraction", f"{self.val_fraction:g}", "--device", self.device]

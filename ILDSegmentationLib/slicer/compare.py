@@ -16,12 +16,12 @@ moved onto the baseline grid by the child), not by moving the user's node.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..imaging.images import write_array
-from .background import SUCCEEDED, BackgroundJob
+from .background import BackgroundJob
 
 #: Columns of the change table node (whole lung and every region, per class).
 TABLE_COLUMNS = ("Region", "Class", "Baseline [%]", "Follow-up [%]", "Change [pp]", "Baseline [mL]",
@@ -77,8 +77,7 @@ class CompareJob(BackgroundJob):
             raise InputError("choose a baseline and a follow-up CT volume")
         if base_node is foll_node:
             raise InputError("the baseline and the follow-up are the same volume")
-        if self.model is not None and not os.path.isfile(self.model):
-            raise InputError(f"the model file does not exist: {self.model}")
+        self._check_model(self.model)
         inputs = {}
         for k, (ct_node, seg_node, mask_node) in self.nodes.items():
             hu, geometry = nodes.volume_array_and_geometry(ct_node)
@@ -93,8 +92,7 @@ class CompareJob(BackgroundJob):
                 labels = nodes.segments_to_array(seg_node, ids, ct_node)
             mask = None if mask_node is None or labels is not None else nodes.lung_mask_from_node(mask_node, ct_node)
             inputs[k] = (hu, geometry, labels, mask)
-        folder = self._make_folder()
-        try:
+        def write_inputs(folder: Path) -> List[str]:
             args = ["compare"]
             options: List[str] = []
             for k, (hu, geometry, labels, mask) in inputs.items():
@@ -108,15 +106,9 @@ class CompareJob(BackgroundJob):
                     options += [f"--{k}-mask", str(folder / f"{k}_mask.nrrd")]
             args += ["--out", str(folder / "out"), "--progress-lines", "--no-visual-report", "--registered-followup",
                      "--device", self.device, *options]
-            if self.model is not None:
-                args += ["--model", os.path.abspath(self.model)]
-            if self.force:
-                args.append("--force")
-            self.message = "Starting PyTorch and loading the model"
-            self._launch(args)
-        except BaseException:
-            self.cleanup()
-            raise
+            return args + (["--force"] if self.force else [])
+
+        self._start_child(write_inputs, self.model, "Starting PyTorch and loading the model")
         return self
 
     def finish(self) -> CompareResult:
@@ -124,10 +116,7 @@ class CompareJob(BackgroundJob):
         baseline CT, the change table as a table node, the follow-up CT on the
         baseline grid as a volume node; the temporary folder removed. Nothing is added
         when one of them cannot be read."""
-        from ..errors import ILDSegError
-        if self.state != SUCCEEDED or self.folder is None:
-            raise ILDSegError(f"{self.what} has not succeeded ({self.state}); nothing to load")
-        out = self.folder / "out"
+        out = self._require_success() / "out"
         added: List[Any] = []
         try:
             summary = json.loads((out / "change.json").read_text(encoding="utf-8"))
